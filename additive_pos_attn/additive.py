@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['positional_update', 'causal_mask', 'AdditivePosMultiheadAttention', 'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #f3a72b3e
+# %% ../nbs/02_additive.ipynb #7e9b5565
 from typing import Optional
 
 import torch
@@ -12,25 +12,25 @@ from torch import Tensor, nn
 
 from .base import PositionalAttentionBase
 
-# %% ../nbs/02_additive.ipynb #457ed0d4
+# %% ../nbs/02_additive.ipynb #10b4dc9c
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #86c63a97
+# %% ../nbs/02_additive.ipynb #14d54da8
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #03da12c6
+# %% ../nbs/02_additive.ipynb #ee88cbbc
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
     except TypeError: return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
-# %% ../nbs/02_additive.ipynb #7bf68391
+# %% ../nbs/02_additive.ipynb #1932d1f7
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap :class:`torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -115,7 +115,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}"
 
-# %% ../nbs/02_additive.ipynb #07e32002
+# %% ../nbs/02_additive.ipynb #598f8991
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

@@ -4,14 +4,14 @@
 __all__ = ['check_positive_int', 'check_attention_inputs', 'check_positions', 'check_position_mask', 'check_attention_masks',
            'PositionalAttentionBase']
 
-# %% ../nbs/01_base.ipynb #2d16df60
+# %% ../nbs/01_base.ipynb #bf3152d1
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_base.ipynb #14855749
+# %% ../nbs/01_base.ipynb #35004832
 def check_positive_int(name: str, value) -> int:
     "Return `value` if it is a positive `int`; else raise `TypeError` or `ValueError` naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
@@ -19,7 +19,7 @@ def check_positive_int(name: str, value) -> int:
     if value <= 0: raise ValueError(f"{name} must be a positive int, got {value}")
     return value
 
-# %% ../nbs/01_base.ipynb #9d18fcca
+# %% ../nbs/01_base.ipynb #6434c5d6
 def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int) -> tuple[int, int, int]:
     "Check batch-first `query`, `key`, `value` against `embed_dim`; return `(B, T_q, T_k)`."
     for name, x in (('query', query), ('key', key), ('value', value)):
@@ -38,7 +38,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim:
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[0], query.shape[1], key.shape[1]
 
-# %% ../nbs/01_base.ipynb #ba64f3b0
+# %% ../nbs/01_base.ipynb #48cd42f0
 def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: int,
                     device: torch.device) -> Optional[Tensor]:
     "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`."
@@ -60,7 +60,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_base.ipynb #55acaa98
+# %% ../nbs/01_base.ipynb #df2d37bb
 def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
                         device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
@@ -75,7 +75,7 @@ def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optiona
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_base.ipynb #743ef21a
+# %% ../nbs/01_base.ipynb #d3c8bd2a
 def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
                           q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
@@ -89,7 +89,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #05f81e5b
+# %% ../nbs/01_base.ipynb #fc2886bc
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -125,7 +125,7 @@ class PositionalAttentionBase(nn.Module, ABC):
                 average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         "Attend from `query` to `key`/`value` with positions; return `(output, weights or None)`."
 
-# %% ../nbs/01_base.ipynb #ac34a34b
+# %% ../nbs/01_base.ipynb #3c46482a
 def _check_inputs(self: PositionalAttentionBase, query, key, value, q_positions=None, k_positions=None,
                   q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None):
     "Run every shared check; return `(B, T_q, T_k)`."
