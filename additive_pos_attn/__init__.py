@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/index.ipynb #3dbe3299
+# %% ../nbs/index.ipynb #72bebeb4
 from .base import PositionalAttentionBase
 from .additive import AdditivePosMultiheadAttention
 

@@ -1,0 +1,68 @@
+"""The package as users get it: the wheel, and the notebooks as the single source of the module and README."""
+import filecmp, os, shutil, subprocess, sys, venv
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def run(*cmd, cwd=ROOT, timeout=600, **kw):
+    "Run `cmd`, fail the test with its output if it fails."
+    res = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+def project_copy(tmp_path: Path) -> Path:
+    "The sources nbdev reads, copied, so a command can run on them without touching the checkout."
+    dst = tmp_path/'project'
+    dst.mkdir()
+    shutil.copy(ROOT/'settings.ini', dst)
+    shutil.copytree(ROOT/'nbs', dst/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    shutil.copytree(ROOT/'additive_pos_attn', dst/'additive_pos_attn', ignore=shutil.ignore_patterns('__pycache__'))
+    return dst
+
+def tree_diff(a: Path, b: Path, pattern: str) -> list:
+    "Files matching `pattern` that differ, or exist on one side only."
+    names = {p.relative_to(a) for p in a.rglob(pattern)} | {p.relative_to(b) for p in b.rglob(pattern)}
+    return sorted(str(n) for n in names if not ((a/n).exists() and (b/n).exists() and filecmp.cmp(a/n, b/n, shallow=False)))
+
+def test_export_leaves_module_unchanged(tmp_path):
+    "The committed module is exactly what the notebooks export."
+    copy = project_copy(tmp_path)
+    run(Path(sys.executable).parent/'nbdev_export', cwd=copy)
+    assert tree_diff(ROOT/'additive_pos_attn', copy/'additive_pos_attn', '*.py') == [], "run nbdev_export and commit the module"
+
+def test_clean_leaves_notebooks_unchanged(tmp_path):
+    "The committed notebooks are already clean."
+    copy = project_copy(tmp_path)
+    run(Path(sys.executable).parent/'nbdev_clean', cwd=copy)
+    assert tree_diff(ROOT/'nbs', copy/'nbs', '*.ipynb') == [], "run nbdev_clean and commit the notebooks"
+
+def test_readme_matches_index():
+    "README.md is what tools/make_readme.py makes of nbs/index.ipynb."
+    run(sys.executable, 'tools/make_readme.py', '--check')
+
+def test_wheel_installs_without_dev_extras(tmp_path):
+    "The wheel installs into a fresh virtual environment with torch alone, and the layer runs from it."
+    run(sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-w', tmp_path/'dist', ROOT)
+    wheel, = (tmp_path/'dist').glob('additive_pos_attn-*.whl')
+    env_dir = tmp_path/'venv'
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir/'bin'/'python'
+    # the torch already in use, so that a CPU-only machine gets no CUDA build
+    run(py, '-m', 'pip', 'install', '-q', f"torch=={version('torch')}", timeout=900)
+    run(py, '-m', 'pip', 'install', '-q', wheel)
+    installed = run(py, '-m', 'pip', 'list', '--format=freeze').lower()
+    for dev_only in ('nbdev', 'fastcore', 'execnb', 'matplotlib', 'pytest', 'hypothesis'):
+        assert f"\n{dev_only}==" not in f"\n{installed}", f"{dev_only} was installed without the dev extras"
+    script = ("import torch, additive_pos_attn as apa\n"
+              "from additive_pos_attn import AdditivePosMultiheadAttention, PositionalAttentionBase\n"
+              "layer = AdditivePosMultiheadAttention(8, 2, max_len=16)\n"
+              "x = torch.randn(2, 5, 8)\n"
+              "out, w = layer(x, x, x, q_positions=torch.arange(5), need_weights=True, is_causal=True)\n"
+              "assert out.shape == (2, 5, 8) and w.shape == (2, 5, 5)\n"
+              "assert torch.allclose(out, layer.attn(x, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))[0], atol=1e-6)\n"
+              "print(apa.__version__, apa.__file__)\n")
+    out = run(py, '-c', script, cwd=tmp_path)
+    assert str(env_dir) in out and out.split()[0] == version('additive_pos_attn')
