@@ -2,16 +2,16 @@
 
 # %% auto #0
 __all__ = ['check_positive_int', 'check_attention_inputs', 'check_positions', 'check_position_mask', 'check_attention_masks',
-           'PositionalAttentionBase']
+           'PositionalAttentionBase', 'padded_positions']
 
-# %% ../nbs/01_base.ipynb #bf3152d1
+# %% ../nbs/01_base.ipynb #b2d630fd
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_base.ipynb #35004832
+# %% ../nbs/01_base.ipynb #eaa6b33d
 def check_positive_int(name: str, value) -> int:
     "Return `value` if it is a positive `int`; else raise `TypeError` or `ValueError` naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
@@ -19,26 +19,28 @@ def check_positive_int(name: str, value) -> int:
     if value <= 0: raise ValueError(f"{name} must be a positive int, got {value}")
     return value
 
-# %% ../nbs/01_base.ipynb #6434c5d6
-def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int) -> tuple[int, int, int]:
-    "Check batch-first `query`, `key`, `value` against `embed_dim`; return `(B, T_q, T_k)`."
+# %% ../nbs/01_base.ipynb #57584ddd
+def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
+                           batch_first: bool = True) -> tuple[int, int, int]:
+    "Check `query`, `key`, `value` against `embed_dim`, batch first or sequence first; return `(B, T_q, T_k)`."
+    layout, b, t = ('(B, T, D)', 0, 1) if batch_first else ('(T, B, D)', 1, 0)
     for name, x in (('query', query), ('key', key), ('value', value)):
         if not isinstance(x, Tensor): raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point(): raise TypeError(f"{name} must be a floating-point Tensor, got dtype {x.dtype}")
-        if x.dim() != 3: raise ValueError(f"{name} must be 3-D (B, T, D), got shape {tuple(x.shape)}")
+        if x.dim() != 3: raise ValueError(f"{name} must be 3-D {layout}, got shape {tuple(x.shape)}")
         if x.shape[-1] != embed_dim:
             raise ValueError(f"{name} must have last dimension embed_dim={embed_dim}, got shape {tuple(x.shape)}")
-    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+    if key.shape[b] != query.shape[b] or value.shape[b] != query.shape[b]:
         raise ValueError(f"query, key and value must share the batch size, got query {tuple(query.shape)}, "
-                         f"key {tuple(key.shape)}, value {tuple(value.shape)}")
-    if value.shape[1] != key.shape[1]:
-        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)}, value {tuple(value.shape)}")
+                         f"key {tuple(key.shape)}, value {tuple(value.shape)} ({layout})")
+    if value.shape[t] != key.shape[t]:
+        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)}, value {tuple(value.shape)} ({layout})")
     if key.dtype != query.dtype or value.dtype != query.dtype or key.device != query.device or value.device != query.device:
         raise TypeError(f"query, key and value must share dtype and device, got query {query.dtype} on {query.device}, "
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
-    return query.shape[0], query.shape[1], key.shape[1]
+    return query.shape[b], query.shape[t], key.shape[t]
 
-# %% ../nbs/01_base.ipynb #48cd42f0
+# %% ../nbs/01_base.ipynb #e3820448
 def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: int,
                     device: torch.device) -> Optional[Tensor]:
     "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`."
@@ -60,7 +62,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_base.ipynb #df2d37bb
+# %% ../nbs/01_base.ipynb #d2b47cfb
 def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
                         device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
@@ -75,7 +77,7 @@ def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optiona
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_base.ipynb #d3c8bd2a
+# %% ../nbs/01_base.ipynb #057447d0
 def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
                           q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
@@ -89,25 +91,29 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #fc2886bc
+# %% ../nbs/01_base.ipynb #1f89f502
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
-    Subclasses implement :meth:`forward` with the signature below and call :meth:`check_inputs` first,
-    so that every layer refuses the same bad inputs with the same messages.
+    Subclasses implement :meth:`forward` with the signature below and call :meth:`check_inputs` first
+    (it runs every check of this module in order), so that every layer refuses the same bad inputs with
+    the same messages.
 
     Args:
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads; must divide ``embed_dim``.
         max_len (int): Number of positions the layer knows, ``[0, max_len)``.
+        batch_first (bool): If ``True`` (default), inputs are ``(B, T, D)``; else ``(T, B, D)``, as for
+            :class:`torch.nn.MultiheadAttention`. Positions are ``(T,)`` or ``(B, T)`` either way.
 
     Attributes:
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads ``H``.
         head_dim (int): Width of one head, ``D // H``.
         max_len (int): Number of positions.
+        batch_first (bool): Layout of the inputs and outputs.
     """
-    def __init__(self, embed_dim: int, num_heads: int, *, max_len: int):
+    def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, batch_first: bool = True):
         super().__init__()
         self.embed_dim = check_positive_int('embed_dim', embed_dim)
         self.num_heads = check_positive_int('num_heads', num_heads)
@@ -115,6 +121,8 @@ class PositionalAttentionBase(nn.Module, ABC):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
         self.head_dim = embed_dim // num_heads
+        if not isinstance(batch_first, bool): raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
+        self.batch_first = batch_first
 
     @abstractmethod
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
@@ -125,16 +133,38 @@ class PositionalAttentionBase(nn.Module, ABC):
                 average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         "Attend from `query` to `key`/`value` with positions; return `(output, weights or None)`."
 
-# %% ../nbs/01_base.ipynb #3c46482a
-def _check_inputs(self: PositionalAttentionBase, query, key, value, q_positions=None, k_positions=None,
-                  q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None):
-    "Run every shared check; return `(B, T_q, T_k)`."
-    batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim)
-    for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
-        check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=self.max_len, device=query.device)
-        check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length, device=query.device)
-    check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
-                          dtype=query.dtype, device=query.device)
-    return batch, q_len, k_len
+    def check_inputs(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None,
+                     k_position_mask=None, attn_mask=None, key_padding_mask=None) -> tuple[int, int, int]:
+        "Run every shared check on the forward arguments; return `(B, T_q, T_k)`."
+        batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first)
+        for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
+            check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=self.max_len, device=query.device)
+            check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length, device=query.device)
+        check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
+                              dtype=query.dtype, device=query.device)
+        return batch, q_len, k_len
 
-PositionalAttentionBase.check_inputs = _check_inputs
+# %% ../nbs/01_base.ipynb #a4cc40d4
+def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                     seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
+
+    Give either ``key_padding_mask`` (bool ``(B, T)``, True marks padding, anywhere) or ``lengths`` (integer
+    ``(B,)``) with ``seq_len`` and the side of the padding (``left=True``: real tokens at the end). Real
+    tokens count from 0 in order; padding gets position 0 and a False position mask.
+    """
+    if (key_padding_mask is None) == (lengths is None):
+        raise ValueError("pass exactly one of key_padding_mask and lengths")
+    if lengths is not None:
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.dtype == torch.bool or lengths.is_floating_point():
+            raise TypeError(f"lengths must be a 1-D integer Tensor, got {lengths!r:.80}")
+        seq_len = check_positive_int('seq_len', seq_len)
+        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
+            raise ValueError(f"lengths must lie in [0, seq_len={seq_len}], got values from {int(lengths.min())} to {int(lengths.max())}")
+        columns = torch.arange(seq_len, device=lengths.device)
+        key_padding_mask = columns < (seq_len - lengths)[:, None] if left else columns >= lengths[:, None]
+    elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        raise TypeError(f"key_padding_mask must be a bool (B, T) Tensor, got {key_padding_mask!r:.80}")
+    position_mask = ~key_padding_mask
+    positions = (position_mask.cumsum(-1) - 1).clamp_(min=0).masked_fill_(key_padding_mask, 0)
+    return positions, position_mask
