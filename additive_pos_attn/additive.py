@@ -4,7 +4,7 @@
 __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'init_table_', 'resample_table',
            'AdditivePosMultiheadAttention', 'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #e17e6799
+# %% ../nbs/02_additive.ipynb #16797191
 import math
 from typing import Optional
 
@@ -14,19 +14,19 @@ from torch import Tensor, nn
 
 from .base import PositionalAttentionBase, check_positive_int
 
-# %% ../nbs/02_additive.ipynb #1a97d8fd
+# %% ../nbs/02_additive.ipynb #2c0624b0
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #aab78fa6
+# %% ../nbs/02_additive.ipynb #2f5072c9
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #fdcd21ba
+# %% ../nbs/02_additive.ipynb #91cc7cc0
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
     "The `(max_len, dim)` sine and cosine position codes of Vaswani et al. (2017)."
     position = torch.arange(max_len, device=device, dtype=torch.float64)[:, None]
@@ -36,7 +36,7 @@ def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tens
     table[:, 1::2] = torch.cos(position * frequency[:dim // 2])
     return table.to(dtype or torch.get_default_dtype())
 
-# %% ../nbs/02_additive.ipynb #efe5f1a0
+# %% ../nbs/02_additive.ipynb #67ffc055
 _INITS = ('zeros', 'normal', 'sinusoidal')
 
 def init_table_(table: Tensor, init: str) -> Tensor:
@@ -47,7 +47,7 @@ def init_table_(table: Tensor, init: str) -> Tensor:
         if init == 'sinusoidal': return table.copy_(sinusoidal_table(*table.shape, device=table.device, dtype=table.dtype))
     raise ValueError(f"init must be one of {_INITS}, got {init!r}")
 
-# %% ../nbs/02_additive.ipynb #5236508d
+# %% ../nbs/02_additive.ipynb #ea08cd9d
 def resample_table(table: Tensor, new_len: int) -> Tensor:
     "Resample a `(L, D)` table to `(new_len, D)` by linear interpolation along positions, ends aligned."
     new_len = check_positive_int('new_len', new_len)
@@ -57,15 +57,15 @@ def resample_table(table: Tensor, new_len: int) -> Tensor:
     resampled = F.interpolate(table.detach().T[None].to(work_dtype), size=new_len, mode='linear', align_corners=True)
     return resampled[0].T.to(table.dtype).contiguous()
 
-# %% ../nbs/02_additive.ipynb #796e243c
+# %% ../nbs/02_additive.ipynb #e6359c15
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
     except TypeError: return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
-# %% ../nbs/02_additive.ipynb #2c3ae3d2
+# %% ../nbs/02_additive.ipynb #ba97717f
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
-    r"""Wrap :class:`torch.nn.MultiheadAttention` and add positional features to Q/K only.
+    r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
     A learned table maps coordinates to an additive update of the query and key streams,
 
@@ -75,6 +75,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
     exactly ordinary multi-head attention.
 
     Args:
+
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads; must divide ``embed_dim``.
         max_len (int): Maximum supported position plus one: positions lie in ``[0, max_len)``.
@@ -87,6 +88,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
             (std 0.02) or ``'sinusoidal'`` (the original Transformer's codes, then learned).
 
     Shape:
+
         - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
         - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``.
         - q_position_mask, k_position_mask: bool, the shape of the corresponding positions; with default
@@ -95,12 +97,13 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
           (``(B, H, T_q, T_k)`` with ``average_attn_weights=False``), else ``None``.
 
     Attributes:
+
         pos_emb (Parameter): Learnable table with shape ``(max_len, D)`` storing the absolute positional embeddings.
-        attn (nn.MultiheadAttention): Internal :class:`torch.nn.MultiheadAttention` backend, ``batch_first=True``.
+        attn (nn.MultiheadAttention): Internal `torch.nn.MultiheadAttention` backend, ``batch_first=True``.
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads.
         max_len (int): Number of rows of ``pos_emb``.
-        init (str): The initial table's name, used by :meth:`reset_parameters`.
+        init (str): The initial table's name, used by `reset_parameters`.
 
     Example::
 
@@ -129,7 +132,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         """Add the positional update to query and key before attention; the values pass through unchanged.
 
         ``attn_mask``, ``key_padding_mask``, ``need_weights``, ``average_attn_weights`` and ``is_causal`` mean
-        what they mean for :class:`torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
+        what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
         ``attn_mask`` builds the causal mask instead of raising. Returns ``(output, weights or None)``.
         """
         _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
@@ -167,7 +170,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.init == 'zeros' else f", init='{self.init}'")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
 
-# %% ../nbs/02_additive.ipynb #f8f6e16f
+# %% ../nbs/02_additive.ipynb #63765527
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

@@ -4,14 +4,14 @@
 __all__ = ['check_positive_int', 'check_attention_inputs', 'check_positions', 'check_position_mask', 'check_attention_masks',
            'PositionalAttentionBase', 'padded_positions']
 
-# %% ../nbs/01_base.ipynb #b2d630fd
+# %% ../nbs/01_base.ipynb #65bb0cc6
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_base.ipynb #eaa6b33d
+# %% ../nbs/01_base.ipynb #e9037bd8
 def check_positive_int(name: str, value) -> int:
     "Return `value` if it is a positive `int`; else raise `TypeError` or `ValueError` naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
@@ -19,7 +19,7 @@ def check_positive_int(name: str, value) -> int:
     if value <= 0: raise ValueError(f"{name} must be a positive int, got {value}")
     return value
 
-# %% ../nbs/01_base.ipynb #57584ddd
+# %% ../nbs/01_base.ipynb #11ce3f6d
 def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
                            batch_first: bool = True) -> tuple[int, int, int]:
     "Check `query`, `key`, `value` against `embed_dim`, batch first or sequence first; return `(B, T_q, T_k)`."
@@ -40,7 +40,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim:
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[b], query.shape[t], key.shape[t]
 
-# %% ../nbs/01_base.ipynb #e3820448
+# %% ../nbs/01_base.ipynb #80e8c7f8
 def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: int,
                     device: torch.device) -> Optional[Tensor]:
     "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`."
@@ -62,7 +62,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_base.ipynb #d2b47cfb
+# %% ../nbs/01_base.ipynb #e48a8e69
 def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
                         device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
@@ -77,7 +77,7 @@ def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optiona
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_base.ipynb #057447d0
+# %% ../nbs/01_base.ipynb #90465e5f
 def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
                           q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
@@ -91,22 +91,24 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #1f89f502
+# %% ../nbs/01_base.ipynb #4982462a
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
-    Subclasses implement :meth:`forward` with the signature below and call :meth:`check_inputs` first
+    Subclasses implement `forward` with the signature below and call `check_inputs` first
     (it runs every check of this module in order), so that every layer refuses the same bad inputs with
     the same messages.
 
     Args:
+
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads; must divide ``embed_dim``.
         max_len (int): Number of positions the layer knows, ``[0, max_len)``.
         batch_first (bool): If ``True`` (default), inputs are ``(B, T, D)``; else ``(T, B, D)``, as for
-            :class:`torch.nn.MultiheadAttention`. Positions are ``(T,)`` or ``(B, T)`` either way.
+            `torch.nn.MultiheadAttention`. Positions are ``(T,)`` or ``(B, T)`` either way.
 
     Attributes:
+
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads ``H``.
         head_dim (int): Width of one head, ``D // H``.
@@ -144,7 +146,7 @@ class PositionalAttentionBase(nn.Module, ABC):
                               dtype=query.dtype, device=query.device)
         return batch, q_len, k_len
 
-# %% ../nbs/01_base.ipynb #a4cc40d4
+# %% ../nbs/01_base.ipynb #ddbaa456
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
