@@ -1,0 +1,344 @@
+"""The offline docs site (`python tools/build_docs.py`), checked in a real browser.
+
+The build runs once per session into `_docs/`; the site is served on 127.0.0.1 and every page is opened in
+headless Chromium (Debian's `chromium`, driven by Playwright). Without a browser these tests are skipped with
+the reason, unless `ADDITIVE_POS_ATTN_REQUIRE_BROWSER=1` (set by `.ci/run`), which makes that a failure.
+`ADDITIVE_POS_ATTN_DOCS_SIDEBAR` may name another `sidebar.yml` while chapters are being written.
+"""
+import functools
+import http.server
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / '_docs'
+CHROMIUM = os.environ.get('ADDITIVE_POS_ATTN_CHROMIUM', '/usr/bin/chromium')
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+REQUIRE_BROWSER = os.environ.get('ADDITIVE_POS_ATTN_REQUIRE_BROWSER') == '1'
+SERVER_LIFETIME_S = 600  # the server stops by itself after this, whatever happens to the session
+API = {'PositionalAttentionBase': 'additive_pos_attn.base', 'AdditivePosMultiheadAttention': 'additive_pos_attn.additive'}
+
+
+def _build_docs_module():
+    spec = importlib.util.spec_from_file_location('build_docs', ROOT / 'tools' / 'build_docs.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_build(root=ROOT, *args):
+    return subprocess.run([sys.executable, str(root / 'tools' / 'build_docs.py'), *args], cwd=root,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _need_docs_packages():
+    missing = [m for m in ('sphinx', 'myst_nb', 'furo') if importlib.util.find_spec(m) is None]
+    if missing: pytest.skip(f"docs packages missing ({', '.join(missing)}): pip install -e '.[docs]'")
+
+
+# ------------------------------------------------------------------------------------------------
+# The build's own checks, without a browser
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def mini_project(tmp_path):
+    "A copy of the project's settings, tools and Quarto files, with one page, to break on purpose."
+    for f in ('settings.ini',): shutil.copy2(ROOT / f, tmp_path / f)
+    shutil.copytree(ROOT / 'tools', tmp_path / 'tools', ignore=shutil.ignore_patterns('__pycache__'))
+    nbs = tmp_path / 'nbs'
+    nbs.mkdir()
+    for f in ('_quarto.yml', 'nbdev.yml', 'styles.css'): shutil.copy2(ROOT / 'nbs' / f, nbs / f)
+
+    def notebook(name, *cells, title='A page', output_file=None):
+        fm = f"---\ntitle: {title}\noutput-file: {output_file or name.replace('.ipynb', '.html')}\n---"
+        mk = lambda kind, src, outputs=(): {'cell_type': kind, 'metadata': {}, 'source': src,
+                                            **({'outputs': list(outputs), 'execution_count': None} if kind == 'code' else {})}
+        nb = {'cells': [mk('markdown', fm)] + [mk(*c) for c in cells], 'metadata': {
+            'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
+              'nbformat': 4, 'nbformat_minor': 5}
+        (nbs / name).write_text(json.dumps(nb), encoding='utf-8')
+
+    def sidebar(*names):
+        (nbs / 'sidebar.yml').write_text('website:\n  sidebar:\n    contents:\n' + ''.join(f'      - {n}\n' for n in names))
+
+    notebook('index.ipynb', ('markdown', 'Home, with maths $x^2$.'), title='Home', output_file='index.html')
+    return tmp_path, notebook, sidebar
+
+
+def test_sidebar_must_list_every_notebook(mini_project):
+    root, notebook, sidebar = mini_project
+    notebook('01_extra.ipynb', ('markdown', 'More.'))
+    sidebar('index.ipynb', '02_gone.ipynb')
+    res = _run_build(root)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert 'does not list nbs/01_extra.ipynb' in res.stderr and 'lists 02_gone.ipynb' in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_notebook_that_fails_to_process_is_named(mini_project):
+    _need_docs_packages()
+    root, notebook, sidebar = mini_project
+    notebook('01_broken.ipynb', ('code', 'from nbdev.showdoc import show_doc'), ('code', 'show_doc(no_such_name)'))
+    sidebar('index.ipynb', '01_broken.ipynb')
+    res = _run_build(root)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert 'nbdev could not process nbs/01_broken.ipynb' in res.stderr and 'no_such_name' in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_sphinx_warnings_fail_the_build(mini_project):
+    _need_docs_packages()
+    root, notebook, sidebar = mini_project
+    notebook('01_bad.ipynb', ('markdown', '```{no-such-directive}\n```'))
+    sidebar('index.ipynb', '01_bad.ipynb')
+    res = _run_build(root)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert 'no-such-directive' in res.stderr and 'treated as errors' in res.stderr, res.stderr
+
+
+PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=='
+
+
+@pytest.mark.slow
+def test_quarto_cell_options(mini_project):
+    "Quarto's cell options become myst-nb's: hidden input, hidden output, hidden cell, markdown spliced as is."
+    _need_docs_packages()
+    root, notebook, sidebar = mini_project
+    stream = lambda text: {'output_type': 'stream', 'name': 'stdout', 'text': text}
+    figure = {'output_type': 'display_data', 'metadata': {}, 'data': {'image/png': PNG, 'text/plain': '<Figure>'}}
+    notebook('01_options.ipynb',
+             ('code', '#| echo: false\n#| fig-cap: "A *one-pixel* figure"\nplot_marker()', [figure]),
+             ('markdown', '::: {.callout-note}\nA callout_marker note.\n:::'),
+             ('code', '#| output: asis\n#| echo: false\nprint_marker()', [stream('Some **asis** text with $y^2$.\n')]),
+             ('code', '#| include: false\ninclude_marker()', [stream('include_output_marker\n')]),
+             ('code', '#| output: false\noutput_marker()', [stream('output_output_marker\n')]),
+             ('code', 'shown_marker()', [stream('shown_output_marker\n')]),
+             ('markdown', 'A doc link to a page this site lacks: `AdditivePosMultiheadAttention`; one that exists: [home](index.ipynb).'),
+             title='Options', output_file='options.html')
+    sidebar('index.ipynb', '01_options.ipynb')
+    res = _run_build(root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    page = (root / '_docs' / 'options.html').read_text(encoding='utf-8')
+    assert 'plot_marker' not in page and re.search(r'<img [^>]*src="([^"]+\.png)"', page)
+    img = re.search(r'<img [^>]*src="([^"]+\.png)"', page).group(1)
+    assert (root / '_docs' / img).stat().st_size > 0
+    assert 'print_marker' not in page and '<strong>asis</strong>' in page and 'class="math' in page
+    assert 'include_marker' not in page and 'include_output_marker' not in page
+    assert '>output_marker<' in page and 'output_output_marker' not in page
+    assert 'shown_marker' in page and 'shown_output_marker' in page
+    assert '#|' not in page
+    assert re.search(r'<figcaption>.*A <em>one-pixel</em> figure', page, re.S)
+    assert re.search(r'class="admonition note".*callout_marker', page, re.S) and '.callout' not in page
+    # nbdev links the name to additive.html, which this one-page site lacks: plain code, no broken link
+    assert 'additive.html' not in page and '<span class="pre">AdditivePosMultiheadAttention</span></code>' in page
+    assert 'doc link without a target' in res.stdout
+    assert re.search(r'<a [^>]*href="index.html"[^>]*>home</a>', page)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real site, in a browser
+# ------------------------------------------------------------------------------------------------
+
+def _browser_or_skip():
+    "Playwright's sync API, or a skip (a failure when the browser is required)."
+    reason = None
+    try: from playwright.sync_api import sync_playwright
+    except ImportError: reason = "playwright is not installed (pip install -e '.[docs]')"
+    if reason is None and not Path(CHROMIUM).exists(): reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    if reason is None: return sync_playwright
+    if REQUIRE_BROWSER: pytest.fail(f"ADDITIVE_POS_ATTN_REQUIRE_BROWSER=1 but {reason}")
+    print(f"skipping the browser test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope='module')
+def site():
+    "Build the site once; return the pages the build made, in reading order."
+    _browser_or_skip()
+    _need_docs_packages()
+    args = ['--sidebar', os.environ['ADDITIVE_POS_ATTN_DOCS_SIDEBAR']] if os.environ.get('ADDITIVE_POS_ATTN_DOCS_SIDEBAR') else []
+    res = _run_build(ROOT, *args)
+    print(res.stdout, res.stderr)
+    assert res.returncode == 0, f"python tools/build_docs.py failed:\n{res.stdout}\n{res.stderr}"
+    bd = _build_docs_module()
+    sidebar = Path(args[1]) if args else ROOT / 'nbs' / 'sidebar.yml'
+    order = [e for _, es in bd.read_sidebar(sidebar) for e in es]
+    return bd.load_pages(order, ROOT / '_proc', ROOT / 'nbs')
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+
+@pytest.fixture(scope='module')
+def server(site):
+    "`_docs/` served on 127.0.0.1 from a thread, shut down when the module's tests end (or after a limit)."
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_QuietHandler, directory=str(DOCS)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(SERVER_LIFETIME_S, httpd.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    try: yield f'http://127.0.0.1:{httpd.server_address[1]}/'
+    finally:
+        watchdog.cancel()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope='module')
+def browser(server):
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try: yield b
+        finally: b.close()
+
+
+# Text nodes outside code and typeset maths: `$...$` or `\(...\)` here is maths MathJax never saw.
+_UNTYPESET_JS = """() => {
+  const skip = new Set(['PRE', 'CODE', 'SCRIPT', 'STYLE', 'TEXTAREA', 'MJX-CONTAINER']);
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {acceptNode(n) {
+    for (let e = n.parentElement; e; e = e.parentElement) if (skip.has(e.tagName)) return NodeFilter.FILTER_REJECT;
+    return NodeFilter.FILTER_ACCEPT; }});
+  const out = []; let n;
+  while ((n = walker.nextNode())) out.push(n.textContent);
+  return out.join(' ');
+}"""
+
+_PAGE_JS = """() => ({
+  images: [...document.images].map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0})),
+  math: document.querySelectorAll('.math').length,
+  typeset: document.querySelectorAll('mjx-container').length,
+  mathWithout: [...document.querySelectorAll('.math')].filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.slice(0, 80)),
+  sidebar: [...document.querySelectorAll('.sidebar-tree a.reference')].map(a => a.getAttribute('href')),
+  h1: (document.querySelector('article h1') || {}).textContent || '',
+  description: (document.querySelector('article div.description') || {}).textContent || '',
+})"""
+
+
+def _wait_for_mathjax(page):
+    page.wait_for_function("() => !document.querySelector('.math') || (window.MathJax && MathJax.startup && MathJax.startup.promise)",
+                           timeout=20000)
+    page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? MathJax.startup.promise.then(() => true) : true")
+
+
+@pytest.mark.slow
+def test_site_in_browser(site, server, browser):
+    html_pages = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob('*.html') if '_static' not in p.parts)
+    assert {f'{p.docname}.html' for p in site} <= set(html_pages)
+    context = browser.new_context(viewport={'width': 1280, 'height': 1000})
+    problems, foreign, math_pages = [], set(), 0
+    host = urlsplit(server).hostname
+
+    def guard(route):  # nothing may leave 127.0.0.1: record it and answer without the network
+        foreign.add(route.request.url)
+        route.abort()
+    context.route(lambda url: urlsplit(url).scheme in ('http', 'https', 'ws', 'wss') and urlsplit(url).hostname != host, guard)
+    page = context.new_page()
+    current = {'url': ''}
+    page.on('console', lambda m: m.type == 'error' and problems.append(f"{current['url']}: console error: {m.text}"))
+    page.on('pageerror', lambda e: problems.append(f"{current['url']}: page error: {e}"))
+    page.on('requestfailed', lambda r: r.url not in foreign and problems.append(f"{current['url']}: request failed: {r.url}"))
+    page.on('response', lambda r: r.status >= 400 and problems.append(f"{current['url']}: HTTP {r.status}: {r.url}"))
+    page.on('request', lambda r: urlsplit(r.url).scheme not in ('http', 'https', 'data', 'blob', 'about')
+            and foreign.add(r.url))
+
+    bd = _build_docs_module()
+
+    def stored_figures(p):  # image outputs that Quarto would show, in the notebook nbdev processed
+        n = 0
+        for c in p.nbjson['cells']:
+            opts, _ = bd._cell_options(bd._src(c.get('source')))
+            if c['cell_type'] != 'code' or opts.get('include') is False or opts.get('output') is False: continue
+            n += sum(any(k.startswith('image/') for k in o.get('data', {})) for o in c.get('outputs', []))
+        return n
+    expected_sidebar = [f'{p.docname}.html' for p in site]
+    by_page = {f'{p.docname}.html': p for p in site}
+    for rel in html_pages:
+        current['url'] = rel
+        resp = page.goto(server + rel, wait_until='load')
+        assert resp is not None and resp.ok, f"{rel}: {resp and resp.status}"
+        _wait_for_mathjax(page)
+        info = page.evaluate(_PAGE_JS)
+        for img in info['images']:
+            if not img['ok']: problems.append(f"{rel}: image did not load: {img['src']}")
+        if info['math']:
+            math_pages += 1
+            if info['typeset'] == 0 or info['mathWithout']:
+                problems.append(f"{rel}: maths not typeset: {info['mathWithout'][:3]}")
+        text = page.evaluate(_UNTYPESET_JS)
+        for pat in (r'\$\$', r'(?<![\w$])\$[^\s$][^$\n]*\$', r'\\\(', r'\\\['):
+            if (m := re.search(pat, text)): problems.append(f"{rel}: untypeset maths: {text[max(0, m.start() - 30):m.end() + 30]!r}")
+        if rel in by_page:
+            p = by_page[rel]
+            # furo links the current page as '#'; put its own name back to compare the order
+            resolved = [rel if h == '#' else h.split('#')[0] for h in info['sidebar']]
+            if resolved != expected_sidebar: problems.append(f"{rel}: sidebar {resolved} != sidebar.yml order {expected_sidebar}")
+            if len(info['images']) < (n := stored_figures(p)): problems.append(f"{rel}: {len(info['images'])} images, the notebook stores {n}")
+            if info['h1'].rstrip('¶').strip() != p.title: problems.append(f"{rel}: title {info['h1']!r} != {p.title!r}")
+            if p.description and not info['description'].strip(): problems.append(f"{rel}: description missing")
+    assert math_pages > 0, "no page has maths: the MathJax check checked nothing"
+    assert not problems, '\n'.join(problems)
+    assert not foreign, f"requests to hosts other than 127.0.0.1: {sorted(foreign)}"
+
+    # every sidebar link resolves
+    for href in expected_sidebar:
+        resp = page.request.get(server + href)
+        assert resp.ok, f"sidebar link {href}: HTTP {resp.status}"
+    context.close()
+
+
+@pytest.mark.slow
+def test_api_entries(site, server, browser):
+    "nbdev's doc links for the two classes land on their entries: heading, signature, docstring, source link."
+    import additive_pos_attn, additive_pos_attn._modidx as modidx
+    page = browser.new_page(viewport={'width': 1280, 'height': 1000})
+    for name, module in API.items():
+        target = modidx.d['syms'][module][f'{module}.{name}'][0]  # e.g. 'additive.html#additiveposmultiheadattention'
+        page.goto(server + target, wait_until='load')
+        _wait_for_mathjax(page)
+        anchor = target.split('#')[1]
+        entry = page.evaluate("""(id) => {
+            const a = document.getElementById(id); if (!a) return null;
+            // the entry is the section the id names or the next one; show_doc's [source] link comes just before it
+            let sec = a.tagName === 'SECTION' ? a : (a.closest('p') || a);
+            while (sec && sec.tagName !== 'SECTION') sec = sec.nextElementSibling;
+            if (!sec) return null;
+            let src = null;
+            for (let e = sec.previousElementSibling; e && e.tagName !== 'SECTION' && !src; e = e.previousElementSibling)
+                src = e.querySelector('a.nbdev-source, span.nbdev-source');
+            return {heading: sec.querySelector('h1,h2,h3,h4,h5,h6').textContent, signature: (sec.querySelector('pre') || {}).textContent,
+                    text: sec.textContent, source: src ? src.getAttribute('href') : null,
+                    typeset: sec.querySelectorAll('mjx-container').length};
+        }""", anchor)
+        assert entry is not None, f"{target}: no API entry with id {anchor!r}"
+        assert entry['heading'].rstrip('¶').strip() == name
+        obj = getattr(additive_pos_attn, name)
+        params = [p for p in inspect.signature(obj).parameters if p != 'self']
+        assert f'{name}(' in entry['signature'] and all(p in entry['signature'] for p in params), entry['signature']
+        norm = lambda s: ' '.join(s.replace('`', '').replace('*', '').split())
+        first = norm(inspect.getdoc(obj).splitlines()[0])
+        assert first in norm(entry['text']), (first, entry['text'][:500])
+        assert entry['source'] and entry['source'].startswith('_source/'), entry['source']
+        assert page.request.get(server + entry['source'].split('#')[0]).ok
+        if '$' in inspect.getdoc(obj): assert entry['typeset'] > 0, f"{name}: maths in the docstring not typeset"
+        if name == 'AdditivePosMultiheadAttention':
+            page.set_viewport_size({'width': 1280, 'height': 1100})
+            page.goto(server + target, wait_until='load')
+            _wait_for_mathjax(page)
+            page.screenshot(path=str(DOCS / 'additive_screenshot.png'))
+    page.close()

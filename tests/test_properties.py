@@ -1,0 +1,294 @@
+"""Property tests: the layer agrees with its definition for every valid input and refuses every invalid one.
+
+Hypothesis draws whole configurations (sizes, positions, masks, flags); the tensors' values come from a torch
+generator seeded by a drawn integer, so each example is reproducible and cheap. The example counts are fixed and
+the search is derandomised, so every run checks the same examples and CI time is stable.
+"""
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
+
+VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
+INVALID_EXAMPLES_EACH = 20  # for each of the 11 corruptions below: 220 invalid calls per run
+DTYPE = torch.float64
+SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+def _layer(D, H, max_len, seed, bias=True, batch_first=True) -> AdditivePosMultiheadAttention:
+    "A float64 layer with random weights and a random (non-zero) table, so positions matter."
+    torch.manual_seed(seed)
+    layer = AdditivePosMultiheadAttention(D, H, max_len=max_len, bias=bias, dtype=DTYPE, batch_first=batch_first)
+    with torch.no_grad(): layer.pos_emb.normal_()
+    return layer
+
+
+def _positions(data, stream, B, T, max_len):
+    "Draw positions for one stream: absent (only when `T <= max_len`), shared `(T,)` or per-sample `(B, T)`, any int dtype."
+    kinds = (['absent'] if T <= max_len else []) + ['shared', 'per-sample']
+    kind = data.draw(st.sampled_from(kinds), label=f'{stream} positions')
+    if kind == 'absent': return None, None
+    shape = (T,) if kind == 'shared' else (B, T)
+    values = data.draw(st.lists(st.integers(0, max_len - 1), min_size=B * T if kind == 'per-sample' else T,
+                                max_size=B * T if kind == 'per-sample' else T), label=f'{stream} position values')
+    dtype = data.draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]), label=f'{stream} position dtype')
+    return torch.tensor(values, dtype=torch.int64).reshape(shape).to(dtype), shape
+
+
+def _position_mask(data, stream, B, T, shape):
+    "Draw a position mask: none, or bool with the positions' shape (`(T,)` or `(B, T)` when positions are absent)."
+    if not data.draw(st.booleans(), label=f'{stream} has position mask'): return None
+    if shape is None: shape = data.draw(st.sampled_from([(T,), (B, T)]), label=f'{stream} position mask shape')
+    n = shape[0] * (shape[1] if len(shape) == 2 else 1)
+    return torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
+
+
+def _attention_masks(data, g, B, H, Tq, Tk, is_causal):
+    """Draw `attn_mask` and `key_padding_mask`, bool or float. Key 0 is never masked, so no row is fully masked
+    (softmax over nothing is NaN). With `is_causal` the `attn_mask`, if any, is the causal mask itself: torch
+    treats the flag as a promise about the mask."""
+    kind = data.draw(st.sampled_from(['none', 'bool', 'float']), label='attn_mask kind')
+    attn_mask = None
+    if kind != 'none':
+        shape = data.draw(st.sampled_from([(Tq, Tk), (B * H, Tq, Tk)]), label='attn_mask shape')
+        if is_causal: blocked = causal_mask(Tq, Tk).expand(shape).clone()
+        else:
+            blocked = torch.rand(shape, generator=g) < data.draw(st.sampled_from([0.0, 0.3, 0.7]), label='attn_mask density')
+            blocked[..., 0] = False
+        # A float mask adds finite biases too, except the causal one, which is exactly 0 / -inf.
+        bias = torch.zeros(shape, dtype=DTYPE) if is_causal else torch.randn(shape, generator=g, dtype=DTYPE)
+        attn_mask = blocked if kind == 'bool' else bias.masked_fill(blocked, float('-inf'))
+    kpm_kind = data.draw(st.sampled_from(['none', 'bool', 'float']), label='key_padding_mask kind')
+    key_padding_mask = None
+    if kpm_kind != 'none':
+        padded = torch.rand(B, Tk, generator=g) < 0.4
+        padded[:, 0] = False
+        key_padding_mask = padded if kpm_kind == 'bool' else torch.zeros(B, Tk, dtype=DTYPE).masked_fill(padded, float('-inf'))
+    return attn_mask, key_padding_mask
+
+
+@st.composite
+def valid_cases(draw):
+    "The sizes of a random valid call, and the seed of its weights and inputs."
+    H = draw(st.sampled_from([1, 2, 4]), label='num_heads')
+    D = H * draw(st.integers(1, 3), label='head_dim')
+    B = draw(st.integers(1, 3), label='batch')
+    Tq, Tk = draw(st.integers(0, 6), label='q_len'), draw(st.integers(1, 6), label='k_len')
+    max_len = draw(st.integers(1, 10), label='max_len')
+    seed = draw(st.integers(0, 2**31 - 1), label='seed')
+    return dict(H=H, D=D, B=B, Tq=Tq, Tk=Tk, max_len=max_len, seed=seed)
+
+
+def _draw_valid(data, device):
+    """Everything for one valid call on `device`: `(layer, query, key, value, kwargs, oracle kwargs)`. The inputs
+    are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed."""
+    sizes = data.draw(valid_cases())
+    H, D, B, Tq, Tk, max_len, seed = (sizes[k] for k in ('H', 'D', 'B', 'Tq', 'Tk', 'max_len', 'seed'))
+    layer = _layer(D, H, max_len, seed, bias=data.draw(st.booleans(), label='bias'),
+                   batch_first=data.draw(st.booleans(), label='batch_first'))
+    layer.train(data.draw(st.booleans(), label='training'))  # dropout is 0, so both modes are deterministic
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, Tq, D, generator=g, dtype=DTYPE)
+    self_attention = Tq == Tk and data.draw(st.booleans(), label='self-attention')
+    if self_attention: key = value = query
+    else:
+        key = torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
+        value = key if data.draw(st.booleans(), label='key is value') else torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
+    q_positions, q_shape = _positions(data, 'q', B, Tq, max_len)
+    k_positions, k_shape = _positions(data, 'k', B, Tk, max_len)
+    kw = dict(q_positions=q_positions, k_positions=k_positions,
+              q_position_mask=_position_mask(data, 'q', B, Tq, q_shape), k_position_mask=_position_mask(data, 'k', B, Tk, k_shape))
+    is_causal = data.draw(st.booleans(), label='is_causal')
+    attn_mask, key_padding_mask = _attention_masks(data, g, B, H, Tq, Tk, is_causal)
+    need_weights = data.draw(st.booleans(), label='need_weights')
+    average = data.draw(st.booleans(), label='average_attn_weights')
+    attn_kw = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=need_weights, average_attn_weights=average)
+    # The oracle is told the mask that `is_causal` stands for, explicitly, and never gets the flag.
+    oracle_kw = {**attn_kw, 'attn_mask': causal_mask(Tq, Tk) if is_causal and attn_mask is None else attn_mask}
+    # Built on the CPU and then moved, so that every device sees the same examples; `is` between inputs survives.
+    moved = {id(t): t.to(device) for t in (query, key, value)}
+    to = lambda kwargs: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return (layer.to(device), moved[id(query)], moved[id(key)], moved[id(value)],
+            to({**kw, **attn_kw, 'is_causal': is_causal}), to({**kw, **oracle_kw}))
+
+
+def _assert_same(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_valid_inputs_match_the_definition(device):
+    "Every valid configuration gives the oracle's output and weights in float64, and the oracle's gradients."
+    seen = []
+
+    @settings(max_examples=VALID_EXAMPLES, **SETTINGS)
+    @given(st.data())
+    def check(data):
+        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device)
+        # Sequence-first layers get the same inputs transposed (`is` between them kept); outputs come back transposed.
+        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1))
+        inputs = {id(t): layout(t) for t in (query, key, value)}
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)  # torch's deprecation note on mixed bool/float masks
+            out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
+            out = layout(out)
+            ref, ref_weights = additive_reference(layer, query, key, value, **oracle_kw)
+        assert out.shape == query.shape and out.dtype == DTYPE
+        _assert_same(out, ref)
+        if kw['need_weights']:
+            B, Tq, Tk = query.shape[0], query.shape[1], key.shape[1]
+            assert weights.shape == ((B, Tq, Tk) if kw['average_attn_weights'] else (B, layer.num_heads, Tq, Tk))
+            _assert_same(weights, ref_weights)
+        else: assert weights is None and ref_weights is None
+        if data.draw(st.booleans(), label='check gradients') and out.numel():
+            params = [layer.pos_emb, layer.attn.in_proj_weight]
+            grads = torch.autograd.grad(out.square().sum(), params)
+            ref_grads = torch.autograd.grad(ref.square().sum(), params)
+            for grad, ref_grad in zip(grads, ref_grads): _assert_same(grad, ref_grad)
+        seen.append(1)
+
+    check()
+    assert len(seen) >= VALID_EXAMPLES >= 200, f"only {len(seen)} valid examples ran"
+
+
+# Each corruption takes the valid call (a dict with query, key, value and keyword arguments, plus the sizes) and
+# returns the argument's name and a corrupted call. They cover every argument the layer checks.
+def _bad_positions(data, call, stream):
+    B, T, max_len = call['B'], call[f'T{stream}'], call['max_len']
+    name = f'{stream}_positions'
+    kind = data.draw(st.sampled_from(['float', 'bool', 'complex', 'list', 'scalar', 'short', 'long', 'batch', '3-D',
+                                      'negative', 'too large']), label=f'bad {name}')
+    good = torch.zeros(T, dtype=torch.long)
+    bad = {'float': good.double(), 'bool': good.bool(), 'complex': good.to(torch.complex64), 'list': good.tolist(),
+           'scalar': torch.tensor(0), 'short': torch.zeros(T + 1 if T == 0 else T - 1, dtype=torch.long),
+           'long': torch.zeros(T + 1, dtype=torch.long), 'batch': torch.zeros(B + 1, T, dtype=torch.long),
+           '3-D': torch.zeros(1, B, T, dtype=torch.long)}.get(kind)
+    if kind in ('negative', 'too large'):
+        if T == 0: bad = torch.zeros(T + 1, dtype=torch.long)  # nothing to put a value in: a wrong length instead
+        else:
+            value = -data.draw(st.integers(1, 1000)) if kind == 'negative' else max_len + data.draw(st.integers(0, 1000))
+            per_sample = data.draw(st.booleans())
+            bad = torch.zeros((B, T) if per_sample else (T,), dtype=torch.long)
+            bad.view(-1)[data.draw(st.integers(0, bad.numel() - 1))] = value
+    return name, {name: bad}
+
+
+def _bad_position_mask(data, call, stream):
+    B, T = call['B'], call[f'T{stream}']
+    name = f'{stream}_position_mask'
+    kind = data.draw(st.sampled_from(['int', 'float', 'list', 'wrong length', 'wrong batch', '3-D', 'not its positions']),
+                     label=f'bad {name}')
+    good = torch.ones(T, dtype=torch.bool)
+    extra = {}
+    bad = {'int': good.long(), 'float': good.float(), 'list': good.tolist(), 'wrong length': torch.ones(T + 1, dtype=torch.bool),
+           'wrong batch': torch.ones(B + 1, T, dtype=torch.bool), '3-D': torch.ones(1, B, T, dtype=torch.bool)}.get(kind)
+    if kind == 'not its positions':  # per-sample mask with shared positions
+        extra = {f'{stream}_positions': torch.zeros(T, dtype=torch.long)}
+        bad = torch.ones(B, T, dtype=torch.bool)
+    return name, {name: bad, **extra}
+
+
+def _bad_attn_mask(data, call):
+    B, H, Tq, Tk = call['B'], call['H'], call['Tq'], call['Tk']
+    kind = data.draw(st.sampled_from(['int', 'other float', 'list', 'rows', 'cols', '1-D', 'heads', '4-D']), label='bad attn_mask')
+    bad = {'int': torch.zeros(Tq, Tk, dtype=torch.long), 'other float': torch.zeros(Tq, Tk, dtype=torch.float32),
+           'list': [[0.0] * Tk] * Tq, 'rows': torch.zeros(Tq + 1, Tk, dtype=torch.bool),
+           'cols': torch.zeros(Tq, Tk + 1, dtype=torch.bool), '1-D': torch.zeros(Tk, dtype=torch.bool),
+           'heads': torch.zeros(B * H + 1, Tq, Tk, dtype=torch.bool), '4-D': torch.zeros(B, H, Tq, Tk, dtype=torch.bool)}[kind]
+    return 'attn_mask', {'attn_mask': bad}
+
+
+def _bad_key_padding_mask(data, call):
+    B, Tk = call['B'], call['Tk']
+    kind = data.draw(st.sampled_from(['int', 'other float', 'list', '1-D', 'batch', 'length', '3-D']), label='bad key_padding_mask')
+    bad = {'int': torch.zeros(B, Tk, dtype=torch.long), 'other float': torch.zeros(B, Tk, dtype=torch.float16),
+           'list': [[False] * Tk] * B, '1-D': torch.zeros(Tk, dtype=torch.bool), 'batch': torch.zeros(B + 1, Tk, dtype=torch.bool),
+           'length': torch.zeros(B, Tk + 1, dtype=torch.bool), '3-D': torch.zeros(B, 1, Tk, dtype=torch.bool)}[kind]
+    return 'key_padding_mask', {'key_padding_mask': bad}
+
+
+def _bad_tensor(data, call, name):
+    B, D = call['B'], call['D']
+    T = call['Tq'] if name == 'query' else call['Tk']
+    kind = data.draw(st.sampled_from(['2-D', '4-D', 'width', 'int', 'list', 'dtype'] + ([] if name == 'query' else ['batch'])),
+                     label=f'bad {name}')
+    x = call[name]
+    bad = {'2-D': x[0], '4-D': x[..., None], 'width': torch.zeros(B, T, D + 1, dtype=DTYPE), 'int': x.long(), 'list': x.tolist(),
+           'dtype': x.float(), 'batch': torch.zeros(B + 1, T, D, dtype=DTYPE)}[kind]
+    if name == 'query' and kind == 'dtype':  # all three in float32, but the layer is float64 and autocast is off
+        return name, {'query': bad, 'key': call['key'].float(), 'value': call['value'].float()}
+    if name == 'value' and kind == 'batch': bad = torch.zeros(B, T + 1, D, dtype=DTYPE)  # key and value of different lengths
+    return name, {name: bad}
+
+
+def _bad_default_positions(data, call, stream):
+    "Default positions, but the stream is longer than the table."
+    B, D, max_len = call['B'], call['D'], call['max_len']
+    T = max_len + data.draw(st.integers(1, 3))
+    name = f'{stream}_positions'
+    x = torch.zeros(B, T, D, dtype=DTYPE)
+    if stream == 'q': return name, {'query': x, 'q_positions': None}
+    return name, {'key': x, 'value': x, 'k_positions': None, 'k_position_mask': None, 'attn_mask': None, 'key_padding_mask': None}
+
+
+CORRUPTIONS = {
+    'query': lambda d, c: _bad_tensor(d, c, 'query'), 'key': lambda d, c: _bad_tensor(d, c, 'key'),
+    'value': lambda d, c: _bad_tensor(d, c, 'value'),
+    'q_positions': lambda d, c: _bad_positions(d, c, 'q'), 'k_positions': lambda d, c: _bad_positions(d, c, 'k'),
+    'q_position_mask': lambda d, c: _bad_position_mask(d, c, 'q'), 'k_position_mask': lambda d, c: _bad_position_mask(d, c, 'k'),
+    'attn_mask': _bad_attn_mask, 'key_padding_mask': _bad_key_padding_mask,
+    'q too long': lambda d, c: _bad_default_positions(d, c, 'q'), 'k too long': lambda d, c: _bad_default_positions(d, c, 'k'),
+}
+
+
+@pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
+def test_invalid_inputs_are_refused_by_name(device, corruption):
+    "Every corrupted call raises ValueError or TypeError, never IndexError or a CUDA assert, and names the argument."
+    seen = []
+
+    @settings(max_examples=INVALID_EXAMPLES_EACH, **SETTINGS)
+    @given(st.data())
+    def check(data):
+        H = data.draw(st.sampled_from([1, 2]))
+        D, B = H * data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+        max_len = data.draw(st.integers(1, 8))
+        Tq, Tk = data.draw(st.integers(0, max_len)), data.draw(st.integers(1, max_len))
+        layer = _layer(D, H, max_len, seed=0).to(device)
+        g = torch.Generator().manual_seed(0)
+        query, key = torch.randn(B, Tq, D, generator=g, dtype=DTYPE), torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
+        call = dict(B=B, H=H, D=D, Tq=Tq, Tk=Tk, max_len=max_len, query=query, key=key, value=key)
+        name, change = CORRUPTIONS[corruption](data, call)
+        args = {'query': query, 'key': key, 'value': key, **change}
+        args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises((ValueError, TypeError)) as error:
+            layer(args.pop('query'), args.pop('key'), args.pop('value'), **args)
+        assert name in str(error.value), f"{corruption}: {error.value!r} does not name {name}"
+        seen.append(1)
+
+    check()
+    if device == 'cuda': torch.cuda.synchronize()  # no device-side assert was left behind
+    assert len(seen) >= INVALID_EXAMPLES_EACH, f"only {len(seen)} invalid examples ran"
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(name=st.sampled_from(['embed_dim', 'num_heads', 'max_len']),
+       value=st.one_of(st.integers(-5, 0), st.floats(allow_nan=False), st.booleans(), st.text(max_size=2), st.none()))
+def test_invalid_sizes_are_refused_by_name(name, value):
+    "The constructor refuses sizes that are not positive ints, naming the size."
+    sizes = {'embed_dim': 8, 'num_heads': 2, 'max_len': 4, name: value}
+    with pytest.raises((ValueError, TypeError), match=name):
+        AdditivePosMultiheadAttention(sizes.pop('embed_dim'), sizes.pop('num_heads'), **sizes)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(embed_dim=st.integers(1, 64), num_heads=st.integers(1, 64))
+def test_heads_must_divide_width(embed_dim, num_heads):
+    "A width that the heads do not divide is refused, naming both; any that they divide builds."
+    if embed_dim % num_heads:
+        with pytest.raises(ValueError, match='embed_dim must be divisible by num_heads'):
+            AdditivePosMultiheadAttention(embed_dim, num_heads, max_len=2)
+    else: assert AdditivePosMultiheadAttention(embed_dim, num_heads, max_len=2).head_dim == embed_dim // num_heads
