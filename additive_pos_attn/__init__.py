@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'PosTransformerEncoderLayer', 'padded_positions',
            'resample_table', 'sinusoidal_table']
 
-# %% ../nbs/index.ipynb #21d4b73e
+# %% ../nbs/index.ipynb #9df6d782
 from .base import PositionalAttentionBase, padded_positions
 from .additive import AdditivePosMultiheadAttention, resample_table, sinusoidal_table
 from .encoder import PosTransformerEncoderLayer

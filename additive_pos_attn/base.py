@@ -4,14 +4,14 @@
 __all__ = ['check_positive_int', 'check_attention_inputs', 'check_positions', 'check_position_mask', 'check_attention_masks',
            'PositionalAttentionBase', 'padded_positions']
 
-# %% ../nbs/01_base.ipynb #65bb0cc6
+# %% ../nbs/01_base.ipynb #9e3865d0
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_base.ipynb #e9037bd8
+# %% ../nbs/01_base.ipynb #0d6046bc
 def check_positive_int(name: str, value) -> int:
     "Return `value` if it is a positive `int`; else raise `TypeError` or `ValueError` naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
@@ -19,7 +19,7 @@ def check_positive_int(name: str, value) -> int:
     if value <= 0: raise ValueError(f"{name} must be a positive int, got {value}")
     return value
 
-# %% ../nbs/01_base.ipynb #11ce3f6d
+# %% ../nbs/01_base.ipynb #2e986ef2
 def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
                            batch_first: bool = True) -> tuple[int, int, int]:
     "Check `query`, `key`, `value` against `embed_dim`, batch first or sequence first; return `(B, T_q, T_k)`."
@@ -40,7 +40,14 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim:
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[b], query.shape[t], key.shape[t]
 
-# %% ../nbs/01_base.ipynb #80e8c7f8
+# %% ../nbs/01_base.ipynb #dbe9eebf
+_POSITION_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
+    "Positions and position masks are `(T,)`, shared by the batch, or `(B, T)`."
+    if x.dim() not in (1, 2) or x.shape[-1] != length or (x.dim() == 2 and x.shape[0] != batch):
+        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(x.shape)}")
+
 def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: int,
                     device: torch.device) -> Optional[Tensor]:
     "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`."
@@ -50,10 +57,9 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
                              f"pass {name} or build the layer with a larger max_len")
         return None
     if not isinstance(positions, Tensor): raise TypeError(f"{name} must be an integer Tensor, got {type(positions).__name__}")
-    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
-        raise TypeError(f"{name} must be an integer Tensor, got dtype {positions.dtype}")
-    if positions.dim() not in (1, 2) or positions.shape[-1] != length or (positions.dim() == 2 and positions.shape[0] != batch):
-        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
+    if positions.dtype not in _POSITION_DTYPES:
+        raise TypeError(f"{name} must be an integer Tensor (int64, int32, int16, int8 or uint8), got dtype {positions.dtype}")
+    _check_stream_shape(name, positions, batch, length)
     if positions.device != device:
         raise ValueError(f"{name} must be on the input's device {device}, got {positions.device}")
     if positions.numel():
@@ -62,7 +68,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_base.ipynb #e48a8e69
+# %% ../nbs/01_base.ipynb #ef1639e5
 def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
                         device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
@@ -72,12 +78,11 @@ def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optiona
     if positions is not None:
         if mask.shape != positions.shape:
             raise ValueError(f"{name} must have the shape of its positions {tuple(positions.shape)}, got {tuple(mask.shape)}")
-    elif mask.dim() not in (1, 2) or mask.shape[-1] != length or (mask.dim() == 2 and mask.shape[0] != batch):
-        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(mask.shape)}")
+    else: _check_stream_shape(name, mask, batch, length)
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_base.ipynb #90465e5f
+# %% ../nbs/01_base.ipynb #def2869d
 def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
                           q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
@@ -91,7 +96,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #4982462a
+# %% ../nbs/01_base.ipynb #45508fa8
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -136,8 +141,10 @@ class PositionalAttentionBase(nn.Module, ABC):
         "Attend from `query` to `key`/`value` with positions; return `(output, weights or None)`."
 
     def check_inputs(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None,
-                     k_position_mask=None, attn_mask=None, key_padding_mask=None) -> tuple[int, int, int]:
-        "Run every shared check on the forward arguments; return `(B, T_q, T_k)`."
+                     k_position_mask=None, attn_mask=None, key_padding_mask=None, **flags) -> tuple[int, int, int]:
+        "Run every shared check on the forward arguments (`flags`: the bool ones, by name); return `(B, T_q, T_k)`."
+        for name, flag in flags.items():
+            if not isinstance(flag, bool): raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
         batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first)
         for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
             check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=self.max_len, device=query.device)
@@ -146,7 +153,7 @@ class PositionalAttentionBase(nn.Module, ABC):
                               dtype=query.dtype, device=query.device)
         return batch, q_len, k_len
 
-# %% ../nbs/01_base.ipynb #ddbaa456
+# %% ../nbs/01_base.ipynb #b63cc12d
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
@@ -156,17 +163,22 @@ def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Opti
     tokens count from 0 in order; padding gets position 0 and a False position mask.
     """
     if (key_padding_mask is None) == (lengths is None):
-        raise ValueError("pass exactly one of key_padding_mask and lengths")
+        raise ValueError(f"pass exactly one of key_padding_mask and lengths, got "
+                         f"{'both' if lengths is not None else 'neither'}")
     if lengths is not None:
-        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.dtype == torch.bool or lengths.is_floating_point():
-            raise TypeError(f"lengths must be a 1-D integer Tensor, got {lengths!r:.80}")
+        if not isinstance(lengths, Tensor) or lengths.dtype not in _POSITION_DTYPES:
+            raise TypeError(f"lengths must be an integer Tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
+        if lengths.dim() != 1: raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
+        if seq_len is None: raise TypeError("seq_len is required with lengths: the padded length T")
         seq_len = check_positive_int('seq_len', seq_len)
         if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
             raise ValueError(f"lengths must lie in [0, seq_len={seq_len}], got values from {int(lengths.min())} to {int(lengths.max())}")
         columns = torch.arange(seq_len, device=lengths.device)
         key_padding_mask = columns < (seq_len - lengths)[:, None] if left else columns >= lengths[:, None]
-    elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
-        raise TypeError(f"key_padding_mask must be a bool (B, T) Tensor, got {key_padding_mask!r:.80}")
+    elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool Tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+    elif key_padding_mask.dim() != 2:
+        raise ValueError(f"key_padding_mask must be 2-D (B, T), got shape {tuple(key_padding_mask.shape)}")
     position_mask = ~key_padding_mask
     positions = (position_mask.cumsum(-1) - 1).clamp_(min=0).masked_fill_(key_padding_mask, 0)
     return positions, position_mask

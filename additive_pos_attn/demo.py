@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['reversal_batch', 'ToyModel', 'positions_off', 'progress_bar', 'train_toy', 'toy_accuracy', 'demo_parser', 'main']
 
-# %% ../nbs/04_demo.ipynb #1d406a65
+# %% ../nbs/04_demo.ipynb #14c87b2e
 import argparse, contextlib, os, sys, tempfile, time
 from typing import Callable, Optional, Union
 
@@ -15,25 +15,27 @@ from .additive import AdditivePosMultiheadAttention
 from .base import check_positive_int
 from .encoder import PosTransformerEncoderLayer
 
-# %% ../nbs/04_demo.ipynb #e7217717
+# %% ../nbs/04_demo.ipynb #26e9be92
 def reversal_batch(batch_size: int, vocab_size: int = 16, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     "`batch_size` random permutations of the tokens `0 … vocab_size-1`, `(B, V)`, and their reversals, the targets."
     tokens = torch.rand(batch_size, vocab_size, generator=generator).argsort(-1)
     return tokens, tokens.flip(-1)
 
-# %% ../nbs/04_demo.ipynb #4e69d058
+# %% ../nbs/04_demo.ipynb #ee8b3ec1
 class ToyModel(nn.Module):
-    r"""Token embedding, ``num_layers`` pre-norm blocks of :class:`AdditivePosMultiheadAttention`, a layer norm and a read-out.
+    r"""Token embedding, ``num_layers`` pre-norm blocks of `AdditivePosMultiheadAttention`, a layer norm and a read-out.
 
     Args:
+
         vocab_size (int): Number of tokens ``V``; also the sequence length of the reversal task. Default: ``16``.
         d_model (int): Width ``D``. Default: ``32``.
         num_heads (int): Heads per attention layer. Default: ``4``.
-        num_layers (int): Number of :class:`PosTransformerEncoderLayer` blocks. Default: ``1``.
+        num_layers (int): Number of `PosTransformerEncoderLayer` blocks. Default: ``1``.
         dim_feedforward (int): Width of each block's feed-forward network. Default: ``64``.
         max_len (int, optional): Rows of each positional table. Default: ``vocab_size``.
 
     Shape:
+
         - tokens: integer ``(B, T)``; position_mask: bool ``(T,)`` or ``(B, T)``.
         - Returns: logits ``(B, T, V)``.
     """
@@ -64,12 +66,12 @@ class ToyModel(nn.Module):
             x = block(x, position_mask=position_mask)
         return inputs
 
-# %% ../nbs/04_demo.ipynb #3d1ad381
+# %% ../nbs/04_demo.ipynb #67604423
 def positions_off(length: int, device=None) -> Tensor:
     "An all-`False` position mask for `length` tokens: with it, every block attends without positions."
     return torch.zeros(length, dtype=torch.bool, device=device)
 
-# %% ../nbs/04_demo.ipynb #0a7a9a29
+# %% ../nbs/04_demo.ipynb #fe4b1aea
 @contextlib.contextmanager
 def _one_thread():
     "Run torch's CPU maths on one thread inside the block, and restore the thread count afterwards."
@@ -78,7 +80,7 @@ def _one_thread():
     try: yield
     finally: torch.set_num_threads(threads)
 
-# %% ../nbs/04_demo.ipynb #d63a9256
+# %% ../nbs/04_demo.ipynb #310d0bcd
 def progress_bar(steps: int, stream=None, width: int = 30) -> Callable[[int, float], None]:
     "A callback `(step, loss)` that redraws one progress line on `stream` (stderr by default), ending it at `steps`."
     every = max(1, steps // 100)
@@ -91,12 +93,13 @@ def progress_bar(steps: int, stream=None, width: int = 30) -> Callable[[int, flo
         out.flush()
     return show
 
-# %% ../nbs/04_demo.ipynb #82665ad3
+# %% ../nbs/04_demo.ipynb #35ab6d50
 def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, batch_size: int = 64, lr: float = 2e-2,
               progress: Union[bool, Callable[[int, float], None]] = False, **model_kwargs) -> tuple[ToyModel, list[float]]:
-    """Train a :class:`ToyModel` to reverse permutations; return it in eval mode and the loss of every step.
+    """Train a `ToyModel` to reverse permutations; return it in eval mode and the loss of every step.
 
     Args:
+
         steps (int): Optimiser steps, one fresh batch each. Default: ``400``.
         seed (int): Seeds the initial weights and the data; the caller's random state is left as it was. Default: ``0``.
         use_positions (bool): If ``False``, every block gets an all-``False`` position mask. Default: ``True``.
@@ -104,7 +107,7 @@ def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, ba
         lr (float): AdamW's learning rate. Default: ``2e-2``.
         progress (bool or callable): ``True`` draws a progress line on stderr; a callable is called with
             ``(step, loss)`` after every step. Default: ``False``.
-        **model_kwargs: Passed to :class:`ToyModel`.
+        **model_kwargs: Passed to `ToyModel`.
     """
     check_positive_int('steps', steps); check_positive_int('batch_size', batch_size)
     report = progress_bar(steps) if progress is True else (progress or None)
@@ -123,7 +126,7 @@ def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, ba
             if report: report(step, losses[-1])
     return model.eval(), losses
 
-# %% ../nbs/04_demo.ipynb #d356ecf5
+# %% ../nbs/04_demo.ipynb #7d4ad6a5
 @torch.no_grad()
 def toy_accuracy(model: ToyModel, *, use_positions: bool = True, n: int = 2000, seed: int = 1234) -> float:
     "Token accuracy of `model` on `n` fresh permutations, the same ones for a given `seed`."
@@ -131,7 +134,7 @@ def toy_accuracy(model: ToyModel, *, use_positions: bool = True, n: int = 2000, 
     mask = None if use_positions else positions_off(model.vocab_size)
     return (model(tokens, mask).argmax(-1) == targets).float().mean().item()
 
-# %% ../nbs/04_demo.ipynb #25af33f5
+# %% ../nbs/04_demo.ipynb #8e55f046
 class _Parser(argparse.ArgumentParser):
     "An `ArgumentParser` whose errors are one line, `prog: error: message`, with exit status 2."
     def error(self, message: str): self.exit(2, f"{self.prog}: error: {message}\n")
@@ -165,7 +168,7 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', type=_seed, default=0, help='random seed (default: 0)')
     return parser
 
-# %% ../nbs/04_demo.ipynb #6e1629f2
+# %% ../nbs/04_demo.ipynb #4e3d98cd
 def _save_figures(model: ToyModel, losses: dict[str, list[float]], out: str, viz) -> list[str]:
     "Draw the next chapter's figures for the trained `model` and the training `losses`, write them into `out` as PNG; return the paths."
     tokens, _ = reversal_batch(1, model.vocab_size, torch.Generator().manual_seed(0))
@@ -206,6 +209,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {args.out} in {time.time() - start:.1f} s")
     return 0
 
-# %% ../nbs/04_demo.ipynb #be2ff681
+# %% ../nbs/04_demo.ipynb #6ed0e03b
 #| eval: false
 if __name__ == '__main__': sys.exit(main())

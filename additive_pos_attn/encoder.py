@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['PosTransformerEncoderLayer']
 
-# %% ../nbs/03_encoder.ipynb #ec90ba4e
+# %% ../nbs/03_encoder.ipynb #9ae1d08e
 from typing import Callable, Optional, Union
 
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .base import PositionalAttentionBase
 
-# %% ../nbs/03_encoder.ipynb #0083dbbb
+# %% ../nbs/03_encoder.ipynb #ca49eff8
 def _get_activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
     "The activation function `activation` names, or `activation` itself if it is callable."
     if callable(activation): return activation
@@ -20,7 +20,7 @@ def _get_activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Calla
     if activation == 'gelu': return F.gelu
     raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
 
-# %% ../nbs/03_encoder.ipynb #9c4504a0
+# %% ../nbs/03_encoder.ipynb #cc8e21e0
 class PosTransformerEncoderLayer(nn.Module):
     r"""Pre-norm Transformer encoder block around a positional attention layer.
 
@@ -31,7 +31,8 @@ class PosTransformerEncoderLayer(nn.Module):
     ``positions`` and one ``position_mask`` serve as both the query's and the key's.
 
     Args:
-        attention (PositionalAttentionBase): The attention layer, e.g. :class:`AdditivePosMultiheadAttention`;
+
+        attention (PositionalAttentionBase): The attention layer, e.g. `AdditivePosMultiheadAttention`;
             its ``embed_dim`` is the block's width ``D``. Its own dropout acts on the attention weights.
         dim_feedforward (int): Width of the feed-forward network. Default: ``2048``.
         dropout (float): Dropout on both residual branches and inside the feed-forward network. Default: ``0.1``.
@@ -45,6 +46,7 @@ class PosTransformerEncoderLayer(nn.Module):
     ``batch_first=False``, in which case ``src`` and the output are ``(T, B, D)``.
 
     Shape:
+
         - src: ``(B, T, D)``, or ``(T, B, D)`` if the attention is not batch first.
         - positions: integer ``(T,)`` or ``(B, T)``; position_mask: bool, ``(T,)`` or ``(B, T)``.
         - src_mask: ``(T, T)`` or ``(B·H, T, T)``; src_key_padding_mask: ``(B, T)``.
@@ -91,12 +93,13 @@ class PosTransformerEncoderLayer(nn.Module):
         """Run the attention and the feed-forward sub-blocks, each pre-normed and added to the residual stream.
 
         ``src_mask``, ``src_key_padding_mask`` and ``is_causal`` mean what they mean for
-        :class:`torch.nn.TransformerEncoderLayer` and reach the attention as ``attn_mask``,
+        `torch.nn.TransformerEncoderLayer` and reach the attention as ``attn_mask``,
         ``key_padding_mask`` and ``is_causal``; ``positions`` and ``position_mask`` reach it as both the
         query's and the key's positions and position mask.
         """
-        if not isinstance(src, Tensor) or src.dim() != 3 or src.shape[-1] != self.d_model:
-            shape = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
+        if not isinstance(src, Tensor): raise TypeError(f"src must be a Tensor, got {type(src).__name__}")
+        if src.dim() != 3 or src.shape[-1] != self.d_model:
+            shape = tuple(src.shape)
             layout = '(B, T, D)' if self.batch_first else '(T, B, D)'
             raise ValueError(f"src must be {layout} with D=d_model={self.d_model}, got {shape}")
         x = src

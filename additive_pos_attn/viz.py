@@ -4,7 +4,7 @@
 __all__ = ['plot_training', 'plot_pos_emb', 'pos_similarity', 'plot_pos_similarity', 'plot_attention_maps', 'LogitTerms',
            'logit_terms', 'term_magnitudes', 'plot_logit_terms']
 
-# %% ../nbs/05_visualise.ipynb #e3399f1e
+# %% ../nbs/05_visualise.ipynb #2a3f7c64
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .additive import AdditivePosMultiheadAttention, positional_update
 
-# %% ../nbs/05_visualise.ipynb #b78b774a
+# %% ../nbs/05_visualise.ipynb #7edb50ac
 def plot_training(curves: dict[str, Sequence[float]], *, reference: Optional[float] = None,
                   reference_label: str = 'chance', title: str = 'Training loss') -> Figure:
     "Loss per step for each named curve, on a log scale, with an optional horizontal `reference` line."
@@ -26,7 +26,7 @@ def plot_training(curves: dict[str, Sequence[float]], *, reference: Optional[flo
     ax.legend()
     return fig
 
-# %% ../nbs/05_visualise.ipynb #9b40853b
+# %% ../nbs/05_visualise.ipynb #cc522bbf
 def _table(source) -> Tensor:
     "The positional table of `source`, a layer with a `pos_emb` or a `(L, D)` tensor, detached, as float32 on the CPU."
     table = getattr(source, 'pos_emb', source)
@@ -34,7 +34,7 @@ def _table(source) -> Tensor:
         raise TypeError(f"expected a layer with a pos_emb or a 2-D (L, D) table, got {type(source).__name__}")
     return table.detach().float().cpu()
 
-# %% ../nbs/05_visualise.ipynb #008563d5
+# %% ../nbs/05_visualise.ipynb #83326148
 def _heatmap(fig: Figure, ax, values: Tensor, *, symmetric: bool = True, cmap: str = 'RdBu_r', label: str = 'value',
              vmin: Optional[float] = None, vmax: Optional[float] = None, colorbar: bool = True):
     "Draw `values` (2-D) on `ax` as a heatmap, with a colour bar labelled `label`; return the image."
@@ -55,7 +55,7 @@ def plot_pos_emb(source, *, length: Optional[int] = None, title: str = 'Learned 
     ax.set(xlabel='channel', ylabel='position', title=title)
     return fig
 
-# %% ../nbs/05_visualise.ipynb #9208283a
+# %% ../nbs/05_visualise.ipynb #526f546f
 def pos_similarity(source, *, length: Optional[int] = None) -> Tensor:
     "Cosine similarity between the rows of the positional table of `source`, `(L, L)`; a zero row has similarity 0."
     unit = F.normalize(_table(source)[:length], dim=-1)
@@ -69,7 +69,7 @@ def plot_pos_similarity(source, *, length: Optional[int] = None, title: str = 'C
     ax.set(xlabel='position', ylabel='position', title=title)
     return fig
 
-# %% ../nbs/05_visualise.ipynb #b4ecc5bf
+# %% ../nbs/05_visualise.ipynb #2433f8d1
 def plot_attention_maps(weights: Tensor, *, tokens: Optional[Tensor] = None, example: int = 0,
                         title: str = 'Attention weights per head') -> Figure:
     """One heatmap per head of attention `weights`, ``(H, T_q, T_k)``, or ``(B, H, T_q, T_k)`` with `example` picking one.
@@ -93,7 +93,7 @@ def plot_attention_maps(weights: Tensor, *, tokens: Optional[Tensor] = None, exa
     fig.suptitle(title)
     return fig
 
-# %% ../nbs/05_visualise.ipynb #b097fe19
+# %% ../nbs/05_visualise.ipynb #f45de32a
 class LogitTerms(NamedTuple):
     "The four parts of the per-head attention logits, each ``(B, H, T_q, T_k)``; their sum is the logits."
     content_content: Tensor
@@ -101,13 +101,13 @@ class LogitTerms(NamedTuple):
     position_content: Tensor
     position_position: Tensor
 
-# %% ../nbs/05_visualise.ipynb #486dc6d3
+# %% ../nbs/05_visualise.ipynb #5b62dc74
 def logit_terms(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, *,
                 q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None) -> LogitTerms:
     """Split the attention logits of every head of `layer` into content and position parts.
 
-    Returns a :class:`LogitTerms` of content-content, content-position, position-content and position-position
+    Returns a `LogitTerms` of content-content, content-position, position-content and position-position
     terms, each ``(B, H, T_q, T_k)``, whose sum is the scaled dot product ``q'·k'/√d`` the layer feeds to its
     softmax, before attention masks. The in-projection biases count as content. Inputs, positions and position
     masks are those of the layer's ``forward`` (checked the same way; `key` stands in for the value)."""
@@ -125,12 +125,12 @@ def logit_terms(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor
     pair = lambda q, k: (q @ k.transpose(-2, -1) * layer.head_dim ** -0.5).expand(shape)
     return LogitTerms(pair(q_content, k_content), pair(q_content, k_position), pair(q_position, k_content), pair(q_position, k_position))
 
-# %% ../nbs/05_visualise.ipynb #9c271668
+# %% ../nbs/05_visualise.ipynb #407fefc6
 def term_magnitudes(terms: LogitTerms) -> dict[str, Tensor]:
     "Mean absolute value of each term per head, `(H,)`, over examples, queries and keys."
     return {name: term.detach().abs().mean(dim=(0, 2, 3)) for name, term in terms._asdict().items()}
 
-# %% ../nbs/05_visualise.ipynb #99bd607a
+# %% ../nbs/05_visualise.ipynb #ca859562
 def plot_logit_terms(terms: LogitTerms, *, example: int = 0, head: Optional[int] = None,
                      title: str = 'The four terms of the attention logits') -> Figure:
     """Heatmaps of the four terms for one `example` and `head` (by default the head with the largest

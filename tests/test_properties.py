@@ -133,7 +133,7 @@ def test_valid_inputs_match_the_definition(device):
         layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1))
         inputs = {id(t): layout(t) for t in (query, key, value)}
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)  # torch's deprecation note on mixed bool/float masks
+            warnings.simplefilter('ignore', UserWarning)  # torch's deprecation note on mixed bool/float masks (in the oracle)
             out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
             out = layout(out)
             ref, ref_weights = additive_reference(layer, query, key, value, **oracle_kw)

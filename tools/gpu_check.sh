@@ -33,7 +33,7 @@ fi
 #    built in pip's isolated build environment, from the setuptools and wheel wheels of the same folder.
 rm -rf "$work"; mkdir -p "$logs"
 pip=("$python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-index --prefix "$work/prefix")
-{ timeout 90 "${pip[@]}" --find-links "$wheels" 'nbdev==2.4.14' 'execnb<0.2' 'fastcore<2' 'ghapi<2' pytest hypothesis &&
+{ timeout 90 "${pip[@]}" --find-links "$wheels" 'nbdev==2.4.14' 'execnb<0.2' 'fastcore<2' 'ghapi<2' matplotlib pytest hypothesis &&
   timeout 60 "${pip[@]}" --find-links "$wheels" --no-deps . ; } >"$logs/install.log" 2>&1 \
     || { tail -20 "$logs/install.log" >&2; fail "install failed (log: $logs/install.log)"; }
 site=$("$python" -c "import sysconfig; print(sysconfig.get_path('purelib', vars={'base': '$work/prefix', 'platbase': '$work/prefix'}))")

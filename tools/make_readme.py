@@ -4,7 +4,7 @@
 runs the same nbdev processing on `nbs/index.ipynb` (the processors `nbdev_proc_nbs` applies), then turns
 the processed notebook into GitHub-flavoured markdown with nbconvert's markdown exporter, honouring the
 Quarto cell options nbdev leaves behind. Links to other pages (`derivation.html`) become links to the
-published docs, since they are relative to the site, not to the repository.
+notebooks they are rendered from (`nbs/00_derivation.ipynb`), which work wherever the README is read.
 
     python tools/make_readme.py           # write README.md
     python tools/make_readme.py --check   # exit 1 if README.md is not what index.ipynb gives
@@ -46,7 +46,16 @@ def front_matter(cell) -> dict:
             fields[key.strip()] = value.strip().strip('"')
     return fields
 
-def render(nb: nbformat.NotebookNode, doc_url: str) -> str:
+def page_sources(nbs_path: Path) -> dict:
+    "Each page name (`output-file` in a notebook's front matter) and the notebook it comes from, relative to the root."
+    pages = {}
+    for path in sorted(nbs_path.glob('*.ipynb')):
+        nb = nbformat.read(path, as_version=4)
+        page = front_matter(nb.cells[0]).get('output-file') if nb.cells else None
+        pages[page or path.with_suffix('.html').name] = f"{nbs_path.name}/{path.name}"
+    return pages
+
+def render(nb: nbformat.NotebookNode, pages: dict) -> str:
     "Markdown for the README: title, description, then the cells as Quarto would show them."
     meta, cells = front_matter(nb.cells[0]), []
     head = f"# {meta.get('title', '')}\n\n" if meta else ''
@@ -64,7 +73,10 @@ def render(nb: nbformat.NotebookNode, doc_url: str) -> str:
             cells.append(nbformat.v4.new_markdown_cell(f"> {meta['description']}"))
     metadata = {**nb.metadata, 'language_info': {'name': 'python'}}  # fences code as ```python
     body, _ = MarkdownExporter().from_notebook_node(nbformat.v4.new_notebook(cells=cells, metadata=metadata))
-    body = re.sub(r'\]\((?!https?://|#)([\w./-]+\.html(?:#[\w-]*)?)\)', lambda m: f']({doc_url}{m[1]})', body)
+    def link(m):
+        if m[1] not in pages: raise ValueError(f"index.ipynb links to {m[1]}, which no notebook renders")
+        return f"]({pages[m[1]]}{m[2] or ''})"
+    body = re.sub(r'\]\((?!https?://)([\w.-]+\.html)(#[\w.-]*)?\)', link, body)
     return (head + re.sub(r'\n{3,}', '\n\n', body)).strip() + '\n'
 
 def main(argv=None) -> int:
@@ -73,7 +85,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = get_config()
     readme = cfg.config_path/'README.md'
-    text = render(processed_index(cfg.path('nbs_path')), f"{cfg.doc_host}{cfg.doc_baseurl}/")
+    nbs_path = cfg.path('nbs_path')
+    text = render(processed_index(nbs_path), page_sources(nbs_path))
     if args.check:
         if readme.read_text() == text: return 0
         print(f"{readme} is out of date with nbs/index.ipynb: run `python tools/make_readme.py`", file=sys.stderr)
