@@ -5,7 +5,7 @@ __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'check_init',
            'project_heads', 'sdpa_mask', 'fused_attention', 'fusable', 'AdditivePosMultiheadAttention',
            'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #67a57829
+# %% ../nbs/02_additive.ipynb #c7c1db25
 import math
 from typing import Optional
 
@@ -15,19 +15,19 @@ from torch import Tensor, nn
 
 from .base import PositionalAttentionBase, check_positive_int
 
-# %% ../nbs/02_additive.ipynb #24b66e98
+# %% ../nbs/02_additive.ipynb #a18c62cf
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #fcc9564c
+# %% ../nbs/02_additive.ipynb #a81fc9ae
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #04bc8caf
+# %% ../nbs/02_additive.ipynb #712e89a7
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
     "The `(max_len, dim)` sine and cosine position codes of Vaswani et al. (2017)."
     position = torch.arange(max_len, device=device, dtype=torch.float64)[:, None]
@@ -37,7 +37,7 @@ def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tens
     table[:, 1::2] = torch.cos(position * frequency[:dim // 2])
     return table.to(dtype or torch.get_default_dtype())
 
-# %% ../nbs/02_additive.ipynb #9f3c581f
+# %% ../nbs/02_additive.ipynb #457e8ae5
 _INITS = ('zeros', 'normal', 'sinusoidal')
 
 def check_init(init: str) -> str:
@@ -53,7 +53,7 @@ def init_table_(table: Tensor, init: str) -> Tensor:
         if init == 'normal': return table.normal_(0.0, 0.02)
         return table.copy_(sinusoidal_table(*table.shape, device=table.device, dtype=table.dtype))
 
-# %% ../nbs/02_additive.ipynb #68d4057d
+# %% ../nbs/02_additive.ipynb #e3dd3a95
 def resample_table(table: Tensor, new_len: int) -> Tensor:
     "Resample a `(L, D)` table to `(new_len, D)` by linear interpolation along positions, ends aligned."
     new_len = check_positive_int('new_len', new_len)
@@ -65,27 +65,28 @@ def resample_table(table: Tensor, new_len: int) -> Tensor:
     resampled = F.interpolate(table.detach().T[None].to(work_dtype), size=new_len, mode='linear', align_corners=True)
     return resampled[0].T.to(table.dtype).contiguous()
 
-# %% ../nbs/02_additive.ipynb #de8f77b9
+# %% ../nbs/02_additive.ipynb #2cdda879
 def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     "View `(B, T, parts·D)` as `parts` tensors `(B, H, T, D/H)` (one tensor when `parts == 1`)."
-    batch, length, width = x.shape
-    heads = x.view(batch, length, parts, num_heads, width // (parts * num_heads)).permute(2, 0, 3, 1, 4)
-    return heads.unbind(0) if parts > 1 else heads[0]
+    batch, length, width = x.shape  # explicit sizes, no -1: T may be 0
+    heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
+    return heads if parts > 1 else heads[0]
 
-# %% ../nbs/02_additive.ipynb #157339d7
+# %% ../nbs/02_additive.ipynb #f9311e30
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor):
     "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included."
-    dim, weight, bias = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias
-    biases = (None,) * 3 if bias is None else bias.split(dim)
-    w_q, w_k, w_v = weight.split(dim)
-    v = split_heads(F.linear(value, w_v, biases[2]), attn.num_heads)
-    if query is key and key is value and q_update is k_update:  # one packed product for queries and keys
-        q, k = split_heads(F.linear(query + q_update, weight[:2 * dim], None if bias is None else bias[:2 * dim]), attn.num_heads, 2)
+    dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
+    # split, not slices: in backward one split gathers its gradients, where each slice would zero-fill a copy
+    sizes = [2 * dim, dim] if query is key and key is value and q_update is k_update else [dim, dim, dim]
+    weights, biases = weight.split(sizes), (None,) * len(sizes) if bias is None else bias.split(sizes)
+    v = split_heads(F.linear(value, weights[-1], biases[-1]), heads)
+    if len(sizes) == 2:  # one packed product for queries and keys
+        q, k = split_heads(F.linear(query + q_update, weights[0], biases[0]), heads, 2)
         return q, k, v
-    return (split_heads(F.linear(query + q_update, w_q, biases[0]), attn.num_heads),
-            split_heads(F.linear(key + k_update, w_k, biases[1]), attn.num_heads), v)
+    return (split_heads(F.linear(query + q_update, weights[0], biases[0]), heads),
+            split_heads(F.linear(key + k_update, weights[1], biases[1]), heads), v)
 
-# %% ../nbs/02_additive.ipynb #287b585a
+# %% ../nbs/02_additive.ipynb #a3f05379
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
@@ -105,7 +106,7 @@ def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], i
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     return attn_mask, False
 
-# %% ../nbs/02_additive.ipynb #c9c28aa2
+# %% ../nbs/02_additive.ipynb #30bf2cdc
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed directly."
@@ -116,7 +117,7 @@ def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, val
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
     return F.linear(out.transpose(1, 2).reshape(batch, q_len, attn.embed_dim), attn.out_proj.weight, attn.out_proj.bias)
 
-# %% ../nbs/02_additive.ipynb #94ab1ac0
+# %% ../nbs/02_additive.ipynb #cd782fb9
 def fusable(attn: nn.MultiheadAttention) -> bool:
     "Whether `fused_attention` computes exactly what `attn` would: torch's own forward, no hooks, no bias_k/v, no zero attention."
     module = nn.modules.module
@@ -127,7 +128,7 @@ def fusable(attn: nn.MultiheadAttention) -> bool:
     return (own_forward and attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
             and not attn.add_zero_attn and not any(hooks))
 
-# %% ../nbs/02_additive.ipynb #c65ca0c2
+# %% ../nbs/02_additive.ipynb #c01dba5d
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
@@ -139,7 +140,7 @@ def _batch_first_views(query: Tensor, key: Tensor, value: Tensor):
     k = q if key is query else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else value.transpose(0, 1))
 
-# %% ../nbs/02_additive.ipynb #c584982d
+# %% ../nbs/02_additive.ipynb #3dfd5e19
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -252,7 +253,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.init == 'zeros' else f", init='{self.init}'")
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
 
-# %% ../nbs/02_additive.ipynb #d90a243f
+# %% ../nbs/02_additive.ipynb #0e665028
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

@@ -340,5 +340,7 @@ def test_api_entries(site, server, browser):
             page.set_viewport_size({'width': 1280, 'height': 1100})
             page.goto(server + target, wait_until='load')
             _wait_for_mathjax(page)
+            # typesetting moves the page after the browser scrolled to the anchor: scroll again
+            page.evaluate("id => document.getElementById(id).scrollIntoView({behavior: 'instant'})", target.split('#')[1])
             page.screenshot(path=str(DOCS / 'additive_screenshot.png'))
     page.close()
