@@ -6,7 +6,6 @@ __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'check_init',
            'additive_reference']
 
 # %% ../nbs/02_additive.ipynb #c7c1db25
-import math
 from typing import Optional
 
 import torch

@@ -26,7 +26,7 @@ autograd saves, leaving out the storages of parameters (autograd saves the weigh
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, json, math, os, platform, sys, time
+import argparse, json, os, platform, sys, time
 from datetime import datetime, timezone
 
 import torch

@@ -1,9 +1,8 @@
 """The package as users get it: the wheel, and the notebooks as the single source of the module and README."""
-import filecmp, os, shutil, subprocess, sys, venv
+import filecmp, shutil, subprocess, sys, venv
 from importlib.metadata import version
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
