@@ -20,13 +20,20 @@ Timing uses `torch.utils.benchmark.Timer.blocked_autorange`: each round times ev
 once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them;
 the blocks of all rounds are pooled and the reported figure is the ratio of the pooled medians.
 
+On CPU the timings also depend on how the C allocator hands out memory: glibc's `malloc` returns large blocks
+to the system and maps them afresh (first touch of each page costs a fault) on a schedule that depends on
+everything allocated before, so the same call can cost a few percent more in one position of a round than in
+another. By default (`--malloc steady`) the benchmark fixes glibc's thresholds with `mallopt` (blocks under
+32 MiB from the heap, which is never trimmed), as jemalloc or tcmalloc would behave; `--malloc system` leaves
+them alone. Either way all implementations run under the same allocator.
+
 Saved-for-backward bytes are counted with `torch.autograd.graph.saved_tensors_hooks` during one forward in
 train mode: the sum of `untyped_storage().nbytes()` over the distinct storages (by `data_ptr`) of the tensors
 autograd saves, leaving out the storages of parameters (autograd saves the weights, but they are in memory
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, json, os, platform, sys, time
+import argparse, ctypes, ctypes.util, json, os, platform, sys, time
 from datetime import datetime, timezone
 
 import torch
@@ -141,6 +148,16 @@ def time_case(stmts, *, rounds, min_run_time, num_threads, timer=time.perf_count
     return out
 
 
+def steady_malloc() -> str:
+    "Fix glibc's malloc thresholds (see the module docstring); returns what was done, for the record."
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return 'system (no C library found)'
+    if not hasattr(libc, 'mallopt') or platform.libc_ver()[0] != 'glibc': return 'system (not glibc)'
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)' if ok else 'system (mallopt refused)'
+
+
 def clock(device, kind):
     "The timer: wall time, after waiting for the GPU when there is one in play; or this process's CPU time."
     if device == 'cuda':
@@ -157,6 +174,8 @@ def run(args):
         if args.device == 'cuda': raise SystemExit('--device cuda: CUDA is not available')
         devices.remove('cuda')
     if args.timer == 'process' and 'cuda' in devices: raise SystemExit('--timer process measures CPU time: use it with --device cpu')
+    malloc = steady_malloc() if args.malloc == 'steady' else 'system'
+    log(f'allocator: {malloc}')
     num_threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(num_threads)
     rounds, min_run_time = (3, 0.05) if args.quick else (args.rounds, args.min_run_time)
@@ -189,7 +208,7 @@ def run(args):
         rows.append(row)
         del layer, x, mem, stmts
     log(f'done in {time.perf_counter() - start:.0f}s')
-    return dict(meta=machine(num_threads, args), rows=rows)
+    return dict(meta={**machine(num_threads, args), 'malloc': malloc}, rows=rows)
 
 
 def machine(num_threads, args):
@@ -213,6 +232,7 @@ def argv_of(args):
     if args.device != 'all': out += ['--device', args.device]
     if args.threads: out += ['--threads', str(args.threads)]
     if args.timer != 'wall': out += ['--timer', args.timer]
+    if args.malloc != 'steady': out += ['--malloc', args.malloc]
     if not args.quick and (args.rounds, args.min_run_time) != (7, 0.2): out += ['--rounds', str(args.rounds), '--min-run-time', str(args.min_run_time)]
     if args.shapes: out += ['--shapes'] + [str(i) for i in args.shapes]
     return out
@@ -309,6 +329,9 @@ def main(argv=None):
     p.add_argument('--timer', choices=['wall', 'process'], default='wall',
                    help="'process' times CPU time of this process instead of wall time: steadier on a busy machine "
                         "with --threads 1 (CPU only; it also counts the time threads spend spinning)")
+    p.add_argument('--malloc', choices=['steady', 'system'], default='steady',
+                   help="'steady' (default) fixes glibc's malloc thresholds so that page faults do not land on one "
+                        "implementation by chance; 'system' leaves the allocator as it is")
     p.add_argument('--shapes', type=int, nargs='*', help='indices into the shape list, to run a subset')
     p.add_argument('--json', metavar='PATH', help='write the results and a description of the machine to PATH')
     p.add_argument('--plot', metavar='PATH', help='write a plot of the ratio to the floor against T to PATH')
@@ -316,7 +339,7 @@ def main(argv=None):
     results = run(args)
     m = results['meta']
     print(f'# {m["command"]}  |  {m["date"]}  |  {m["cpu"]}, {m["cores"]} cores, {m["threads"]} threads'
-          f'{"  |  " + m["gpu"] if "gpu" in m else ""}  |  torch {m["torch"]}')
+          f'{"  |  " + m["gpu"] if "gpu" in m else ""}  |  torch {m["torch"]}  |  malloc {m["malloc"]}')
     print(table(results['rows']))
     if args.json:
         with open(args.json, 'w') as f: json.dump(results, f, indent=1)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
 
 VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
+PATH_EXAMPLES = 100     # for each of the layer's two self-attention paths with one update (see `_draw_valid`)
 INVALID_EXAMPLES_EACH = 20  # for each of the 11 corruptions below: 220 invalid calls per run
 DTYPE = torch.float64
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -21,10 +22,12 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 
 
 def _layer(D, H, max_len, seed, bias=True, batch_first=True) -> AdditivePosMultiheadAttention:
-    "A float64 layer with random weights and a random (non-zero) table, so positions matter."
+    "A float64 layer with random weights, biases (torch starts them at zero) and table, so that all of them matter."
     torch.manual_seed(seed)
     layer = AdditivePosMultiheadAttention(D, H, max_len=max_len, bias=bias, dtype=DTYPE, batch_first=batch_first)
-    with torch.no_grad(): layer.pos_emb.normal_()
+    with torch.no_grad():
+        layer.pos_emb.normal_()
+        if bias: layer.attn.in_proj_bias.normal_(); layer.attn.out_proj.bias.normal_()
     return layer
 
 
@@ -73,46 +76,57 @@ def _attention_masks(data, g, B, H, Tq, Tk, is_causal):
 
 
 @st.composite
-def valid_cases(draw):
-    "The sizes of a random valid call, and the seed of its weights and inputs."
+def valid_cases(draw, square=False):
+    "The sizes of a random valid call, and the seed of its weights and inputs; `square`: as many keys as queries."
     H = draw(st.sampled_from([1, 2, 4]), label='num_heads')
     D = H * draw(st.integers(1, 3), label='head_dim')
     B = draw(st.integers(1, 3), label='batch')
     Tq, Tk = draw(st.integers(0, 6), label='q_len'), draw(st.integers(1, 6), label='k_len')
+    if square: Tq = Tk
     max_len = draw(st.integers(1, 10), label='max_len')
     seed = draw(st.integers(0, 2**31 - 1), label='seed')
     return dict(H=H, D=D, B=B, Tq=Tq, Tk=Tk, max_len=max_len, seed=seed)
 
 
-def _draw_valid(data, device):
+def _draw_valid(data, device, path=None):
     """Everything for one valid call on `device`: `(layer, query, key, value, kwargs, oracle kwargs)`. The inputs
-    are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed."""
-    sizes = data.draw(valid_cases())
+    are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed. `path`
+    narrows the draw to self-attention with one update for queries and keys and no weights, the calls that the
+    layer serves from its projected table (`'projected'`, in eval mode) or with its own in-projection and backward
+    pass (`'shifted'`, when gradients are wanted)."""
+    one_update = path is not None
+    sizes = data.draw(valid_cases(square=one_update))
     H, D, B, Tq, Tk, max_len, seed = (sizes[k] for k in ('H', 'D', 'B', 'Tq', 'Tk', 'max_len', 'seed'))
     layer = _layer(D, H, max_len, seed, bias=data.draw(st.booleans(), label='bias'),
                    batch_first=data.draw(st.booleans(), label='batch_first'))
-    layer.train(data.draw(st.booleans(), label='training'))  # dropout is 0, so both modes are deterministic
+    layer.train(path != 'projected' and data.draw(st.booleans(), label='training'))  # dropout is 0: both modes are deterministic
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(B, Tq, D, generator=g, dtype=DTYPE)
-    self_attention = Tq == Tk and data.draw(st.booleans(), label='self-attention')
+    self_attention = one_update or Tq == Tk and data.draw(st.booleans(), label='self-attention')
     if self_attention: key = value = query
     else:
         key = torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
         value = key if data.draw(st.booleans(), label='key is value') else torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
     q_positions, q_shape = _positions(data, 'q', B, Tq, max_len)
-    k_positions, k_shape = _positions(data, 'k', B, Tk, max_len)
-    kw = dict(q_positions=q_positions, k_positions=k_positions,
-              q_position_mask=_position_mask(data, 'q', B, Tq, q_shape), k_position_mask=_position_mask(data, 'k', B, Tk, k_shape))
+    q_position_mask = _position_mask(data, 'q', B, Tq, q_shape)
+    if one_update or self_attention and data.draw(st.booleans(), label='keys share the queries\' positions'):
+        k_positions, k_position_mask = q_positions, q_position_mask  # the same objects: one update, as in a Transformer
+    else:
+        k_positions, k_shape = _positions(data, 'k', B, Tk, max_len)
+        k_position_mask = _position_mask(data, 'k', B, Tk, k_shape)
+    kw = dict(q_positions=q_positions, k_positions=k_positions, q_position_mask=q_position_mask, k_position_mask=k_position_mask)
     is_causal = data.draw(st.booleans(), label='is_causal')
     attn_mask, key_padding_mask = _attention_masks(data, g, B, H, Tq, Tk, is_causal)
-    need_weights = data.draw(st.booleans(), label='need_weights')
+    need_weights = not one_update and data.draw(st.booleans(), label='need_weights')
     average = data.draw(st.booleans(), label='average_attn_weights')
     attn_kw = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=need_weights, average_attn_weights=average)
     # The oracle is told the mask that `is_causal` stands for, explicitly, and never gets the flag.
     oracle_kw = {**attn_kw, 'attn_mask': causal_mask(Tq, Tk) if is_causal and attn_mask is None else attn_mask}
-    # Built on the CPU and then moved, so that every device sees the same examples; `is` between inputs survives.
-    moved = {id(t): t.to(device) for t in (query, key, value)}
-    to = lambda kwargs: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    # Built on the CPU and then moved, so that every device sees the same examples; `is` between inputs survives,
+    # and so does `is` between the query's and the key's positions and masks.
+    moved = {id(t): t.to(device) for t in (query, key, value, q_positions, q_position_mask) if t is not None}
+    to = lambda kwargs: {k: (moved[id(v)] if id(v) in moved else v.to(device)) if isinstance(v, torch.Tensor) else v
+                          for k, v in kwargs.items()}
     return (layer.to(device), moved[id(query)], moved[id(key)], moved[id(value)],
             to({**kw, **attn_kw, 'is_causal': is_causal}), to({**kw, **oracle_kw}))
 
@@ -122,19 +136,24 @@ def _assert_same(actual, expected):
 
 
 def test_valid_inputs_match_the_definition(device):
-    "Every valid configuration gives the oracle's output and weights in float64, and the oracle's gradients."
+    """Every valid configuration gives the oracle's output and weights in float64, and the oracle's gradients (which
+    in self-attention with one update come from the layer's hand-written backward). Some calls run without gradients."""
     seen = []
 
     @settings(max_examples=VALID_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
         layer, query, key, value, kw, oracle_kw = _draw_valid(data, device)
-        # Sequence-first layers get the same inputs transposed (`is` between them kept); outputs come back transposed.
-        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1))
+        # Sequence-first layers get the inputs as contiguous (T, B, D) tensors, as users pass them (`is` between them
+        # kept); outputs come back transposed.
+        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+        without_grad = data.draw(st.booleans(), label='without gradients')
+        sources = list({id(t): t.requires_grad_(not without_grad) for t in (query, key, value)}.values())  # distinct inputs
         inputs = {id(t): layout(t) for t in (query, key, value)}
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', UserWarning)  # torch's deprecation note on mixed bool/float masks (in the oracle)
-            out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
+            with torch.set_grad_enabled(not without_grad):
+                out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
             out = layout(out)
             ref, ref_weights = additive_reference(layer, query, key, value, **oracle_kw)
         assert out.shape == query.shape and out.dtype == DTYPE
@@ -144,15 +163,70 @@ def test_valid_inputs_match_the_definition(device):
             assert weights.shape == ((B, Tq, Tk) if kw['average_attn_weights'] else (B, layer.num_heads, Tq, Tk))
             _assert_same(weights, ref_weights)
         else: assert weights is None and ref_weights is None
-        if data.draw(st.booleans(), label='check gradients') and out.numel():
-            params = [layer.pos_emb, layer.attn.in_proj_weight]
-            grads = torch.autograd.grad(out.square().sum(), params)
-            ref_grads = torch.autograd.grad(ref.square().sum(), params)
+        if not without_grad and data.draw(st.booleans(), label='check gradients') and out.numel():
+            wrt = [layer.pos_emb, layer.attn.in_proj_weight] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else []) + sources
+            grads = torch.autograd.grad(out.square().sum(), wrt)
+            ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
             for grad, ref_grad in zip(grads, ref_grads): _assert_same(grad, ref_grad)
         seen.append(1)
 
     check()
     assert len(seen) >= VALID_EXAMPLES >= 200, f"only {len(seen)} valid examples ran"
+
+
+def test_eval_without_gradients_matches_the_definition(device):
+    """In eval mode without gradients, self-attention with one update for queries and keys is served from the
+    projected table, for every kind of positions, position masks and attention masks; twice, the second time
+    from the kept table, and both times as the oracle says."""
+    seen = []
+
+    @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
+    @given(st.data())
+    def check(data):
+        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='projected')
+        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+        x = layout(query)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
+            with torch.no_grad():
+                first = layout(layer(x, x, x, **kw)[0])
+                kept = layer._projected
+                second = layout(layer(x, x, x, **kw)[0])
+        assert kept is not None and layer._projected is kept, "the projected table was not kept"
+        _assert_same(first, ref); _assert_same(second, ref)
+        seen.append(1)
+
+    check()
+    assert len(seen) >= PATH_EXAMPLES
+
+
+def test_shifted_projection_gradients_match_the_definition(device):
+    """With gradients, self-attention with one update for queries and keys goes through the layer's own
+    in-projection and backward pass: its output and the gradients of the table, the in-projection and the input
+    are the oracle's, for every kind of positions, position masks and attention masks."""
+    seen = []
+
+    @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
+    @given(st.data())
+    def check(data):
+        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
+        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+        query.requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            x = layout(query)
+            out = layout(layer(x, x, x, **kw)[0])
+            ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
+        _assert_same(out, ref)
+        wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
+        upstream = torch.randn_like(out)
+        for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
+            _assert_same(grad, ref_grad)
+        seen.append(1)
+
+    check()
+    assert len(seen) >= PATH_EXAMPLES
 
 
 # Each corruption takes the valid call (a dict with query, key, value and keyword arguments, plus the sizes) and
