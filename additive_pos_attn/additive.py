@@ -5,31 +5,30 @@ __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'check_init',
            'project_heads', 'sdpa_mask', 'attend', 'fused_attention', 'fusable', 'project_table', 'projected_update',
            'AdditivePosMultiheadAttention', 'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #605447a5
+# %% ../nbs/02_additive.ipynb #c987c9ae
 import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .base import PositionalAttentionBase, check_positive_int
 
-# %% ../nbs/02_additive.ipynb #2ca887de
+# %% ../nbs/02_additive.ipynb #18735474
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #e6a2e449
+# %% ../nbs/02_additive.ipynb #44e003f2
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #0a175adf
+# %% ../nbs/02_additive.ipynb #510b61af
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
     "The `(max_len, dim)` sine and cosine position codes of Vaswani et al. (2017)."
     position = torch.arange(max_len, device=device, dtype=torch.float64)[:, None]
@@ -39,7 +38,7 @@ def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tens
     table[:, 1::2] = torch.cos(position * frequency[:dim // 2])
     return table.to(dtype or torch.get_default_dtype())
 
-# %% ../nbs/02_additive.ipynb #78d481fa
+# %% ../nbs/02_additive.ipynb #72d85f4c
 _INITS = ('zeros', 'normal', 'sinusoidal')
 
 def check_init(init: str) -> str:
@@ -55,7 +54,7 @@ def init_table_(table: Tensor, init: str) -> Tensor:
         if init == 'normal': return table.normal_(0.0, 0.02)
         return table.copy_(sinusoidal_table(*table.shape, device=table.device, dtype=table.dtype))
 
-# %% ../nbs/02_additive.ipynb #93d8584b
+# %% ../nbs/02_additive.ipynb #23ac8b73
 def resample_table(table: Tensor, new_len: int) -> Tensor:
     "Resample a `(L, D)` table to `(new_len, D)` by linear interpolation along positions, ends aligned."
     new_len = check_positive_int('new_len', new_len)
@@ -67,50 +66,14 @@ def resample_table(table: Tensor, new_len: int) -> Tensor:
     resampled = F.interpolate(table.detach().T[None].to(work_dtype), size=new_len, mode='linear', align_corners=True)
     return resampled[0].T.to(table.dtype).contiguous()
 
-# %% ../nbs/02_additive.ipynb #359e227f
+# %% ../nbs/02_additive.ipynb #ba751190
 def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     "View `(B, T, parts·D)` as `parts` tensors `(B, H, T, D/H)` (one tensor when `parts == 1`)."
     batch, length, width = x.shape  # explicit sizes, no -1: T may be 0
     heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/02_additive.ipynb #261bfe9d
-class _ShiftedInProjection(torch.autograd.Function):
-    "`[(x + update) W_qkᵀ + b_qk, x W_vᵀ + b_v]`, `(B, T, 3D)`, keeping `x` and `update` for backward rather than their sum."
-    @staticmethod
-    def forward(ctx, x: Tensor, update: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        batch, length, dim = x.shape
-        qkv = x.new_empty(batch * length, 3 * dim)
-        parts = ((x + update).reshape(-1, dim), x.reshape(-1, dim)), (qkv[:, :2 * dim], qkv[:, 2 * dim:]), weight.split([2 * dim, dim])
-        for inputs, out, w, b in zip(*parts, (None, None) if bias is None else bias.split([2 * dim, dim])):
-            if b is None: torch.mm(inputs, w.t(), out=out)
-            else: torch.addmm(b, inputs, w.t(), out=out)  # straight into the columns of qkv: no copy
-        ctx.save_for_backward(x, update, weight)
-        return qkv.view(batch, length, 3 * dim)
-
-    @staticmethod
-    @once_differentiable  # as the attention kernels that follow it are
-    def backward(ctx, grad: Tensor):
-        x, update, weight = ctx.saved_tensors
-        batch, length, dim = x.shape
-        grad = grad.reshape(-1, 3 * dim)
-        grad_qk, grad_v = grad[:, :2 * dim], grad[:, 2 * dim:]
-        need_x, need_update, need_weight, need_bias = ctx.needs_input_grad
-        dx = d_update = d_weight = d_bias = None
-        if need_x or need_update:
-            d_shifted = torch.mm(grad_qk, weight[:2 * dim])  # the gradient of x + update
-            if need_update: d_update = d_shifted.view(batch, length, dim).sum(0) if update.dim() == 2 else d_shifted.view(batch, length, dim)
-            if need_x:  # plus the value product's, added in place unless d_update is that very tensor
-                add = torch.addmm if need_update and update.dim() == 3 else torch.Tensor.addmm_
-                dx = add(d_shifted, grad_v, weight[2 * dim:]).view(batch, length, dim)
-        if need_weight:
-            d_weight = weight.new_empty(3 * dim, dim)
-            torch.mm(grad_qk.t(), (x + update).reshape(-1, dim), out=d_weight[:2 * dim])
-            torch.mm(grad_v.t(), x.reshape(-1, dim), out=d_weight[2 * dim:])
-        if need_bias: d_bias = grad.sum(0)
-        return dx, d_update, d_weight, d_bias
-
-# %% ../nbs/02_additive.ipynb #ec1b992e
+# %% ../nbs/02_additive.ipynb #1d7db70e
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
@@ -119,17 +82,12 @@ def _autocast_enabled(device_type: str) -> bool:
 # whether torch.compile is tracing: torch.compiler.is_compiling, or torch._dynamo's on a torch without it
 _compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
 
-def _plain(x: Tensor) -> bool:
-    "Whether a hand-written autograd function may stand in for building blocks on `x`: no autocast, tracing or `torch.func` transform."
-    return not (_autocast_enabled(x.device.type) or _compiling() or torch._C._functorch.peek_interpreter_stack() is not None)
-
-# %% ../nbs/02_additive.ipynb #8710a6a3
+# %% ../nbs/02_additive.ipynb #0f91d5c9
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor):
     "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included."
     dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
     # split, not slices: in backward one split gathers its gradients, where each slice would zero-fill a copy
     sizes = [2 * dim, dim] if query is key and key is value and q_update is k_update else [dim, dim, dim]
-    if len(sizes) == 2 and _plain(query): return split_heads(_ShiftedInProjection.apply(query, q_update, weight, bias), heads, 3)
     weights, biases = weight.split(sizes), (None,) * len(sizes) if bias is None else bias.split(sizes)
     v = split_heads(F.linear(value, weights[-1], biases[-1]), heads)
     if len(sizes) == 2:  # one packed product for queries and keys
@@ -138,7 +96,7 @@ def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value
     return (split_heads(F.linear(query + q_update, weights[0], biases[0]), heads),
             split_heads(F.linear(key + k_update, weights[1], biases[1]), heads), v)
 
-# %% ../nbs/02_additive.ipynb #b4046496
+# %% ../nbs/02_additive.ipynb #d41248fc
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
@@ -158,7 +116,7 @@ def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], i
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     return attn_mask, False
 
-# %% ../nbs/02_additive.ipynb #a0483690
+# %% ../nbs/02_additive.ipynb #17cc7358
 def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype, attn_mask: Optional[Tensor] = None,
            key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "Attention of the heads `(B, H, T, d_h)` through `attn`'s masks, dropout and output projection, `(B, T_q, D)`."
@@ -168,14 +126,14 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
     return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
 
-# %% ../nbs/02_additive.ipynb #85200115
+# %% ../nbs/02_additive.ipynb #234230c0
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed directly."
     q, k, v = project_heads(attn, query, key, value, q_update, k_update)
     return attend(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #5db70af2
+# %% ../nbs/02_additive.ipynb #78cb39e7
 def fusable(attn: nn.MultiheadAttention) -> bool:
     "Whether `fused_attention` computes exactly what `attn` would: torch's own forward, no hooks, no bias_k/v, no zero attention."
     module = nn.modules.module
@@ -186,7 +144,7 @@ def fusable(attn: nn.MultiheadAttention) -> bool:
     return (own_forward and attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
             and not attn.add_zero_attn and not any(hooks))
 
-# %% ../nbs/02_additive.ipynb #d14b17e2
+# %% ../nbs/02_additive.ipynb #a6ee4446
 def project_table(attn: nn.MultiheadAttention, table: Tensor) -> Tensor:
     "What each row of `table` adds to `attn`'s packed in-projection, with its biases: `[E W_qᵀ + b_q, E W_kᵀ + b_k, b_v]`, `(L, 3D)`."
     dim = attn.embed_dim
@@ -201,14 +159,14 @@ def projected_update(table: Tensor, positions: Optional[Tensor], mask: Optional[
 
 def _projected_attention(attn: nn.MultiheadAttention, x: Tensor, rows: Tensor, *, attn_mask: Optional[Tensor] = None,
                          key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-    "Self-attention of batch-first `x`, its packed in-projection started from `rows` (`(T, 3D)` or `(B, T, 3D)`); no autograd."
+    "Self-attention of batch-first `x`, its packed in-projection started from `rows` (`(T, 3D)` or `(B, T, 3D)`); not for autograd."
     batch, length, dim = x.shape
     qkv = x.new_empty(batch, length, 3 * dim).copy_(rows)  # as F.linear copies in its bias
     qkv.view(-1, 3 * dim).addmm_(x.reshape(-1, dim), attn.in_proj_weight.t())  # then one packed product
     return attend(attn, *split_heads(qkv, attn.num_heads, 3), mask_dtype=x.dtype, attn_mask=attn_mask,
                   key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #a386b3f7
+# %% ../nbs/02_additive.ipynb #1ed7105c
 _optimizer_steps = [0]  # steps taken by any torch.optim optimiser since import: the fused ones bump no version counter
 
 def _count_step(optimizer, args, kwargs): _optimizer_steps[0] += 1
@@ -224,19 +182,19 @@ def _same_weights(key: tuple, weights) -> bool:
     return key[-1] == _optimizer_steps[0] and all(ref() is w and ptr == w.data_ptr() and version == w._version
                                                   for (ref, ptr, version), w in zip(key[:-1], weights))
 
-# %% ../nbs/02_additive.ipynb #46157ca5
+# %% ../nbs/02_additive.ipynb #d0ea7cc5
 def _needs_grad(*tensors) -> bool:
     "Whether autograd would record an operation on `tensors` (None ignored)."
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-# %% ../nbs/02_additive.ipynb #b3ca2aef
+# %% ../nbs/02_additive.ipynb #4c699916
 def _batch_first_views(query: Tensor, key: Tensor, value: Tensor):
     "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention)."
     q = query.transpose(0, 1)
     k = q if key is query else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else value.transpose(0, 1))
 
-# %% ../nbs/02_additive.ipynb #c91f0168
+# %% ../nbs/02_additive.ipynb #6e16b04b
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -259,9 +217,10 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         init (str): Initial table: ``'zeros'`` (default; the fresh layer is exactly ``attn``), ``'normal'``
             (std 0.02) or ``'sinusoidal'`` (the original Transformer's codes, then learned).
-        eval_cache (bool): If ``True`` (default), in eval mode without gradients the layer keeps the table
-            projected by the query and key weights and reuses it until a weight changes (``.data`` writes
-            go unseen: call ``eval()`` again after one). Default: ``True``.
+        eval_cache (bool): If ``True``, in eval mode without gradients the layer keeps the table projected by
+            the query and key weights and reuses it until it sees a weight change (writes through ``.data``,
+            collectives such as ``dist.broadcast`` and CUDA graphs go unseen: call ``eval()`` again after one).
+            Default: ``False``.
 
     Shape:
 
@@ -280,7 +239,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         num_heads (int): Number of attention heads.
         max_len (int): Number of rows of ``pos_emb``.
         init (str): The initial table's name, used by `reset_parameters`.
-        eval_cache (bool): Whether eval mode may keep the projected table.
+        eval_cache (bool): Whether eval mode may keep the projected table; may be set at any time.
 
     Example::
 
@@ -291,7 +250,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
     def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, dropout: float = 0.0, bias: bool = True,
-                 device=None, dtype=None, batch_first: bool = True, init: str = 'zeros', eval_cache: bool = True):
+                 device=None, dtype=None, batch_first: bool = True, init: str = 'zeros', eval_cache: bool = False):
         super().__init__(embed_dim, num_heads, max_len=max_len, batch_first=batch_first)
         self.init = check_init(init)
         if not isinstance(eval_cache, bool): raise TypeError(f"eval_cache must be a bool, got {type(eval_cache).__name__} {eval_cache!r}")
@@ -342,11 +301,12 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
     def _projected_rows(self, attn: nn.MultiheadAttention, table: Tensor, query: Tensor, positions: Optional[Tensor],
                         mask: Optional[Tensor], length: int) -> Optional[Tensor]:
         """In eval mode, `projected_update` rows from the kept `project_table`, projected again only when a weight has
-        changed; None where keeping it would not be exact: a gradient, autocast, tracing, weights without versions."""
+        changed; None where keeping it would not be exact: a gradient, autocast, tracing, a `torch.func` transform,
+        weights without version counters."""
         weight, bias = attn.in_proj_weight, attn.in_proj_bias
-        if (_needs_grad(query, table, weight, bias) or _compiling() or _autocast_enabled(query.device.type)
-                or table.is_inference() or weight.is_inference()): return None
         weights = (table, weight) if bias is None else (table, weight, bias)
+        if (_needs_grad(query, *weights) or _compiling() or _autocast_enabled(query.device.type)
+                or torch._C._functorch.peek_interpreter_stack() is not None or any(w.is_inference() for w in weights)): return None
         rows = length if positions is None else self.max_len
         cached = self.__dict__.get('_projected')
         if cached is None or cached[1].shape[0] < rows or not _same_weights(cached[0], weights):
@@ -358,8 +318,15 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         self._projected = None
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ...: the table is projected again where it lands
+        self._projected = None
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self):
-        return {**self.__dict__, '_projected': None}  # weak references do not pickle; copies project afresh
+        getstate = getattr(super(), '__getstate__', None)  # nn.Module's drops a compiled forward, where torch has one
+        state = dict(getstate() if getstate is not None else self.__dict__)
+        state['_projected'] = None  # weak references do not pickle; copies project afresh
+        return state
 
     def reset_parameters(self):
         "Re-initialise the wrapped attention as torch does and the table as `init` says."
@@ -382,10 +349,10 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
 
     def extra_repr(self) -> str:
         extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.init == 'zeros' else f", init='{self.init}'")
-        extra += '' if self.eval_cache else ', eval_cache=False'
+        extra += ', eval_cache=True' if self.eval_cache else ''
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
 
-# %% ../nbs/02_additive.ipynb #a27f96b5
+# %% ../nbs/02_additive.ipynb #8fae0edf
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

@@ -7,6 +7,8 @@
 Three implementations run on the same inputs with the same weights (the layer's own `attn`):
 
 - `layer`: `AdditivePosMultiheadAttention` as imported, with a random table and default positions;
+- `cached` (self-attention, eval forward only): the same layer with `eval_cache=True`, served from its kept
+  projected table;
 - `mha`: bare `nn.MultiheadAttention(x, x, x)` (cross-attention: `(x, mem, mem)`), i.e. `layer.attn` alone;
 - `floor`: the same weights as one packed input projection (`(x, mem)`: a query projection and a packed
   key/value projection), `F.scaled_dot_product_attention` and the output projection, with no positions.
@@ -17,8 +19,10 @@ mode under `no_grad`, and forward plus backward in train mode (inputs require gr
 fixed tensor of ones, parameter gradients accumulate as in training).
 
 Timing uses `torch.utils.benchmark.Timer.blocked_autorange`: each round times every implementation of a case
-once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them;
-the blocks of all rounds are pooled and the reported figure is the ratio of the pooled medians.
+once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them.
+The times reported are the medians of all blocks pooled; the ratios are paired: each round gives a ratio of two
+implementations timed side by side, and the reported ratio is the median over rounds, so that a burst of load
+that spoils a round or two (on a shared machine they come and go) does not move it.
 
 On CPU the timings also depend on how the C allocator hands out memory: glibc's `malloc` returns large blocks
 to the system and maps them afresh (first touch of each page costs a fault) on a schedule that depends on
@@ -33,7 +37,7 @@ autograd saves, leaving out the storages of parameters (autograd saves the weigh
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, ctypes, ctypes.util, json, os, platform, sys, time
+import argparse, ctypes, ctypes.util, json, os, platform, statistics, sys, time
 from datetime import datetime, timezone
 
 import torch
@@ -77,10 +81,19 @@ def make_layer(D, H, T, device, dtype, seed=0):
     return layer
 
 
-def implementations(layer, x, mem):
-    "The three callables of a case, each returning the output tensor."
+def _cache(layer, on, fn):
+    "`fn` run with the layer's `eval_cache` set to `on` (the same layer, so the same weights)."
+    def run():
+        layer.eval_cache = on
+        return fn()
+    return run
+
+
+def implementations(layer, x, mem, cached=False):
+    "The callables of a case (with `cached`, also the layer with `eval_cache=True`), each returning the output tensor."
     kv = x if mem is None else mem
-    return {'layer': lambda: layer(x, kv, kv)[0],
+    return {'layer': _cache(layer, False, lambda: layer(x, kv, kv)[0]),
+            **({'cached': _cache(layer, True, lambda: layer(x, kv, kv)[0])} if cached else {}),
             'mha': lambda: layer.attn(x, kv, kv, need_weights=False)[0],
             'floor': lambda: floor_attention(layer.attn, x, kv, kv)}
 
@@ -106,7 +119,7 @@ def make_case(shape, attention, mode, device, dtype):
         def timed(f):
             def run(): f().backward(grad)
             return run
-    fns = implementations(layer, x, mem)
+    fns = implementations(layer, x, mem, cached=mode == 'forward' and attention == 'self')
     return layer, (x, mem), {name: timed(f) for name, f in fns.items()}
 
 
@@ -125,27 +138,35 @@ def saved_bytes(layer, x, mem, fn):
 
 
 def time_case(stmts, *, rounds, min_run_time, num_threads, timer=time.perf_counter):
-    """Interleaved rounds of timing; returns {name: (median_seconds, iqr_seconds, n_blocks)}.
+    """Interleaved rounds of timing; returns {name: (median_seconds, iqr_seconds, n_blocks, [seconds per call, by round])}.
 
     The first round is `blocked_autorange` (which also picks how many calls make a block); later rounds time
     blocks of that many calls for about `min_run_time` each. The order of the implementations rotates each round."""
     names = list(stmts)
     for f in stmts.values(): f()  # warm-up: allocator, kernels, lazy init
     timers = {n: benchmark.Timer(stmt='f()', globals={'f': stmts[n]}, num_threads=num_threads, label=n, timer=timer) for n in names}
-    measurements, number, per_block = {n: [] for n in names}, {}, {}
+    measurements, by_round, number, per_block = {n: [] for n in names}, {n: [] for n in names}, {}, {}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             if r == 0:
                 m = timers[n].blocked_autorange(min_run_time=min_run_time)
                 number[n], per_block[n] = m.number_per_run, m.median * m.number_per_run
                 measurements[n].append(m)
+                by_round[n].append(m.median)
             else:
-                for _ in range(max(1, round(min_run_time / per_block[n]))): measurements[n].append(timers[n].timeit(number[n]))
+                ms = [timers[n].timeit(number[n]) for _ in range(max(1, round(min_run_time / per_block[n])))]
+                measurements[n] += ms
+                by_round[n].append(statistics.median(m.median for m in ms))
     out = {}
     for n, ms in measurements.items():
         m = benchmark.Measurement.merge(ms)[0]
-        out[n] = (m.median, m.iqr, len(m.times))
+        out[n] = (m.median, m.iqr, len(m.times), by_round[n])
     return out
+
+
+def paired_ratio(times, a, b):
+    "The median over rounds of the ratio of `a`'s time to `b`'s in the same round."
+    return statistics.median(x / y for x, y in zip(times[a][3], times[b][3]))
 
 
 def steady_malloc() -> str:
@@ -198,9 +219,14 @@ def run(args):
                    **{f'{n}_iqr_ms': times[n][1] * 1e3 for n in IMPLEMENTATIONS},
                    blocks=min(t[2] for t in times.values()))
         row['floor_ms_min'] = min(row['mha_ms'], row['floor_ms'])
-        row['layer_vs_floor'] = row['layer_ms'] / row['floor_ms_min']
-        row['layer_vs_mha'] = row['layer_ms'] / row['mha_ms']
-        row['mha_vs_floor'] = row['mha_ms'] / row['floor_ms_min']
+        best = 'mha' if row['mha_ms'] < row['floor_ms'] else 'floor'  # the floor of the case: the faster by median
+        row['layer_vs_floor'] = paired_ratio(times, 'layer', best)
+        row['layer_vs_mha'] = paired_ratio(times, 'layer', 'mha')
+        row['mha_vs_floor'] = paired_ratio(times, 'mha', best)
+        row['rounds'] = rounds
+        if 'cached' in times:
+            row['cached_ms'] = times['cached'][0] * 1e3
+            row['cached_vs_floor'] = paired_ratio(times, 'cached', best)
         if mode == 'forward+backward':
             fns = implementations(layer, x, mem)
             for n in IMPLEMENTATIONS: row[f'{n}_saved_bytes'] = saved_bytes(layer, x, mem, fns[n])
@@ -233,7 +259,7 @@ def argv_of(args):
     if args.threads: out += ['--threads', str(args.threads)]
     if args.timer != 'wall': out += ['--timer', args.timer]
     if args.malloc != 'steady': out += ['--malloc', args.malloc]
-    if not args.quick and (args.rounds, args.min_run_time) != (7, 0.2): out += ['--rounds', str(args.rounds), '--min-run-time', str(args.min_run_time)]
+    if not args.quick and (args.rounds, args.min_run_time) != (15, 0.1): out += ['--rounds', str(args.rounds), '--min-run-time', str(args.min_run_time)]
     if args.shapes: out += ['--shapes'] + [str(i) for i in args.shapes]
     return out
 
@@ -241,7 +267,8 @@ def argv_of(args):
 def table(rows):
     "The results as a fixed-width text table."
     head = (f'{"device":6} {"dtype":8} {"(B, T, D, H)":>20} {"attention":9} {"mode":16} {"layer ms":>9} {"mha ms":>9} '
-            f'{"floor ms":>9} {"layer/floor":>11} {"layer/mha":>9} {"mha/floor":>9} {"saved MiB layer":>15} {"mha":>7} {"extra (BTD)":>11}')
+            f'{"floor ms":>9} {"layer/floor":>11} {"layer/mha":>9} {"mha/floor":>9} {"cached/floor":>12} {"saved MiB layer":>15} {"mha":>7} '
+            f'{"extra (BTD)":>11}')
     lines = [head, '-' * len(head)]
     for r in rows:
         shape = f'({r["B"]}, {r["T"]}, {r["D"]}, {r["H"]})'
@@ -251,8 +278,13 @@ def table(rows):
             saved = f'{r["layer_saved_bytes"] / 2**20:15.2f} {r["mha_saved_bytes"] / 2**20:7.2f} {extra:11.2f}'
         lines.append(f'{r["device"]:6} {r["dtype"]:8} {shape:>20} {r["attention"]:9} {r["mode"]:16} {r["layer_ms"]:9.3f} '
                      f'{r["mha_ms"]:9.3f} {r["floor_ms"]:9.3f} {r["layer_vs_floor"]:11.3f} {r["layer_vs_mha"]:9.3f} '
-                     f'{r["mha_vs_floor"]:9.3f} {saved}')
+                     f'{r["mha_vs_floor"]:9.3f} {_cached(r):>12} {saved}')
     return '\n'.join(lines)
+
+
+def _cached(row):
+    "The ratio of the layer with `eval_cache=True` to the floor, for self-attention's eval forward."
+    return f'{row["cached_vs_floor"]:.3f}' if 'cached_vs_floor' in row and row['attention'] == 'self' else ''
 
 
 def summary(rows):
@@ -268,6 +300,11 @@ def summary(rows):
         w = max(saved, key=lambda r: (r['layer_saved_bytes'] - r['mha_saved_bytes']) / r['btd_bytes'])
         lines.append(f'most saved for backward beyond bare MHA: {(w["layer_saved_bytes"] - w["mha_saved_bytes"]) / w["btd_bytes"]:.2f} '
                      f'(B, T, D) tensors ({w["device"]}, T={w["T"]}, {w["attention"]})')
+    cached = [r for r in self_rows if 'cached_vs_floor' in r]
+    if cached:
+        w = max(cached, key=lambda r: r['cached_vs_floor'])
+        lines.append(f'worst self-attention eval forward with eval_cache=True, ratio to the floor: {w["cached_vs_floor"]:.3f} '
+                     f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}))')
     w = max(self_rows or rows, key=lambda r: r['layer_vs_floor'])
     lines.append(f'worst {"self-attention " if self_rows else ""}ratio to the floor: {w["layer_vs_floor"]:.3f} '
                  f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}), {w["mode"]})')
@@ -286,6 +323,9 @@ def figure(rows):
                 if not sel: continue
                 ax.plot([r['T'] for r in sel], [r['layer_vs_floor'] for r in sel], style, marker='o' if attention == 'self' else 's',
                         label=f'{device} {attention}-attention, {mode}')
+                if attention == 'self' and all('cached_vs_floor' in r for r in sel):
+                    ax.plot([r['T'] for r in sel], [r['cached_vs_floor'] for r in sel], ':', marker='^',
+                            label=f'{device} self-attention, {mode}, eval_cache=True')
     ax.axhline(1.0, color='black', linewidth=0.8)
     ax.axhline(1.02, color='grey', linewidth=0.8, linestyle=':', label='goal for self-attention: 1.02')
     ax.set_xscale('log', base=2)
@@ -305,7 +345,7 @@ def plot(rows, path):
 def markdown_table(rows):
     "The results as a Markdown table (times in ms, saved bytes in MiB)."
     head = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor', 'layer / MHA',
-            'MHA / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
+            'MHA / floor', 'cached / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 5 + ['--:'] * (len(head) - 5)) + '|']
     for r in rows:
         saved = ['', '', '']
@@ -314,7 +354,7 @@ def markdown_table(rows):
                      f'{(r["layer_saved_bytes"] - r["mha_saved_bytes"]) / r["btd_bytes"]:.2f}']
         cells = [r['device'], r['dtype'], f'({r["B"]}, {r["T"]}, {r["D"]}, {r["H"]})', r['attention'], r['mode'],
                  f'{r["layer_ms"]:.3f}', f'{r["mha_ms"]:.3f}', f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}',
-                 f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', *saved]
+                 f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', _cached(r), *saved]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -323,8 +363,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='fewer, shorter rounds: a smoke run under two minutes')
     p.add_argument('--device', choices=['all', 'cpu', 'cuda'], default='all', help='where to run (default: cpu, and cuda when present)')
-    p.add_argument('--rounds', type=int, default=7, help='interleaved rounds per case (default 7; --quick: 3)')
-    p.add_argument('--min-run-time', type=float, default=0.2, help='seconds per blocked_autorange call (default 0.2; --quick: 0.05)')
+    p.add_argument('--rounds', type=int, default=15, help='interleaved rounds per case (default 15; --quick: 3)')
+    p.add_argument('--min-run-time', type=float, default=0.1, help='seconds per implementation per round (default 0.1; --quick: 0.05)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch.get_num_threads())')
     p.add_argument('--timer', choices=['wall', 'process'], default='wall',
                    help="'process' times CPU time of this process instead of wall time: steadier on a busy machine "

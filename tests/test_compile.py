@@ -1,6 +1,9 @@
 """`torch.compile`: the layer compiles into one graph on the default-position path and gives the eager output;
 with explicit positions it compiles (the range check reads the positions' extremes, a data-dependent value, so
-Dynamo breaks the graph there) and still gives the eager output and refuses out-of-range positions."""
+Dynamo breaks the graph there) and still gives the eager output and refuses out-of-range positions; a compiled
+layer copies and saves as itself."""
+import copy, io
+
 import pytest
 import torch
 import torch._dynamo
@@ -50,3 +53,22 @@ def test_explicit_positions_compile(case):
     # The check still runs between the compiled graphs: a bad position is refused, not gathered out of bounds.
     with pytest.raises(ValueError, match=r"k_positions must lie in \[0, max_len=32\), got values from 22 to 32"):
         compiled(x, memory, memory, q_positions=positions['q_positions'], k_positions=torch.arange(22, 33, device=x.device))
+
+
+@pytest.mark.slow
+def test_compiled_layer_copies_and_saves_as_itself(case):
+    """`layer.compile()` keeps a compiled forward bound to the layer; a deep copy or a saved layer must not carry it
+    (the layer's own `__getstate__` keeps `nn.Module`'s), or a copy would run the original's weights."""
+    layer, x, _ = case
+    layer.eval_cache = True
+    layer.eval().compile(backend='eager')
+    with torch.no_grad(): layer(x, x, x)
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        clone.pos_emb.mul_(2); clone.attn.out_proj.weight.mul_(-1)
+        torch.testing.assert_close(clone(x, x, x)[0], additive_reference(clone, x, x, x)[0], rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(clone(x, x, x)[0], layer(x, x, x)[0])
+    buffer = io.BytesIO(); torch.save(layer, buffer); buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, x, x)[0], additive_reference(layer, x, x, x)[0], rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from additive_pos_attn import additive
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
 
 VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
@@ -92,8 +93,8 @@ def _draw_valid(data, device, path=None):
     """Everything for one valid call on `device`: `(layer, query, key, value, kwargs, oracle kwargs)`. The inputs
     are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed. `path`
     narrows the draw to self-attention with one update for queries and keys and no weights, the calls that the
-    layer serves from its projected table (`'projected'`, in eval mode) or with its own in-projection and backward
-    pass (`'shifted'`, when gradients are wanted)."""
+    layer serves from its projected table (`'projected'`, in eval mode) or with one packed query-key product of
+    the shifted input (`'shifted'`, when gradients are wanted)."""
     one_update = path is not None
     sizes = data.draw(valid_cases(square=one_update))
     H, D, B, Tq, Tk, max_len, seed = (sizes[k] for k in ('H', 'D', 'B', 'Tq', 'Tk', 'max_len', 'seed'))
@@ -136,8 +137,8 @@ def _assert_same(actual, expected):
 
 
 def test_valid_inputs_match_the_definition(device):
-    """Every valid configuration gives the oracle's output and weights in float64, and the oracle's gradients (which
-    in self-attention with one update come from the layer's hand-written backward). Some calls run without gradients."""
+    """Every valid configuration gives the oracle's output and weights in float64, and the oracle's gradients with
+    respect to the table, the in-projection and the inputs. Some calls run without gradients."""
     seen = []
 
     @settings(max_examples=VALID_EXAMPLES, **SETTINGS)
@@ -175,15 +176,17 @@ def test_valid_inputs_match_the_definition(device):
 
 
 def test_eval_without_gradients_matches_the_definition(device):
-    """In eval mode without gradients, self-attention with one update for queries and keys is served from the
-    projected table, for every kind of positions, position masks and attention masks; twice, the second time
-    from the kept table, and both times as the oracle says."""
+    """With `eval_cache=True`, in eval mode without gradients, self-attention with one update for queries and keys
+    is served from the projected table, for every kind of positions, position masks and attention masks: twice,
+    the second time from the kept table, then once more after the weights changed in place, each time as the
+    oracle says."""
     seen = []
 
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
         layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='projected')
+        layer.eval_cache = True
         layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
         x = layout(query)
         with warnings.catch_warnings():
@@ -195,17 +198,27 @@ def test_eval_without_gradients_matches_the_definition(device):
                 second = layout(layer(x, x, x, **kw)[0])
         assert kept is not None and layer._projected is kept, "the projected table was not kept"
         _assert_same(first, ref); _assert_same(second, ref)
+        changed = data.draw(st.sampled_from(['pos_emb', 'attn.in_proj_weight', 'attn.in_proj_bias']), label='changed weight')
+        weight = layer.get_parameter(changed) if changed != 'attn.in_proj_bias' or layer.attn.in_proj_bias is not None else layer.pos_emb
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            weight.add_(torch.randn_like(weight))
+            _assert_same(layout(layer(x, x, x, **kw)[0]), additive_reference(layer, query, key, value, **oracle_kw)[0])
         seen.append(1)
 
     check()
     assert len(seen) >= PATH_EXAMPLES
 
 
-def test_shifted_projection_gradients_match_the_definition(device):
-    """With gradients, self-attention with one update for queries and keys goes through the layer's own
-    in-projection and backward pass: its output and the gradients of the table, the in-projection and the input
-    are the oracle's, for every kind of positions, position masks and attention masks."""
-    seen = []
+def test_one_update_gradients_match_the_definition(device, monkeypatch):
+    """With gradients, self-attention with one update for queries and keys projects the shifted input with one
+    packed query-key product (`project_heads` is called with one update object for both): its output and the
+    gradients of the table, the in-projection and the input are the oracle's, for every kind of positions,
+    position masks and attention masks."""
+    seen, shared = [], []
+    project_heads = additive.project_heads
+    monkeypatch.setattr(additive, 'project_heads', lambda attn, q, k, v, q_update, k_update:
+                        shared.append(q is k is v and q_update is k_update) or project_heads(attn, q, k, v, q_update, k_update))
 
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
@@ -218,6 +231,7 @@ def test_shifted_projection_gradients_match_the_definition(device):
             x = layout(query)
             out = layout(layer(x, x, x, **kw)[0])
             ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
+        assert shared[-1], "not the path with one packed query-key product"
         _assert_same(out, ref)
         wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
         upstream = torch.randn_like(out)
