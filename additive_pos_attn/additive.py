@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .base import PositionalAttentionBase, check_positive_int
+from .base import PositionalAttentionBase, check_bool, check_positive_int
 
 # %% ../nbs/02_additive.ipynb #ef813608
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
@@ -255,8 +255,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
                  device=None, dtype=None, batch_first: bool = True, init: str = 'zeros', eval_cache: bool = False):
         super().__init__(embed_dim, num_heads, max_len=max_len, batch_first=batch_first)
         self.init = check_init(init)
-        if not isinstance(eval_cache, bool): raise TypeError(f"eval_cache must be a bool, got {type(eval_cache).__name__} {eval_cache!r}")
-        self.eval_cache, self._projected = eval_cache, None
+        self.eval_cache, self._projected = check_bool('eval_cache', eval_cache), None
         factory_kwargs = {'device': device, 'dtype': dtype}
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **factory_kwargs)
         self.pos_emb = nn.Parameter(torch.empty(max_len, embed_dim, **factory_kwargs))
