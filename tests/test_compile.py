@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
+from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
 
 
 @pytest.fixture
@@ -28,13 +28,18 @@ def _grads(layer, out):
 
 
 @pytest.mark.slow
-def test_default_positions_compile_to_one_graph(case):
+@pytest.mark.parametrize('batch', [2, 16], ids=['shifted', 'projected per call'])
+def test_default_positions_compile_to_one_graph(case, batch):
+    """Both training paths of self-attention (a batch of 16 projects the update per call) compile to one graph."""
     layer, x, _ = case
+    x = x.repeat(batch // 2, 1, 1)
     explanation = torch._dynamo.explain(layer)(x, x, x, is_causal=True)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     compiled = torch.compile(layer, fullgraph=True)
     out, eager = compiled(x, x, x, is_causal=True)[0], layer(x, x, x, is_causal=True)[0]
     torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-12)
+    reference = additive_reference(layer, x, x, x, attn_mask=causal_mask(x.shape[1], x.shape[1], x.device))[0]
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
     for grad, eager_grad in zip(_grads(layer, out), _grads(layer, eager)):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-10, atol=1e-12)
 

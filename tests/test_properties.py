@@ -15,7 +15,7 @@ from additive_pos_attn import additive
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
 
 VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
-PATH_EXAMPLES = 100     # for each of the layer's two self-attention paths with one update (see `_draw_valid`)
+PATH_EXAMPLES = 100     # for each of the layer's three self-attention paths with one update (see `_draw_valid`)
 INVALID_EXAMPLES_EACH = 20  # for each of the 11 corruptions below: 220 invalid calls per run
 DTYPE = torch.float64
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -232,6 +232,40 @@ def test_one_update_gradients_match_the_definition(device, monkeypatch):
             out = layout(layer(x, x, x, **kw)[0])
             ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
         assert shared[-1], "not the path with one packed query-key product"
+        _assert_same(out, ref)
+        wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
+        upstream = torch.randn_like(out)
+        for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
+            _assert_same(grad, ref_grad)
+        seen.append(1)
+
+    check()
+    assert len(seen) >= PATH_EXAMPLES
+
+
+def test_per_call_projection_gradients_match_the_definition(device, monkeypatch):
+    """With gradients and a batch of at least `_PROJECT_MIN_BATCH` (lowered to 1 here, so that small examples
+    reach it), self-attention with one `(T, D)` update projects it per call and takes `_projected_attention`:
+    its output and gradients are the oracle's. Per-sample updates still take the shifted path."""
+    seen, calls = [], []
+    monkeypatch.setattr(additive, '_PROJECT_MIN_BATCH', 1)
+    projected = additive._projected_attention
+    monkeypatch.setattr(additive, '_projected_attention', lambda *args, **kwargs: calls.append(1) or projected(*args, **kwargs))
+
+    @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
+    @given(st.data())
+    def check(data):
+        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
+        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+        query.requires_grad_()
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            x = layout(query)
+            out = layout(layer(x, x, x, **kw)[0])
+            ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
+        per_sample = any(t is not None and t.dim() == 2 for t in (kw['q_positions'], kw['q_position_mask']))
+        assert calls == ([] if per_sample else [1]), "the wrong path for this update"
         _assert_same(out, ref)
         wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
         upstream = torch.randn_like(out)
