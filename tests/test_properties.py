@@ -210,6 +210,26 @@ def test_eval_without_gradients_matches_the_definition(device):
     assert len(seen) >= PATH_EXAMPLES
 
 
+def _check_one_update_gradients(data, device, on_path, path):
+    """Draw a self-attention call with one update for queries and keys and run it with gradients: it took `path`
+    (`on_path(kwargs)`, asked after the call), and its output and the gradients of the table, the in-projection
+    and the input are the oracle's."""
+    layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
+    layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+    query.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)
+        x = layout(query)
+        out = layout(layer(x, x, x, **kw)[0])
+        ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
+    assert on_path(kw), f"not {path}"
+    _assert_same(out, ref)
+    wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
+    upstream = torch.randn_like(out)
+    for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
+        _assert_same(grad, ref_grad)
+
+
 def test_one_update_gradients_match_the_definition(device, monkeypatch):
     """With gradients, self-attention with one update for queries and keys projects the shifted input with one
     packed query-key product (`project_heads` is called with one update object for both): its output and the
@@ -223,20 +243,8 @@ def test_one_update_gradients_match_the_definition(device, monkeypatch):
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
-        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
-        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
-        query.requires_grad_()
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            x = layout(query)
-            out = layout(layer(x, x, x, **kw)[0])
-            ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
-        assert shared[-1], "not the path with one packed query-key product"
-        _assert_same(out, ref)
-        wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
-        upstream = torch.randn_like(out)
-        for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
-            _assert_same(grad, ref_grad)
+        shared.clear()
+        _check_one_update_gradients(data, device, lambda kw: shared == [True], "the path with one packed query-key product")
         seen.append(1)
 
     check()
@@ -252,25 +260,15 @@ def test_per_call_projection_gradients_match_the_definition(device, monkeypatch)
     projected = additive._projected_attention
     monkeypatch.setattr(additive, '_projected_attention', lambda *args, **kwargs: calls.append(1) or projected(*args, **kwargs))
 
+    def on_path(kw):
+        per_sample = any(t is not None and t.dim() == 2 for t in (kw['q_positions'], kw['q_position_mask']))
+        return calls == ([] if per_sample else [1])
+
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
-        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
-        layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
-        query.requires_grad_()
         calls.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            x = layout(query)
-            out = layout(layer(x, x, x, **kw)[0])
-            ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
-        per_sample = any(t is not None and t.dim() == 2 for t in (kw['q_positions'], kw['q_position_mask']))
-        assert calls == ([] if per_sample else [1]), "the wrong path for this update"
-        _assert_same(out, ref)
-        wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
-        upstream = torch.randn_like(out)
-        for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
-            _assert_same(grad, ref_grad)
+        _check_one_update_gradients(data, device, on_path, "the per-call projection for a (T, D) update, the shifted path for a (B, T, D) one")
         seen.append(1)
 
     check()
