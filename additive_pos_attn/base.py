@@ -4,14 +4,14 @@
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_positions', 'check_position_mask',
            'check_attention_masks', 'PositionalAttentionBase', 'padded_positions']
 
-# %% ../nbs/01_base.ipynb #9e3865d0
+# %% ../nbs/01_base.ipynb #3c193038
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_base.ipynb #0d6046bc
+# %% ../nbs/01_base.ipynb #4d7e91bf
 def check_positive_int(name: str, value) -> int:
     "Return `value` if it is a positive `int`; else raise `TypeError` or `ValueError` naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
@@ -24,7 +24,7 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool): raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
-# %% ../nbs/01_base.ipynb #2e986ef2
+# %% ../nbs/01_base.ipynb #31ff15ec
 def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
                            batch_first: bool = True) -> tuple[int, int, int]:
     "Check `query`, `key`, `value` against `embed_dim`, batch first or sequence first; return `(B, T_q, T_k)`."
@@ -45,7 +45,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim:
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[b], query.shape[t], key.shape[t]
 
-# %% ../nbs/01_base.ipynb #dbe9eebf
+# %% ../nbs/01_base.ipynb #3abea941
 _POSITION_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
@@ -73,7 +73,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_base.ipynb #ef1639e5
+# %% ../nbs/01_base.ipynb #f567c2bb
 def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
                         device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
@@ -87,7 +87,7 @@ def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optiona
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_base.ipynb #def2869d
+# %% ../nbs/01_base.ipynb #15bb5eb6
 def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
                           q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
@@ -101,7 +101,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #45508fa8
+# %% ../nbs/01_base.ipynb #88c87be9
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -149,14 +149,17 @@ class PositionalAttentionBase(nn.Module, ABC):
         "Run every shared check on the forward arguments (`flags`: the bool ones, by name); return `(B, T_q, T_k)`."
         for name, flag in flags.items(): check_bool(name, flag)
         batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first)
+        max_len = self.max_len
         for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
-            check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=self.max_len, device=query.device)
+            if positions is None and mask is None and length <= max_len: continue  # default positions that fit: nothing to check
+            check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=max_len, device=query.device)
             check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length, device=query.device)
-        check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
-                              dtype=query.dtype, device=query.device)
+        if attn_mask is not None or key_padding_mask is not None:
+            check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
+                                  dtype=query.dtype, device=query.device)
         return batch, q_len, k_len
 
-# %% ../nbs/01_base.ipynb #b63cc12d
+# %% ../nbs/01_base.ipynb #a95bff21
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
