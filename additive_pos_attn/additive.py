@@ -5,7 +5,7 @@ __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'check_init',
            'project_heads', 'sdpa_mask', 'attend', 'fused_attention', 'fusable', 'project_table', 'projected_update',
            'projects_per_call', 'AdditivePosMultiheadAttention', 'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #e8ef6ce9
+# %% ../nbs/02_additive.ipynb #4b65340b
 import weakref
 from typing import Optional
 
@@ -16,19 +16,19 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .base import PositionalAttentionBase, check_bool, check_positive_int
 
-# %% ../nbs/02_additive.ipynb #0de07f1c
+# %% ../nbs/02_additive.ipynb #9b4d25ec
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #9e824fb9
+# %% ../nbs/02_additive.ipynb #c98a82e4
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #8316e718
+# %% ../nbs/02_additive.ipynb #0308570a
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
     "The `(max_len, dim)` sine and cosine position codes of Vaswani et al. (2017)."
     position = torch.arange(max_len, device=device, dtype=torch.float64)[:, None]
@@ -38,7 +38,7 @@ def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tens
     table[:, 1::2] = torch.cos(position * frequency[:dim // 2])
     return table.to(dtype or torch.get_default_dtype())
 
-# %% ../nbs/02_additive.ipynb #03ec73de
+# %% ../nbs/02_additive.ipynb #4f853b3a
 _INITS = ('zeros', 'normal', 'sinusoidal')
 
 def check_init(init: str) -> str:
@@ -54,7 +54,7 @@ def init_table_(table: Tensor, init: str) -> Tensor:
         if init == 'normal': return table.normal_(0.0, 0.02)
         return table.copy_(sinusoidal_table(*table.shape, device=table.device, dtype=table.dtype))
 
-# %% ../nbs/02_additive.ipynb #e2b0e88a
+# %% ../nbs/02_additive.ipynb #a0e7eb61
 def resample_table(table: Tensor, new_len: int) -> Tensor:
     "Resample a `(L, D)` table to `(new_len, D)` by linear interpolation along positions, ends aligned."
     new_len = check_positive_int('new_len', new_len)
@@ -66,14 +66,14 @@ def resample_table(table: Tensor, new_len: int) -> Tensor:
     resampled = F.interpolate(table.detach().T[None].to(work_dtype), size=new_len, mode='linear', align_corners=True)
     return resampled[0].T.to(table.dtype).contiguous()
 
-# %% ../nbs/02_additive.ipynb #e5e4f266
+# %% ../nbs/02_additive.ipynb #f236a63e
 def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     "View `(B, T, parts·D)` as `parts` tensors `(B, H, T, D/H)` (one tensor when `parts == 1`)."
     batch, length, width = x.shape  # explicit sizes, no -1: T may be 0
     heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/02_additive.ipynb #a8a65ab4
+# %% ../nbs/02_additive.ipynb #8a73af0f
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
@@ -82,7 +82,7 @@ def _autocast_enabled(device_type: str) -> bool:
 # whether torch.compile is tracing: torch.compiler.is_compiling, or torch._dynamo's on a torch without it
 _compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
 
-# %% ../nbs/02_additive.ipynb #b4d913c3
+# %% ../nbs/02_additive.ipynb #b63fe24e
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor):
     "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included."
     dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
@@ -96,7 +96,7 @@ def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value
     return (split_heads(F.linear(query + q_update, weights[0], biases[0]), heads),
             split_heads(F.linear(key + k_update, weights[1], biases[1]), heads), v)
 
-# %% ../nbs/02_additive.ipynb #eb4d9068
+# %% ../nbs/02_additive.ipynb #024f203e
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
@@ -116,7 +116,7 @@ def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], i
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     return attn_mask, False
 
-# %% ../nbs/02_additive.ipynb #6e70cb6b
+# %% ../nbs/02_additive.ipynb #5e2a3e62
 def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype, attn_mask: Optional[Tensor] = None,
            key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "Attention of the heads `(B, H, T, d_h)` through `attn`'s masks, dropout and output projection, `(B, T_q, D)`."
@@ -126,14 +126,14 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
     return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
 
-# %% ../nbs/02_additive.ipynb #44cc3fb5
+# %% ../nbs/02_additive.ipynb #66de2f7e
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed directly."
     q, k, v = project_heads(attn, query, key, value, q_update, k_update)
     return attend(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #7455ff52
+# %% ../nbs/02_additive.ipynb #31cd28aa
 def fusable(attn: nn.MultiheadAttention) -> bool:
     "Whether `fused_attention` computes exactly what `attn` would: torch's own forward, no hooks, no bias_k/v, no zero attention."
     module = nn.modules.module
@@ -144,7 +144,7 @@ def fusable(attn: nn.MultiheadAttention) -> bool:
     return (own_forward and attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
             and not attn.add_zero_attn and not any(hooks))
 
-# %% ../nbs/02_additive.ipynb #7c7b612e
+# %% ../nbs/02_additive.ipynb #7be61cfa
 def _needs_grad(*tensors) -> bool:
     "Whether autograd would record an operation on `tensors` (None ignored)."
     if not torch.is_grad_enabled(): return False
@@ -152,7 +152,7 @@ def _needs_grad(*tensors) -> bool:
         if t is not None and t.requires_grad: return True
     return False
 
-# %% ../nbs/02_additive.ipynb #25908e71
+# %% ../nbs/02_additive.ipynb #180c8f74
 def project_table(attn: nn.MultiheadAttention, table: Tensor) -> Tensor:
     "What each row of `table` adds to `attn`'s packed in-projection, with its biases: `[E W_qᵀ + b_q, E W_kᵀ + b_k, b_v]`, `(L, 3D)`."
     dim = attn.embed_dim
@@ -177,7 +177,7 @@ def _projected_attention(attn: nn.MultiheadAttention, x: Tensor, rows: Tensor, *
     return attend(attn, *split_heads(qkv, attn.num_heads, 3), mask_dtype=x.dtype, attn_mask=attn_mask,
                   key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #7344d77c
+# %% ../nbs/02_additive.ipynb #6c39056d
 _PROJECT_MIN_BATCH = 16  # the smallest batch at which projecting a (T, D) update per call was faster (CPU, 07_benchmarks)
 
 def projects_per_call(x: Tensor, update: Tensor, weight: Tensor) -> bool:
@@ -185,7 +185,7 @@ def projects_per_call(x: Tensor, update: Tensor, weight: Tensor) -> bool:
     return (update.dim() == 2 and x.shape[0] >= _PROJECT_MIN_BATCH and _needs_grad(x, update, weight)
             and not _autocast_enabled(x.device.type) and torch._C._functorch.peek_interpreter_stack() is None)
 
-# %% ../nbs/02_additive.ipynb #cbbf0d40
+# %% ../nbs/02_additive.ipynb #2878dd92
 _optimizer_steps = [0]  # steps taken by any torch.optim optimiser since import: the fused ones bump no version counter
 
 def _count_step(optimizer, args, kwargs): _optimizer_steps[0] += 1
@@ -203,14 +203,14 @@ def _same_weights(key: tuple, weights) -> bool:
         if ref() is not w or ptr != w.data_ptr() or version != w._version: return False
     return True
 
-# %% ../nbs/02_additive.ipynb #569f8818
+# %% ../nbs/02_additive.ipynb #61831f50
 def _batch_first_views(query: Tensor, key: Tensor, value: Tensor):
     "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention)."
     q = query.transpose(0, 1)
     k = q if key is query else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else value.transpose(0, 1))
 
-# %% ../nbs/02_additive.ipynb #c3455651
+# %% ../nbs/02_additive.ipynb #322b8f4f
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -374,7 +374,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         extra += ', eval_cache=True' if self.eval_cache else ''
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
 
-# %% ../nbs/02_additive.ipynb #17d009b9
+# %% ../nbs/02_additive.ipynb #43306175
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

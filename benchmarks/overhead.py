@@ -22,7 +22,9 @@ Timing uses `torch.utils.benchmark.Timer.blocked_autorange`: each round times ev
 once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them.
 The times reported are the medians of all blocks pooled; the ratios are paired: each round gives a ratio of two
 implementations timed side by side, and the reported ratio is the median over rounds, so that a burst of load
-that spoils a round or two (on a shared machine they come and go) does not move it.
+that spoils a round or two (on a shared machine they come and go) does not move it. Beside the layer's ratio to
+the floor the table gives the middle half of the rounds' ratios (first to third quartile): how far single rounds
+disagree, which is how much to trust a difference of a percent or two.
 
 On CPU the timings also depend on how the C allocator hands out memory: glibc's `malloc` returns large blocks
 to the system and maps them afresh (first touch of each page costs a fault) on a schedule that depends on
@@ -169,6 +171,14 @@ def paired_ratio(times, a, b):
     return statistics.median(x / y for x, y in zip(times[a][3], times[b][3]))
 
 
+def paired_quartiles(times, a, b):
+    "The first and third quartiles over rounds of the same ratios: the middle half of the rounds, how much they agree."
+    ratios = [x / y for x, y in zip(times[a][3], times[b][3])]
+    if len(ratios) < 2: return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
+    return [q1, q3]
+
+
 def steady_malloc() -> str:
     "Fix glibc's malloc thresholds (see the module docstring); returns what was done, for the record."
     try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
@@ -221,6 +231,7 @@ def run(args):
         row['floor_ms_min'] = min(row['mha_ms'], row['floor_ms'])
         best = 'mha' if row['mha_ms'] < row['floor_ms'] else 'floor'  # the floor of the case: the faster by median
         row['layer_vs_floor'] = paired_ratio(times, 'layer', best)
+        row['layer_vs_floor_quartiles'] = paired_quartiles(times, 'layer', best)
         row['layer_vs_mha'] = paired_ratio(times, 'layer', 'mha')
         row['mha_vs_floor'] = paired_ratio(times, 'mha', best)
         row['rounds'] = rounds
@@ -267,7 +278,7 @@ def argv_of(args):
 def table(rows):
     "The results as a fixed-width text table."
     head = (f'{"device":6} {"dtype":8} {"(B, T, D, H)":>20} {"attention":9} {"mode":16} {"layer ms":>9} {"mha ms":>9} '
-            f'{"floor ms":>9} {"layer/floor":>11} {"layer/mha":>9} {"mha/floor":>9} {"cached/floor":>12} {"saved MiB layer":>15} {"mha":>7} '
+            f'{"floor ms":>9} {"layer/floor":>11} {"middle half":>13} {"layer/mha":>9} {"mha/floor":>9} {"cached/floor":>12} {"saved MiB layer":>15} {"mha":>7} '
             f'{"extra (BTD)":>11}')
     lines = [head, '-' * len(head)]
     for r in rows:
@@ -277,9 +288,15 @@ def table(rows):
             extra = (r['layer_saved_bytes'] - r['mha_saved_bytes']) / r['btd_bytes']
             saved = f'{r["layer_saved_bytes"] / 2**20:15.2f} {r["mha_saved_bytes"] / 2**20:7.2f} {extra:11.2f}'
         lines.append(f'{r["device"]:6} {r["dtype"]:8} {shape:>20} {r["attention"]:9} {r["mode"]:16} {r["layer_ms"]:9.3f} '
-                     f'{r["mha_ms"]:9.3f} {r["floor_ms"]:9.3f} {r["layer_vs_floor"]:11.3f} {r["layer_vs_mha"]:9.3f} '
+                     f'{r["mha_ms"]:9.3f} {r["floor_ms"]:9.3f} {r["layer_vs_floor"]:11.3f} {_quartiles(r):>13} {r["layer_vs_mha"]:9.3f} '
                      f'{r["mha_vs_floor"]:9.3f} {_cached(r):>12} {saved}')
     return '\n'.join(lines)
+
+
+def _quartiles(row):
+    "The middle half of the rounds' ratios of the layer to the floor, `q1-q3` (absent from runs stored before it was kept)."
+    q = row.get('layer_vs_floor_quartiles')
+    return f'{q[0]:.3f}-{q[1]:.3f}' if q else ''
 
 
 def _cached(row):
@@ -306,8 +323,9 @@ def summary(rows):
         lines.append(f'worst self-attention eval forward with eval_cache=True, ratio to the floor: {w["cached_vs_floor"]:.3f} '
                      f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}))')
     w = max(self_rows or rows, key=lambda r: r['layer_vs_floor'])
+    spread = f', middle half of the rounds {_quartiles(w)}' if _quartiles(w) else ''
     lines.append(f'worst {"self-attention " if self_rows else ""}ratio to the floor: {w["layer_vs_floor"]:.3f} '
-                 f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}), {w["mode"]})')
+                 f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}), {w["mode"]}{spread})')
     return '\n'.join(lines)
 
 
@@ -321,8 +339,12 @@ def figure(rows):
             for mode, style in (('forward', '-'), ('forward+backward', '--')):
                 sel = sorted((r for r in rows if (r['device'], r['attention'], r['mode']) == (device, attention, mode)), key=lambda r: r['T'])
                 if not sel: continue
-                ax.plot([r['T'] for r in sel], [r['layer_vs_floor'] for r in sel], style, marker='o' if attention == 'self' else 's',
-                        label=f'{device} {attention}-attention, {mode}')
+                line, = ax.plot([r['T'] for r in sel], [r['layer_vs_floor'] for r in sel], style, marker='o' if attention == 'self' else 's',
+                                label=f'{device} {attention}-attention, {mode}')
+                spread = [r for r in sel if r.get('layer_vs_floor_quartiles')]  # the middle half of the rounds, as a bar
+                if spread:
+                    ax.vlines([r['T'] for r in spread], [r['layer_vs_floor_quartiles'][0] for r in spread],
+                              [r['layer_vs_floor_quartiles'][1] for r in spread], color=line.get_color(), alpha=0.5)
                 if attention == 'self' and all('cached_vs_floor' in r for r in sel):
                     ax.plot([r['T'] for r in sel], [r['cached_vs_floor'] for r in sel], ':', marker='^',
                             label=f'{device} self-attention, {mode}, eval_cache=True')
@@ -330,7 +352,7 @@ def figure(rows):
     ax.axhline(1.02, color='grey', linewidth=0.8, linestyle=':', label='goal for self-attention: 1.02')
     ax.set_xscale('log', base=2)
     ax.set_xlabel('sequence length T (each T has its own B, D, H: see the table)')
-    ax.set_ylabel('layer time / floor time')
+    ax.set_ylabel('layer time / floor time (bars: middle half of rounds)')
     ax.set_title('What positions cost: AdditivePosMultiheadAttention / attention without positions', fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -344,7 +366,8 @@ def plot(rows, path):
 
 def markdown_table(rows):
     "The results as a Markdown table (times in ms, saved bytes in MiB)."
-    head = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor', 'layer / MHA',
+    head = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor',
+            'middle half of rounds', 'layer / MHA',
             'MHA / floor', 'cached / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 5 + ['--:'] * (len(head) - 5)) + '|']
     for r in rows:
@@ -354,7 +377,7 @@ def markdown_table(rows):
                      f'{(r["layer_saved_bytes"] - r["mha_saved_bytes"]) / r["btd_bytes"]:.2f}']
         cells = [r['device'], r['dtype'], f'({r["B"]}, {r["T"]}, {r["D"]}, {r["H"]})', r['attention'], r['mode'],
                  f'{r["layer_ms"]:.3f}', f'{r["mha_ms"]:.3f}', f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}',
-                 f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', _cached(r), *saved]
+                 _quartiles(r), f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', _cached(r), *saved]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
