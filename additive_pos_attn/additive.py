@@ -5,7 +5,7 @@ __all__ = ['positional_update', 'causal_mask', 'sinusoidal_table', 'check_init',
            'project_heads', 'sdpa_mask', 'attend', 'fused_attention', 'fusable', 'project_table', 'projected_update',
            'projects_per_call', 'AdditivePosMultiheadAttention', 'additive_reference']
 
-# %% ../nbs/02_additive.ipynb #4b65340b
+# %% ../nbs/02_additive.ipynb #1d1a296a
 import weakref
 from typing import Optional
 
@@ -16,19 +16,19 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .base import PositionalAttentionBase, check_bool, check_positive_int
 
-# %% ../nbs/02_additive.ipynb #9b4d25ec
+# %% ../nbs/02_additive.ipynb #59e30512
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
     "Rows of `pos_emb` for a stream of `length` tokens, `(T, D)` or `(B, T, D)`, zero where `mask` is False."
     rows = pos_emb[:length] if positions is None else F.embedding(positions.long(), pos_emb)
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_additive.ipynb #c98a82e4
+# %% ../nbs/02_additive.ipynb #85dc6762
 def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_additive.ipynb #0308570a
+# %% ../nbs/02_additive.ipynb #a4626b9d
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
     "The `(max_len, dim)` sine and cosine position codes of Vaswani et al. (2017)."
     position = torch.arange(max_len, device=device, dtype=torch.float64)[:, None]
@@ -38,7 +38,7 @@ def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tens
     table[:, 1::2] = torch.cos(position * frequency[:dim // 2])
     return table.to(dtype or torch.get_default_dtype())
 
-# %% ../nbs/02_additive.ipynb #4f853b3a
+# %% ../nbs/02_additive.ipynb #afb98f57
 _INITS = ('zeros', 'normal', 'sinusoidal')
 
 def check_init(init: str) -> str:
@@ -54,7 +54,7 @@ def init_table_(table: Tensor, init: str) -> Tensor:
         if init == 'normal': return table.normal_(0.0, 0.02)
         return table.copy_(sinusoidal_table(*table.shape, device=table.device, dtype=table.dtype))
 
-# %% ../nbs/02_additive.ipynb #a0e7eb61
+# %% ../nbs/02_additive.ipynb #2c20e4d6
 def resample_table(table: Tensor, new_len: int) -> Tensor:
     "Resample a `(L, D)` table to `(new_len, D)` by linear interpolation along positions, ends aligned."
     new_len = check_positive_int('new_len', new_len)
@@ -66,14 +66,14 @@ def resample_table(table: Tensor, new_len: int) -> Tensor:
     resampled = F.interpolate(table.detach().T[None].to(work_dtype), size=new_len, mode='linear', align_corners=True)
     return resampled[0].T.to(table.dtype).contiguous()
 
-# %% ../nbs/02_additive.ipynb #f236a63e
+# %% ../nbs/02_additive.ipynb #6e0763a1
 def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     "View `(B, T, parts·D)` as `parts` tensors `(B, H, T, D/H)` (one tensor when `parts == 1`)."
     batch, length, width = x.shape  # explicit sizes, no -1: T may be 0
     heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/02_additive.ipynb #8a73af0f
+# %% ../nbs/02_additive.ipynb #870daaaa
 def _autocast_enabled(device_type: str) -> bool:
     "Whether autocast is on for `device_type`, on every supported torch."
     try: return torch.is_autocast_enabled(device_type)
@@ -82,7 +82,7 @@ def _autocast_enabled(device_type: str) -> bool:
 # whether torch.compile is tracing: torch.compiler.is_compiling, or torch._dynamo's on a torch without it
 _compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None) or torch._dynamo.is_compiling
 
-# %% ../nbs/02_additive.ipynb #b63fe24e
+# %% ../nbs/02_additive.ipynb #e85c79a8
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor):
     "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included."
     dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
@@ -96,7 +96,7 @@ def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value
     return (split_heads(F.linear(query + q_update, weights[0], biases[0]), heads),
             split_heads(F.linear(key + k_update, weights[1], biases[1]), heads), v)
 
-# %% ../nbs/02_additive.ipynb #024f203e
+# %% ../nbs/02_additive.ipynb #c409f0d2
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
@@ -116,7 +116,7 @@ def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], i
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     return attn_mask, False
 
-# %% ../nbs/02_additive.ipynb #5e2a3e62
+# %% ../nbs/02_additive.ipynb #30fa0c8b
 def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype, attn_mask: Optional[Tensor] = None,
            key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "Attention of the heads `(B, H, T, d_h)` through `attn`'s masks, dropout and output projection, `(B, T_q, D)`."
@@ -126,14 +126,14 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
     return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
 
-# %% ../nbs/02_additive.ipynb #66de2f7e
+# %% ../nbs/02_additive.ipynb #a0baa3fa
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, q_update: Tensor, k_update: Tensor, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     "`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed directly."
     q, k, v = project_heads(attn, query, key, value, q_update, k_update)
     return attend(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #31cd28aa
+# %% ../nbs/02_additive.ipynb #0d8d5fa9
 def fusable(attn: nn.MultiheadAttention) -> bool:
     "Whether `fused_attention` computes exactly what `attn` would: torch's own forward, no hooks, no bias_k/v, no zero attention."
     module = nn.modules.module
@@ -144,7 +144,7 @@ def fusable(attn: nn.MultiheadAttention) -> bool:
     return (own_forward and attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
             and not attn.add_zero_attn and not any(hooks))
 
-# %% ../nbs/02_additive.ipynb #7be61cfa
+# %% ../nbs/02_additive.ipynb #899b4098
 def _needs_grad(*tensors) -> bool:
     "Whether autograd would record an operation on `tensors` (None ignored)."
     if not torch.is_grad_enabled(): return False
@@ -152,7 +152,7 @@ def _needs_grad(*tensors) -> bool:
         if t is not None and t.requires_grad: return True
     return False
 
-# %% ../nbs/02_additive.ipynb #180c8f74
+# %% ../nbs/02_additive.ipynb #c5a886b8
 def project_table(attn: nn.MultiheadAttention, table: Tensor) -> Tensor:
     "What each row of `table` adds to `attn`'s packed in-projection, with its biases: `[E W_qᵀ + b_q, E W_kᵀ + b_k, b_v]`, `(L, 3D)`."
     dim = attn.embed_dim
@@ -170,22 +170,26 @@ def _projected_attention(attn: nn.MultiheadAttention, x: Tensor, rows: Tensor, *
     "Self-attention of batch-first `x`, its packed in-projection started from `rows` (`(T, 3D)` or `(B, T, 3D)`)."
     batch, length, dim = x.shape
     weight = attn.in_proj_weight
-    if _needs_grad(x, rows, weight): qkv = F.linear(x, weight).add_(rows)  # autograd follows an in-place add, not addmm_
+    if _needs_grad(x, rows, weight):  # autograd follows an add after the product, not addmm_ into the rows
+        qkv = F.linear(x, weight)
+        # in place, except under torch.func transforms and compilation, where the rows may be batched and the product not
+        qkv = qkv.add_(rows) if torch._C._functorch.peek_interpreter_stack() is None else qkv + rows
     else:
         qkv = x.new_empty(batch, length, 3 * dim).copy_(rows)  # as F.linear copies in its bias
         qkv.view(-1, 3 * dim).addmm_(x.reshape(-1, dim), weight.t())  # then one packed product
     return attend(attn, *split_heads(qkv, attn.num_heads, 3), mask_dtype=x.dtype, attn_mask=attn_mask,
                   key_padding_mask=key_padding_mask, is_causal=is_causal)
 
-# %% ../nbs/02_additive.ipynb #6c39056d
+# %% ../nbs/02_additive.ipynb #ac25cf93
 _PROJECT_MIN_BATCH = 16  # the smallest batch at which projecting a (T, D) update per call was faster (CPU, 07_benchmarks)
+_PROJECT_DTYPES = (torch.float32, torch.float64)  # where that was measured (float32) and tested to 1e-12 (float64)
 
 def projects_per_call(x: Tensor, update: Tensor, weight: Tensor) -> bool:
     "Whether self-attention with gradients should project its one `update` per call rather than shift `x` by it."
-    return (update.dim() == 2 and x.shape[0] >= _PROJECT_MIN_BATCH and _needs_grad(x, update, weight)
-            and not _autocast_enabled(x.device.type) and torch._C._functorch.peek_interpreter_stack() is None)
+    return (update.dim() == 2 and x.shape[0] >= _PROJECT_MIN_BATCH and x.device.type == 'cpu' and x.dtype in _PROJECT_DTYPES
+            and _needs_grad(x, update, weight) and not _autocast_enabled('cpu'))
 
-# %% ../nbs/02_additive.ipynb #2878dd92
+# %% ../nbs/02_additive.ipynb #bd43d61e
 _optimizer_steps = [0]  # steps taken by any torch.optim optimiser since import: the fused ones bump no version counter
 
 def _count_step(optimizer, args, kwargs): _optimizer_steps[0] += 1
@@ -203,14 +207,14 @@ def _same_weights(key: tuple, weights) -> bool:
         if ref() is not w or ptr != w.data_ptr() or version != w._version: return False
     return True
 
-# %% ../nbs/02_additive.ipynb #61831f50
+# %% ../nbs/02_additive.ipynb #1dfccb8a
 def _batch_first_views(query: Tensor, key: Tensor, value: Tensor):
     "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention)."
     q = query.transpose(0, 1)
     k = q if key is query else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else value.transpose(0, 1))
 
-# %% ../nbs/02_additive.ipynb #322b8f4f
+# %% ../nbs/02_additive.ipynb #17317316
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -374,7 +378,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         extra += ', eval_cache=True' if self.eval_cache else ''
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
 
-# %% ../nbs/02_additive.ipynb #43306175
+# %% ../nbs/02_additive.ipynb #3ae36b81
 def additive_reference(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."

@@ -35,6 +35,9 @@ def test_default_positions_compile_to_one_graph(case, batch):
     x = x.repeat(batch // 2, 1, 1)
     explanation = torch._dynamo.explain(layer)(x, x, x, is_causal=True)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    # the projected path pads the projected rows with the value bias's columns; the shifted path pads nothing
+    projected = 'pad(' in explanation.graphs[0].code
+    assert projected == (batch == 16 and x.device.type == 'cpu'), explanation.graphs[0].code
     compiled = torch.compile(layer, fullgraph=True)
     out, eager = compiled(x, x, x, is_causal=True)[0], layer(x, x, x, is_causal=True)[0]
     torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-12)

@@ -254,7 +254,8 @@ def test_one_update_gradients_match_the_definition(device, monkeypatch):
 def test_per_call_projection_gradients_match_the_definition(device, monkeypatch):
     """With gradients and a batch of at least `_PROJECT_MIN_BATCH` (lowered to 1 here, so that small examples
     reach it), self-attention with one `(T, D)` update projects it per call and takes `_projected_attention`:
-    its output and gradients are the oracle's. Per-sample updates still take the shifted path."""
+    its output and gradients are the oracle's. Per-sample updates still take the shifted path, and so does every
+    call on CUDA, where the switch has not been measured."""
     seen, calls = [], []
     monkeypatch.setattr(additive, '_PROJECT_MIN_BATCH', 1)
     projected = additive._projected_attention
@@ -262,13 +263,13 @@ def test_per_call_projection_gradients_match_the_definition(device, monkeypatch)
 
     def on_path(kw):
         per_sample = any(t is not None and t.dim() == 2 for t in (kw['q_positions'], kw['q_position_mask']))
-        return calls == ([] if per_sample else [1])
+        return calls == ([] if per_sample or device != 'cpu' else [1])
 
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
         calls.clear()
-        _check_one_update_gradients(data, device, on_path, "the per-call projection for a (T, D) update, the shifted path for a (B, T, D) one")
+        _check_one_update_gradients(data, device, on_path, "the per-call projection for a (T, D) update on CPU, else the shifted path")
         seen.append(1)
 
     check()
