@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'PosTransformerEncoderLayer', 'padded_positions',
            'resample_table', 'sinusoidal_table']
 
-# %% ../nbs/index.ipynb #9df6d782
-from .base import PositionalAttentionBase, padded_positions
-from .additive import AdditivePosMultiheadAttention, resample_table, sinusoidal_table
+# %% ../nbs/index.ipynb #778f6553
+from .base import PositionalAttentionBase
+from .positions import padded_positions, resample_table, sinusoidal_table
+from .additive import AdditivePosMultiheadAttention
 from .encoder import PosTransformerEncoderLayer
 
 _all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'PosTransformerEncoderLayer', 'padded_positions',

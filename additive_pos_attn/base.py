@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_positions', 'check_position_mask',
-           'check_attention_masks', 'PositionalAttentionBase', 'padded_positions']
+           'check_attention_masks', 'PositionalAttentionBase']
 
 # %% ../nbs/01_base.ipynb #3c193038
 from abc import ABC, abstractmethod
@@ -158,33 +158,3 @@ class PositionalAttentionBase(nn.Module, ABC):
             check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
                                   dtype=query.dtype, device=query.device)
         return batch, q_len, k_len
-
-# %% ../nbs/01_base.ipynb #a95bff21
-def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
-                     seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
-
-    Give either ``key_padding_mask`` (bool ``(B, T)``, True marks padding, anywhere) or ``lengths`` (integer
-    ``(B,)``) with ``seq_len`` and the side of the padding (``left=True``: real tokens at the end). Real
-    tokens count from 0 in order; padding gets position 0 and a False position mask.
-    """
-    if (key_padding_mask is None) == (lengths is None):
-        raise ValueError(f"pass exactly one of key_padding_mask and lengths, got "
-                         f"{'both' if lengths is not None else 'neither'}")
-    if lengths is not None:
-        if not isinstance(lengths, Tensor) or lengths.dtype not in _POSITION_DTYPES:
-            raise TypeError(f"lengths must be an integer Tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
-        if lengths.dim() != 1: raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
-        if seq_len is None: raise TypeError("seq_len is required with lengths: the padded length T")
-        seq_len = check_positive_int('seq_len', seq_len)
-        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
-            raise ValueError(f"lengths must lie in [0, seq_len={seq_len}], got values from {int(lengths.min())} to {int(lengths.max())}")
-        columns = torch.arange(seq_len, device=lengths.device)
-        key_padding_mask = columns < (seq_len - lengths)[:, None] if left else columns >= lengths[:, None]
-    elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be a bool Tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
-    elif key_padding_mask.dim() != 2:
-        raise ValueError(f"key_padding_mask must be 2-D (B, T), got shape {tuple(key_padding_mask.shape)}")
-    position_mask = ~key_padding_mask
-    positions = (position_mask.cumsum(-1) - 1).clamp_(min=0).masked_fill_(key_padding_mask, 0)
-    return positions, position_mask
