@@ -11,25 +11,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from additive_pos_attn import additive
-from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference, causal_mask
+from torch.overrides import TorchFunctionMode
+
+from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
+from additive_pos_attn.attention import choose_path
+from additive_pos_attn.positions import causal_mask
+from additive_pos_attn.testing import random_case, random_layer
 
 VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
-PATH_EXAMPLES = 100     # for each of the layer's three self-attention paths with one update (see `_draw_valid`)
+PATH_EXAMPLES = 100     # for self-attention with one update for queries and keys (see `_draw_valid`)
 INVALID_EXAMPLES_EACH = 20  # for each of the 11 corruptions below: 220 invalid calls per run
 DTYPE = torch.float64
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-
-def _layer(D, H, max_len, seed, bias=True, batch_first=True) -> AdditivePosMultiheadAttention:
-    "A float64 layer with random weights, biases (torch starts them at zero) and table, so that all of them matter."
-    torch.manual_seed(seed)
-    layer = AdditivePosMultiheadAttention(D, H, max_len=max_len, bias=bias, dtype=DTYPE, batch_first=batch_first)
-    with torch.no_grad():
-        layer.pos_emb.normal_()
-        if bias: layer.attn.in_proj_bias.normal_(); layer.attn.out_proj.bias.normal_()
-    return layer
 
 
 def _positions(data, stream, B, T, max_len):
@@ -89,18 +83,16 @@ def valid_cases(draw, square=False):
     return dict(H=H, D=D, B=B, Tq=Tq, Tk=Tk, max_len=max_len, seed=seed)
 
 
-def _draw_valid(data, device, path=None):
+def _draw_valid(data, device, one_update=False):
     """Everything for one valid call on `device`: `(layer, query, key, value, kwargs, oracle kwargs)`. The inputs
-    are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed. `path`
+    are batch first, as the oracle takes them; a layer with `batch_first=False` gets them transposed. `one_update`
     narrows the draw to self-attention with one update for queries and keys and no weights, the calls that the
-    layer serves from its projected table (`'projected'`, in eval mode) or with one packed query-key product of
-    the shifted input (`'shifted'`, when gradients are wanted)."""
-    one_update = path is not None
+    layer serves with one packed query-key product of the shifted input."""
     sizes = data.draw(valid_cases(square=one_update))
     H, D, B, Tq, Tk, max_len, seed = (sizes[k] for k in ('H', 'D', 'B', 'Tq', 'Tk', 'max_len', 'seed'))
-    layer = _layer(D, H, max_len, seed, bias=data.draw(st.booleans(), label='bias'),
-                   batch_first=data.draw(st.booleans(), label='batch_first'))
-    layer.train(path != 'projected' and data.draw(st.booleans(), label='training'))  # dropout is 0: both modes are deterministic
+    layer = random_layer(D, H, max_len=max_len, seed=seed, dtype=DTYPE, bias=data.draw(st.booleans(), label='bias'),
+                         batch_first=data.draw(st.booleans(), label='batch_first'))
+    layer.train(data.draw(st.booleans(), label='training'))  # dropout is 0: both modes are deterministic
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(B, Tq, D, generator=g, dtype=DTYPE)
     self_attention = one_update or Tq == Tk and data.draw(st.booleans(), label='self-attention')
@@ -175,105 +167,83 @@ def test_valid_inputs_match_the_definition(device):
     assert len(seen) >= VALID_EXAMPLES >= 200, f"only {len(seen)} valid examples ran"
 
 
-def test_eval_without_gradients_matches_the_definition(device):
-    """With `eval_cache=True`, in eval mode without gradients, self-attention with one update for queries and keys
-    is served from the projected table, for every kind of positions, position masks and attention masks: twice,
-    the second time from the kept table, then once more after the weights changed in place, each time as the
-    oracle says."""
+class _LinearShapes(TorchFunctionMode):
+    "Records the weight shape of every `F.linear` call made inside it (a public torch API: no patching)."
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear: self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_update_gradients_match_the_definition(device):
+    """With gradients, self-attention with one update for queries and keys takes the fused path (`choose_path`) and
+    projects the shifted input with one packed `(2D, D)` query-key product and one `(D, D)` value product: its output
+    and the gradients of the table, the in-projection and the input are the oracle's, for every kind of positions,
+    position masks and attention masks."""
     seen = []
 
     @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
     @given(st.data())
     def check(data):
-        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='projected')
-        layer.eval_cache = True
+        layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, one_update=True)
         layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
-        x = layout(query)
+        query.requires_grad_()
+        assert choose_path(layer.attn, need_weights=False).name == 'fused'
+        D = layer.embed_dim
+        with warnings.catch_warnings(), _LinearShapes() as products:
+            warnings.simplefilter('ignore', UserWarning)
+            x = layout(query)
+            out = layout(layer(x, x, x, **kw)[0])
+        assert products.shapes == [(D, D), (2 * D, D), (D, D)], products.shapes  # values, queries and keys, output
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', UserWarning)
             ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
-            with torch.no_grad():
-                first = layout(layer(x, x, x, **kw)[0])
-                kept = layer._projected
-                second = layout(layer(x, x, x, **kw)[0])
-        assert kept is not None and layer._projected is kept, "the projected table was not kept"
-        _assert_same(first, ref); _assert_same(second, ref)
-        changed = data.draw(st.sampled_from(['pos_emb', 'attn.in_proj_weight', 'attn.in_proj_bias']), label='changed weight')
-        weight = layer.get_parameter(changed) if changed != 'attn.in_proj_bias' or layer.attn.in_proj_bias is not None else layer.pos_emb
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            weight.add_(torch.randn_like(weight))
-            _assert_same(layout(layer(x, x, x, **kw)[0]), additive_reference(layer, query, key, value, **oracle_kw)[0])
+        _assert_same(out, ref)
+        wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
+        upstream = torch.randn_like(out)
+        for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
+            _assert_same(grad, ref_grad)
         seen.append(1)
 
     check()
     assert len(seen) >= PATH_EXAMPLES
 
 
-def _check_one_update_gradients(data, device, on_path, path):
-    """Draw a self-attention call with one update for queries and keys and run it with gradients: it took `path`
-    (`on_path(kwargs)`, asked after the call), and its output and the gradients of the table, the in-projection
-    and the input are the oracle's."""
-    layer, query, key, value, kw, oracle_kw = _draw_valid(data, device, path='shifted')
-    layout = (lambda x: x) if layer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
-    query.requires_grad_()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning)
-        x = layout(query)
-        out = layout(layer(x, x, x, **kw)[0])
-        ref = additive_reference(layer, query, key, value, **oracle_kw)[0]
-    assert on_path(kw), f"not {path}"
-    _assert_same(out, ref)
-    wrt = [layer.pos_emb, layer.attn.in_proj_weight, query] + ([layer.attn.in_proj_bias] if layer.attn.in_proj_bias is not None else [])
-    upstream = torch.randn_like(out)
-    for grad, ref_grad in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
-        _assert_same(grad, ref_grad)
-
-
-def test_one_update_gradients_match_the_definition(device, monkeypatch):
-    """With gradients, self-attention with one update for queries and keys projects the shifted input with one
-    packed query-key product (`project_heads` is called with one update object for both): its output and the
-    gradients of the table, the in-projection and the input are the oracle's, for every kind of positions,
-    position masks and attention masks."""
-    seen, shared = [], []
-    project_heads = additive.project_heads
-    monkeypatch.setattr(additive, 'project_heads', lambda attn, q, k, v, q_update, k_update:
-                        shared.append(q is k is v and q_update is k_update) or project_heads(attn, q, k, v, q_update, k_update))
-
-    @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
-    @given(st.data())
-    def check(data):
-        shared.clear()
-        _check_one_update_gradients(data, device, lambda kw: shared == [True], "the path with one packed query-key product")
-        seen.append(1)
-
-    check()
-    assert len(seen) >= PATH_EXAMPLES
-
-
-def test_per_call_projection_gradients_match_the_definition(device, monkeypatch):
-    """With gradients and a batch of at least `_PROJECT_MIN_BATCH` (lowered to 1 here, so that small examples
-    reach it), self-attention with one `(T, D)` update projects it per call and takes `_projected_attention`:
-    its output and gradients are the oracle's. Per-sample updates still take the shifted path, and so does every
-    call on CUDA, where the switch has not been measured."""
-    seen, calls = [], []
-    monkeypatch.setattr(additive, '_PROJECT_MIN_BATCH', 1)
-    projected = additive._projected_attention
-    monkeypatch.setattr(additive, '_projected_attention', lambda *args, **kwargs: calls.append(1) or projected(*args, **kwargs))
-
-    def on_path(kw):
-        per_sample = any(t is not None and t.dim() == 2 for t in (kw['q_positions'], kw['q_position_mask']))
-        return calls == ([] if per_sample or device != 'cpu' else [1])
-
-    @settings(max_examples=PATH_EXAMPLES, **SETTINGS)
-    @given(st.data())
-    def check(data):
-        calls.clear()
-        _check_one_update_gradients(data, device, on_path, "the per-call projection for a (T, D) update on CPU, else the shifted path")
-        seen.append(1)
-
-    check()
-    assert len(seen) >= PATH_EXAMPLES
+def test_refusal_messages(device):
+    "Each bad input is refused before any indexing with a message that names the argument, what was expected and what came."
+    layer, x, mem = random_case(device)
+    t = lambda *v, **kw: torch.tensor(v, device=device, **kw)
+    cases = [
+        (ValueError, r"query must be 3-D \(B, T, D\), got shape \(6, 16\)", dict(query=x[0])),
+        (ValueError, r"key must have last dimension embed_dim=16, got shape \(3, 9, 8\)", dict(key=mem[..., :8])),
+        (ValueError, r"value must be 3-D \(B, T, D\), got shape \(3, 9, 16, 1\)", dict(value=mem[..., None])),
+        (ValueError, r"query, key and value must share the batch size", dict(key=mem[:2], value=mem[:2])),
+        (ValueError, r"q_positions must have shape \(6,\) or \(3, 6\), got \(5,\)", dict(q_positions=t(0, 1, 2, 3, 4))),
+        (ValueError, r"q_positions must have shape \(6,\) or \(3, 6\), got \(2, 6\)", dict(q_positions=torch.zeros(2, 6, dtype=torch.long, device=device))),
+        (ValueError, r"k_positions must have shape \(9,\) or \(3, 9\), got \(1, 3, 9\)", dict(k_positions=torch.zeros(1, 3, 9, dtype=torch.long, device=device))),
+        (TypeError, r"q_positions must be an integer Tensor \(int64, int32, int16, int8 or uint8\), got dtype torch.float32", dict(q_positions=t(0., 1, 2, 3, 4, 5))),
+        (TypeError, r"k_positions must be an integer Tensor \(.*\), got dtype torch.bool", dict(k_positions=torch.ones(9, dtype=torch.bool, device=device))),
+        (ValueError, r"q_positions must lie in \[0, max_len=20\), got values from -1 to 4", dict(q_positions=t(-1, 0, 1, 2, 3, 4))),
+        (ValueError, r"k_positions must lie in \[0, max_len=20\), got values from 0 to 20", dict(k_positions=t(0, 1, 2, 3, 4, 5, 6, 7, 20))),
+        (ValueError, r"sequence length for k_positions is 25, which exceeds max_len=20",
+         dict(key=torch.randn(3, 25, 16, dtype=DTYPE, device=device), value=torch.randn(3, 25, 16, dtype=DTYPE, device=device))),
+        (TypeError, r"q_position_mask must be a bool Tensor, got dtype torch.int64", dict(q_position_mask=torch.ones(6, dtype=torch.long, device=device))),
+        (ValueError, r"k_position_mask must have shape \(9,\) or \(3, 9\), got \(3, 6\)", dict(k_position_mask=torch.ones(3, 6, dtype=torch.bool, device=device))),
+        (ValueError, r"q_position_mask must have the shape of its positions \(6,\), got \(3, 6\)",
+         dict(q_positions=t(0, 1, 2, 3, 4, 5), q_position_mask=torch.ones(3, 6, dtype=torch.bool, device=device))),
+        (ValueError, r"attn_mask must have shape \(6, 9\) or \(12, 6, 9\), got \(6, 6\)", dict(attn_mask=torch.zeros(6, 6, dtype=torch.bool, device=device))),
+        (TypeError, r"key_padding_mask must be bool or of the query's dtype torch.float64, got dtype torch.int64",
+         dict(key_padding_mask=torch.zeros(3, 9, dtype=torch.long, device=device))),
+        (TypeError, r"query must have the layer's dtype torch.float64 \(or run under autocast\), got torch.float32",
+         dict(query=x.float(), key=mem.float(), value=mem.float())),
+    ]
+    for error, message, kw in cases:
+        args = {'query': x, 'key': mem, 'value': mem, **kw}
+        with pytest.raises(error, match=message): layer(args.pop('query'), args.pop('key'), args.pop('value'), **args)
+    if device == 'cuda': torch.cuda.synchronize()  # no device-side assert was left behind
 
 
 # Each corruption takes the valid call (a dict with query, key, value and keyword arguments, plus the sizes) and
@@ -378,7 +348,7 @@ def test_invalid_inputs_are_refused_by_name(device, corruption):
         D, B = H * data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
         max_len = data.draw(st.integers(1, 8))
         Tq, Tk = data.draw(st.integers(0, max_len)), data.draw(st.integers(1, max_len))
-        layer = _layer(D, H, max_len, seed=0).to(device)
+        layer = random_layer(D, H, max_len=max_len, dtype=DTYPE, device=device)
         g = torch.Generator().manual_seed(0)
         query, key = torch.randn(B, Tq, D, generator=g, dtype=DTYPE), torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
         call = dict(B=B, H=H, D=D, Tq=Tq, Tk=Tk, max_len=max_len, query=query, key=key, value=key)

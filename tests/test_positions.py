@@ -1,0 +1,87 @@
+"""Every form of the position maths in `additive_pos_attn.positions`, against plain indexing and hand-written formulas
+(the chapter keeps two or three examples of each)."""
+import math
+
+import pytest
+import torch
+
+from additive_pos_attn.positions import (causal_mask, init_table_, padded_positions, positional_update, resample_table,
+                                         sinusoidal_table)
+
+
+def test_positional_update_matches_indexing():
+    E = torch.randn(10, 4)
+    assert torch.equal(positional_update(E, None, None, 3), E[:3])
+    assert torch.equal(positional_update(E, torch.tensor([7, 0, 7]), None, 3), E[[7, 0, 7]])
+    per_sample = torch.tensor([[1, 2, 3], [9, 8, 7]])
+    expected = torch.stack([E[[1, 2, 3]], E[[9, 8, 7]]])
+    assert torch.equal(positional_update(E, per_sample, None, 3), expected)
+    assert torch.equal(positional_update(E, per_sample.to(torch.uint8), None, 3), expected)  # never read as a bool mask
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert torch.equal(positional_update(E, None, mask, 3), torch.where(mask[..., None], E[:3], 0.))
+    assert torch.equal(positional_update(E, per_sample, mask, 3), torch.where(mask[..., None], expected, 0.))
+    shared_mask = torch.tensor([False, True, True])
+    assert torch.equal(positional_update(E, torch.tensor([4, 5, 6]), shared_mask, 3), torch.where(shared_mask[:, None], E[[4, 5, 6]], 0.))
+
+
+def test_causal_mask_is_top_left_aligned():
+    assert torch.equal(causal_mask(3, 3), torch.tensor([[False, True, True], [False, False, True], [False, False, False]]))
+    for q_len, k_len in ((1, 4), (4, 2), (0, 3)):
+        assert torch.equal(causal_mask(q_len, k_len), torch.tensor([[j > i for j in range(k_len)] for i in range(q_len)], dtype=torch.bool).reshape(q_len, k_len))
+
+
+@pytest.mark.parametrize('dim', [6, 7])
+def test_sinusoidal_table_matches_the_formula(dim):
+    table = sinusoidal_table(5, dim, dtype=torch.float64)
+    assert table.shape == (5, dim)
+    for p in range(5):
+        for c in range(dim):
+            angle = p / 10000 ** ((c - c % 2) / dim)
+            assert abs(table[p, c].item() - (math.sin(angle) if c % 2 == 0 else math.cos(angle))) < 1e-12
+
+
+def test_init_table_fills_in_place():
+    table = torch.ones(4, 6)
+    assert init_table_(table, 'zeros') is table and table.abs().sum() == 0
+
+
+def _by_hand(table, new_len):
+    "New row j reads the old table at x = j (L - 1) / (L' - 1) and blends rows floor(x) and ceil(x)."
+    rows = []
+    for j in range(new_len):
+        x = j * (table.shape[0] - 1) / (new_len - 1)
+        lo, frac = int(math.floor(x)), x - math.floor(x)
+        rows.append(table[lo] * (1 - frac) + table[min(lo + 1, table.shape[0] - 1)] * frac)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize('new_len', [2, 3, 5, 9, 17])
+def test_resample_table_matches_hand_interpolation(new_len):
+    table = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(resample_table(table, new_len), _by_hand(table, new_len), rtol=0, atol=1e-12)
+
+
+def test_resample_table_edges_and_refusals():
+    table = torch.randn(5, 3, dtype=torch.float64)
+    assert torch.equal(resample_table(table, 5), table)
+    assert torch.equal(resample_table(table, 1), table[:1])
+    assert torch.equal(resample_table(table[:1], 3), table[:1].expand(3, -1))
+    assert resample_table(table.bfloat16(), 8).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"new_len must be a positive int, got 0"): resample_table(table, 0)
+    with pytest.raises(ValueError, match=r"table must be 2-D \(L, D\), got shape \(3,\)"): resample_table(table[0], 4)
+    with pytest.raises(TypeError, match=r"table must be a floating-point Tensor, got torch.int64"): resample_table(table.long(), 4)
+
+
+def test_padded_positions_refusals():
+    kpm = torch.zeros(3, 5, dtype=torch.bool)
+    assert not padded_positions(lengths=torch.tensor([3, 5, 0]), seq_len=5)[1][2].any()
+    cases = [(ValueError, "exactly one of key_padding_mask and lengths, got neither", lambda: padded_positions()),
+             (ValueError, "got both", lambda: padded_positions(kpm, lengths=torch.tensor([1, 2, 3]), seq_len=5)),
+             (ValueError, r"lengths must be 1-D \(B,\), got shape \(1, 2\)", lambda: padded_positions(lengths=torch.tensor([[1, 2]]), seq_len=5)),
+             (ValueError, r"lengths must lie in \[0, seq_len=5\], got values from -1 to 2", lambda: padded_positions(lengths=torch.tensor([-1, 2]), seq_len=5)),
+             (TypeError, r"lengths must be an integer Tensor, got torch.float32", lambda: padded_positions(lengths=torch.tensor([3.]), seq_len=4)),
+             (TypeError, r"seq_len must be an int, got float 4.0", lambda: padded_positions(lengths=torch.tensor([3]), seq_len=4.0)),
+             (TypeError, r"key_padding_mask must be a bool Tensor, got torch.int64", lambda: padded_positions(kpm.long())),
+             (ValueError, r"key_padding_mask must be 2-D \(B, T\), got shape \(5,\)", lambda: padded_positions(kpm[0]))]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message): call()
