@@ -4,7 +4,7 @@
 __all__ = ['plot_training', 'plot_pos_emb', 'pos_similarity', 'plot_pos_similarity', 'plot_attention_maps', 'LogitTerms',
            'logit_terms', 'term_magnitudes', 'plot_logit_terms']
 
-# %% ../nbs/07_visualise.ipynb #2a3f7c64
+# %% ../nbs/07_visualise.ipynb #606d06e9
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .additive import AdditivePosMultiheadAttention, positional_update
+from .additive import AdditivePosMultiheadAttention
+from .positions import positional_update
 
 # %% ../nbs/07_visualise.ipynb #7edb50ac
 def plot_training(curves: dict[str, Sequence[float]], *, reference: Optional[float] = None,
