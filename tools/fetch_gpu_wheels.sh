@@ -12,9 +12,9 @@ dest=${1:-.whl}
 pyver=${GPU_PYTHON_VERSION:-3.12}
 python=${PYTHON:-python3}
 
-# Versions as settings.ini's dev_requirements pins them (jupyterlab is not needed to run tests; matplotlib is: the visualisation chapter draws),
+# Versions as settings.ini's dev_requirements pins them (jupyterlab is not needed to run tests; matplotlib and tqdm are: the visualisation chapter draws, the demo shows progress),
 # and setuptools and wheel to build the package offline.
-requirements=(nbdev==2.4.14 'execnb<0.2' 'fastcore<2' 'ghapi<2' matplotlib pytest hypothesis setuptools wheel)
+requirements=(nbdev==2.4.14 'execnb<0.2' 'fastcore<2' 'ghapi<2' matplotlib tqdm pytest hypothesis setuptools wheel)
 
 platforms=()
 for p in manylinux1_x86_64 manylinux2010_x86_64 manylinux2014_x86_64 \

@@ -33,12 +33,12 @@ fi
 #    built in pip's isolated build environment, from the setuptools and wheel wheels of the same folder.
 rm -rf "$work"; mkdir -p "$logs"
 pip=("$python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-index --prefix "$work/prefix")
-{ timeout 90 "${pip[@]}" --find-links "$wheels" 'nbdev==2.4.14' 'execnb<0.2' 'fastcore<2' 'ghapi<2' matplotlib pytest hypothesis &&
+{ timeout 90 "${pip[@]}" --find-links "$wheels" 'nbdev==2.4.14' 'execnb<0.2' 'fastcore<2' 'ghapi<2' matplotlib tqdm pytest hypothesis &&
   timeout 60 "${pip[@]}" --find-links "$wheels" --no-deps . ; } >"$logs/install.log" 2>&1 \
     || { tail -20 "$logs/install.log" >&2; fail "install failed (log: $logs/install.log)"; }
 site=$("$python" -c "import sysconfig; print(sysconfig.get_path('purelib', vars={'base': '$work/prefix', 'platbase': '$work/prefix'}))")
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$work/prefix/bin:$PATH" PYTHONDONTWRITEBYTECODE=1
-"$python" -c "import additive_pos_attn, nbdev, execnb, hypothesis, pytest" || fail "the installed packages do not import"
+"$python" -c "import additive_pos_attn, nbdev, execnb, hypothesis, pytest, tqdm" || fail "the installed packages do not import"
 install_s=$(now)
 
 # 2. Both runs at once; each is killed at the deadline.
