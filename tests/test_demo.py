@@ -1,10 +1,25 @@
 """The demo command as a user runs it: `python -m additive_pos_attn.demo --out DIR`, and its one-line errors."""
-import shutil, subprocess, sys
+import io, os, re, shutil, subprocess, sys
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
 
 FIGURES = ['training.png', 'pos_emb.png', 'pos_similarity.png', 'attention_maps.png', 'logit_terms.png']
+
+
+# one tqdm line in a log: ` 10%|#         | 40/400 [00:00<00:07, 45.09step/s, loss=2.748]`
+BAR = re.compile(r' *(\d+)%\|[# 0-9]{10}\| (\d+)/(\d+) \[.*\]')
+
+
+def bar_counts(lines):
+    "The step counts of tqdm's log lines, checking that each is one whole bar."
+    counts = []
+    for line in lines:
+        m = BAR.fullmatch(line)
+        assert m, f"not a whole progress line: {line!r}"
+        counts.append(int(m[2]))
+    return counts
 
 
 def demo(*args, timeout=120):
@@ -20,7 +35,11 @@ def test_demo_writes_the_figures(tmp_path):
     res = demo('--out', out, '--steps', 20)
     assert res.returncode == 0, res.stderr
     assert 'token accuracy with positions:' in res.stdout and 'token accuracy without positions:' in res.stdout
-    assert 'step 20/20' in res.stderr  # the progress bar
+    # stderr is a pipe, not a terminal: each model's bar is a line at the start and one every 2 steps, no redraws
+    assert '\r' not in res.stderr
+    lines = res.stderr.splitlines()
+    assert lines[0] == 'training with positions, 20 steps' and lines[12] == 'training without positions, 20 steps'
+    assert bar_counts(lines[1:12]) == bar_counts(lines[13:]) == list(range(0, 21, 2))
     for name in FIGURES:
         path = out/name
         assert path.is_file() and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
@@ -62,11 +81,87 @@ def test_console_script(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith('additive-pos-attn-demo: error: argument --steps')
 
 
-def test_missing_matplotlib_is_a_one_line_error(tmp_path):
-    "Without matplotlib (the `viz` extra) the command says what to install, in one line, before training."
-    code = ("import sys; sys.modules['matplotlib'] = None\n"  # `import matplotlib` now raises ImportError
+@pytest.mark.parametrize('missing', ['matplotlib', 'tqdm'])
+def test_missing_viz_extra_is_a_one_line_error(tmp_path, missing):
+    "Without matplotlib or tqdm (the `viz` extra) the command says what to install, in one line, before training."
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"  # `import {missing}` now raises ImportError
             "from additive_pos_attn.demo import main; sys.exit(main(sys.argv[1:]))")
     res = subprocess.run([sys.executable, '-c', code, '--out', str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
-    assert res.stderr.count('\n') == 1 and 'matplotlib' in res.stderr and 'additive_pos_attn[viz]' in res.stderr
+    assert res.stderr.count('\n') == 1 and missing in res.stderr and 'additive_pos_attn[viz]' in res.stderr
     assert 'training' not in res.stderr
+
+
+def test_training_without_a_bar_needs_no_tqdm():
+    "The module imports, and trains, with torch alone; only `progress=True` imports tqdm."
+    code = ("import sys; sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
+            "from additive_pos_attn.demo import train_toy\n"
+            "seen = []; train_toy(3, progress=lambda step, loss: seen.append(step), d_model=8, num_heads=2)\n"
+            "assert seen == [1, 2, 3], seen\n"
+            "try: train_toy(3, progress=True)\n"
+            "except ImportError as e: print('ImportError', e.name)\n")
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == 'ImportError tqdm\n'
+
+
+def train_script(steps):
+    "A fresh interpreter that trains a small model for `steps` steps with `progress=True`."
+    return [sys.executable, '-c', f"from additive_pos_attn.demo import train_toy; train_toy({steps}, progress=True, d_model=8, num_heads=2)"]
+
+
+@pytest.mark.parametrize('steps, counts', [
+    (300, list(range(0, 301, 30))),                   # the start, then every tenth
+    (457, list(range(0, 457, 46)) + [457]),           # every 46 steps, and the last step, always
+    (7, list(range(8))),                              # a short run: every step
+])
+def test_progress_in_a_log_is_a_few_lines(tmp_path, steps, counts):
+    "Written to a log file (not a terminal), a run's progress is at most 11 whole lines, never a line of redraws."
+    log = tmp_path/'train.log'
+    with open(log, 'w') as f: res = subprocess.run(train_script(steps), stdout=subprocess.PIPE, stderr=f, text=True, timeout=120)
+    assert res.returncode == 0, log.read_text()
+    text = log.read_text()
+    assert '\r' not in text and text.endswith('\n')
+    lines = text.splitlines()
+    assert len(lines) <= 11 and bar_counts(lines) == counts
+    assert re.search(r'loss=\d+\.\d{3}\]$', lines[-1])
+
+
+def test_progress_bar_in_process_goes_to_stderr():
+    "`train_toy(progress=True)` writes to `sys.stderr` as it is at the call, so a redirect catches it."
+    err = io.StringIO()
+    with redirect_stderr(err):
+        from additive_pos_attn.demo import train_toy
+        _, losses = train_toy(200, progress=True, d_model=8, num_heads=2, batch_size=8)
+    lines = err.getvalue().splitlines()
+    assert bar_counts(lines) == list(range(0, 201, 20))
+    assert lines[-1].endswith(f'loss={losses[-1]:.3f}]')
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place():
+    "On a terminal (a pseudo-terminal 100 columns wide) the bar is one line, redrawn with `\\r`, ended once."
+    pty, fcntl, termios, struct = (pytest.importorskip(m) for m in ('pty', 'fcntl', 'termios', 'struct'))
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+    proc = subprocess.Popen(train_script(300), stdout=child_fd, stderr=child_fd)
+    os.close(child_fd)
+    out = b''
+    while True:
+        try: chunk = os.read(main_fd, 65536)
+        except OSError: break  # the child has gone: EIO on Linux
+        if not chunk: break
+        out += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=120) == 0, out
+    text = out.decode().replace('\r\n', '\n')  # the terminal turns '\n' into '\r\n'
+    assert text.count('\n') == 1 and text.endswith('\n')
+    redraws = text.rstrip('\n').split('\r')[1:]
+    assert len(redraws) >= 3 and '300/300' in redraws[-1] and redraws[0].strip().startswith('0%')
+
+
+def test_progress_callable():
+    "A callable `progress` is called with `(step, loss)` after every step, and nothing is drawn."
+    from additive_pos_attn.demo import train_toy
+    seen, err = [], io.StringIO()
+    with redirect_stderr(err): _, losses = train_toy(5, progress=lambda step, loss: seen.append((step, loss)), d_model=8, num_heads=2)
+    assert seen == list(zip(range(1, 6), losses)) and err.getvalue() == ''

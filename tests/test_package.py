@@ -1,5 +1,5 @@
 """The package as users get it: the wheel, and the notebooks as the single source of the module and README."""
-import filecmp, shutil, subprocess, sys, venv
+import filecmp, re, shutil, subprocess, sys, venv
 from importlib.metadata import version
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def test_wheel_installs_without_dev_extras(tmp_path):
     run(py, '-m', 'pip', 'install', '-q', f"torch=={version('torch')}", timeout=900)
     run(py, '-m', 'pip', 'install', '-q', wheel)
     installed = run(py, '-m', 'pip', 'list', '--format=freeze').lower()
-    for dev_only in ('nbdev', 'fastcore', 'execnb', 'matplotlib', 'pytest', 'hypothesis'):
+    for dev_only in ('nbdev', 'fastcore', 'execnb', 'matplotlib', 'tqdm', 'pyyaml', 'pytest', 'hypothesis'):
         assert f"\n{dev_only}==" not in f"\n{installed}", f"{dev_only} was installed without the dev extras"
     script = ("import torch, additive_pos_attn as apa\n"
               "from additive_pos_attn import AdditivePosMultiheadAttention, PositionalAttentionBase\n"
@@ -65,3 +65,51 @@ def test_wheel_installs_without_dev_extras(tmp_path):
               "print(apa.__version__, apa.__file__)\n")
     out = run(py, '-c', script, cwd=tmp_path)
     assert str(env_dir) in out and out.split()[0] == version('additive_pos_attn')
+
+# torch's process-wide state that importing a library must leave alone: its global hook registries (those this torch has)
+GLOBAL_HOOKS = {'torch.optim.optimizer': ['_global_optimizer_pre_hooks', '_global_optimizer_post_hooks'],
+                'torch.nn.modules.module': ['_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+                                            '_global_backward_pre_hooks', '_global_module_registration_hooks',
+                                            '_global_parameter_registration_hooks', '_global_buffer_registration_hooks']}
+SIDE_EFFECTS = f'''
+import importlib, json, pkgutil, sys
+import torch
+
+def state():
+    out = {{}}
+    for module, names in {GLOBAL_HOOKS!r}.items():
+        module = importlib.import_module(module)
+        for name in names:
+            if hasattr(module, name): out[module.__name__ + '.' + name] = [len(getattr(module, name)), sorted(map(repr, getattr(module, name)))]
+    out.update(default_dtype=str(torch.get_default_dtype()), deterministic=torch.are_deterministic_algorithms_enabled(),
+               deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+               threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+               grad_enabled=torch.is_grad_enabled(), matmul_precision=torch.get_float32_matmul_precision())
+    return out
+
+before = state()
+import additive_pos_attn
+modules = [importlib.import_module('additive_pos_attn.' + m.name).__name__ for m in pkgutil.iter_modules(additive_pos_attn.__path__)]
+print(json.dumps(dict(before=before, after=state(), modules=modules)))
+'''
+
+def test_import_has_no_side_effects():
+    "Importing the package and every submodule, in a fresh interpreter, registers no global torch hook and changes no torch setting."
+    import json
+    res = json.loads(run(sys.executable, '-c', SIDE_EFFECTS))
+    before, after = res['before'], res['after']
+    assert {'additive_pos_attn.demo', 'additive_pos_attn.viz'} <= set(res['modules'])
+    assert any(k.endswith('_global_optimizer_post_hooks') for k in before) and any(k.endswith('_global_forward_hooks') for k in before)
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, f"importing additive_pos_attn changed torch's global state (before, after): {changed}"
+
+
+# private torch names (`torch._C`, `torch._dynamo`, the global hook registries) are reached in one module only
+PRIVATE_TORCH = re.compile(r'torch\._|nn\.modules\.module\._global|nn\.modules\.module import[^\n]*\b_global')
+
+def test_private_torch_only_in_compat():
+    "No module of the package but `_compat.py` names torch's private API, so a torch upgrade is checked in one place."
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for path in sorted((ROOT/'additive_pos_attn').rglob('*.py')) if path.name != '_compat.py'
+             for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1) if PRIVATE_TORCH.search(line)]
+    assert not found, "private torch API outside additive_pos_attn/_compat.py:\n" + '\n'.join(found)
