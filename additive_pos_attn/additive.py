@@ -14,8 +14,8 @@ from .attention import batch_first_views, choose_path, fused_attention, module_a
 from .base import PositionalAttentionBase
 from .positions import check_init, init_table_, positional_update, resample_table
 
-# %% ../nbs/04_additive.ipynb #2bcf50d3
-def additive_reference(layer: 'AdditivePosMultiheadAttention', query: Tensor, key: Tensor, value: Tensor, *,
+# %% ../nbs/04_additive.ipynb #28fbb38a
+def additive_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *,
                        q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."
     def shifted(x, positions, mask):

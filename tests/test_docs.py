@@ -1,8 +1,9 @@
-"""The offline docs site (`python tools/build_docs.py`), checked in a real browser.
+"""The offline docs site (`python tools/build_docs.py`): the build's own checks, each cell directive the
+notebooks use, and the real site checked in a real browser.
 
-The build runs once per session into `_docs/`; the site is served on 127.0.0.1 and every page is opened in
-headless Chromium (Debian's `chromium`, driven by Playwright). Without a browser these tests are skipped with
-the reason, unless `ADDITIVE_POS_ATTN_REQUIRE_BROWSER=1` (set by `.ci/run`), which makes that a failure.
+The real site is built once per session into a temporary folder (never `_docs/`), served on 127.0.0.1, and every
+page is opened in headless Chromium (Debian's `chromium`, driven by Playwright). Without a browser those tests are
+skipped with the reason, unless `ADDITIVE_POS_ATTN_REQUIRE_BROWSER=1` (set by `.ci/run`), which makes that a failure.
 `ADDITIVE_POS_ATTN_DOCS_SIDEBAR` may name another `sidebar.yml` while chapters are being written.
 """
 import functools
@@ -22,7 +23,6 @@ from urllib.parse import urlsplit
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / '_docs'
 CHROMIUM = os.environ.get('ADDITIVE_POS_ATTN_CHROMIUM', '/usr/bin/chromium')
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
@@ -31,11 +31,11 @@ SERVER_LIFETIME_S = 600  # the server stops by itself after this, whatever happe
 API = {'PositionalAttentionBase': 'additive_pos_attn.base', 'AdditivePosMultiheadAttention': 'additive_pos_attn.additive'}
 
 
-def _build_docs_module():
-    spec = importlib.util.spec_from_file_location('build_docs', ROOT / 'tools' / 'build_docs.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _tools():
+    "`tools/build_docs.py` and `tools/_nbread.py`, imported as the scripts import each other."
+    if str(ROOT / 'tools') not in sys.path: sys.path.insert(0, str(ROOT / 'tools'))
+    import _nbread, build_docs
+    return build_docs, _nbread
 
 
 def _run_build(root=ROOT, *args):
@@ -49,20 +49,21 @@ def _need_docs_packages():
 
 
 # ------------------------------------------------------------------------------------------------
-# The build's own checks, without a browser
+# The build's own checks and each directive, on a one-chapter copy of the project
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def mini_project(tmp_path):
-    "A copy of the project's settings, tools and Quarto files, with one page, to break on purpose."
-    for f in ('settings.ini',): shutil.copy2(ROOT / f, tmp_path / f)
+    "A copy of the project's settings and tools with a home page and no chapters, to add pages to."
+    shutil.copy2(ROOT / 'settings.ini', tmp_path / 'settings.ini')
     shutil.copytree(ROOT / 'tools', tmp_path / 'tools', ignore=shutil.ignore_patterns('__pycache__'))
     nbs = tmp_path / 'nbs'
     nbs.mkdir()
-    for f in ('_quarto.yml', 'nbdev.yml', 'styles.css'): shutil.copy2(ROOT / 'nbs' / f, nbs / f)
+    shutil.copy2(ROOT / 'nbs' / 'styles.css', nbs / 'styles.css')
 
-    def notebook(name, *cells, title='A page', output_file=None):
-        fm = f"---\ntitle: {title}\noutput-file: {output_file or name.replace('.ipynb', '.html')}\n---"
+    def notebook(name, *cells, title='A page', output_file=None, description=None):
+        fm = f"---\ntitle: {title}\n" + (f"description: {description}\n" if description else '')
+        fm += f"output-file: {output_file or name.replace('.ipynb', '.html')}\n---"
         mk = lambda kind, src, outputs=(): {'cell_type': kind, 'metadata': {}, 'source': src,
                                             **({'outputs': list(outputs), 'execution_count': None} if kind == 'code' else {})}
         nb = {'cells': [mk('markdown', fm)] + [mk(*c) for c in cells], 'metadata': {
@@ -77,74 +78,76 @@ def mini_project(tmp_path):
     return tmp_path, notebook, sidebar
 
 
-def test_sidebar_must_list_every_notebook(mini_project):
-    root, notebook, sidebar = mini_project
-    notebook('01_extra.ipynb', ('markdown', 'More.'))
-    sidebar('index.ipynb', '02_gone.ipynb')
-    res = _run_build(root)
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert 'does not list nbs/01_extra.ipynb' in res.stderr and 'lists 02_gone.ipynb' in res.stderr, res.stderr
-
-
-@pytest.mark.slow
-def test_notebook_that_fails_to_process_is_named(mini_project):
+@pytest.mark.parametrize('cells, listed, messages', [
+    pytest.param([('markdown', 'More.')], ['index.ipynb', '02_gone.ipynb', 'index.ipynb'],
+                 ['does not list nbs/01_page.ipynb', 'lists 02_gone.ipynb', 'lists index.ipynb more than once'], id='sidebar'),
+    pytest.param([('code', 'from nbdev.showdoc import show_doc'), ('code', 'show_doc(no_such_name)')], None,
+                 ['nbdev could not process nbs/01_page.ipynb', 'no_such_name'], id='nbdev-error', marks=pytest.mark.slow),
+    pytest.param([('code', '1 + 1'), ('code', '#| code-fold: true\nx = 1')], None,
+                 ["nbs/01_page.ipynb, the cell 'x = 1': #| code-fold: true is not translated"], id='untranslated-option',
+                 marks=pytest.mark.slow),
+    pytest.param([('markdown', '```{no-such-directive}\n```')], None, ['no-such-directive', 'treated as errors'],
+                 id='sphinx-warning', marks=pytest.mark.slow),
+])
+def test_build_fails_naming_the_problem(mini_project, cells, listed, messages):
+    """A sidebar that does not list each notebook once, a notebook nbdev cannot process, a Quarto option the build
+    does not translate and a Sphinx warning each fail the build, with a message that says what to fix."""
     _need_docs_packages()
     root, notebook, sidebar = mini_project
-    notebook('01_broken.ipynb', ('code', 'from nbdev.showdoc import show_doc'), ('code', 'show_doc(no_such_name)'))
-    sidebar('index.ipynb', '01_broken.ipynb')
+    notebook('01_page.ipynb', *cells)
+    sidebar(*(listed or ['index.ipynb', '01_page.ipynb']))
     res = _run_build(root)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert 'nbdev could not process nbs/01_broken.ipynb' in res.stderr and 'no_such_name' in res.stderr, res.stderr
-
-
-@pytest.mark.slow
-def test_sphinx_warnings_fail_the_build(mini_project):
-    _need_docs_packages()
-    root, notebook, sidebar = mini_project
-    notebook('01_bad.ipynb', ('markdown', '```{no-such-directive}\n```'))
-    sidebar('index.ipynb', '01_bad.ipynb')
-    res = _run_build(root)
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert 'no-such-directive' in res.stderr and 'treated as errors' in res.stderr, res.stderr
+    assert all(m in res.stderr for m in messages), res.stderr
 
 
 PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=='
 
 
 @pytest.mark.slow
-def test_quarto_cell_options(mini_project):
-    "Quarto's cell options become myst-nb's: hidden input, hidden output, hidden cell, markdown spliced as is."
+def test_directives(mini_project):
+    "Each directive the notebooks use, front matter and links, as the page shows them."
     _need_docs_packages()
     root, notebook, sidebar = mini_project
     stream = lambda text: {'output_type': 'stream', 'name': 'stdout', 'text': text}
     figure = {'output_type': 'display_data', 'metadata': {}, 'data': {'image/png': PNG, 'text/plain': '<Figure>'}}
-    notebook('01_options.ipynb',
-             ('code', '#| echo: false\n#| fig-cap: "A *one-pixel* figure"\nplot_marker()', [figure]),
-             ('markdown', '::: {.callout-note}\nA callout_marker note.\n:::'),
-             ('code', '#| output: asis\n#| echo: false\nprint_marker()', [stream('Some **asis** text with $y^2$.\n')]),
-             ('code', '#| include: false\ninclude_marker()', [stream('include_output_marker\n')]),
-             ('code', '#| output: false\noutput_marker()', [stream('output_output_marker\n')]),
+    notebook('01_cells.ipynb',
+             ('code', '#| default_exp mini\ndefault_exp_marker = 1'),
+             ('code', '#| export\ndef show_me(x):\n    "Docstring with maths $y^2$."\n    return "export_body_marker"'),
+             ('code', '#| exporti\ndef _internal(): return "exporti_marker"'),
+             ('code', '#| hide\nhide_marker()', [stream('hide_output_marker\n')]),
+             ('code', '#| cuda\ncuda_marker()'),
+             ('code', '#| eval: false\neval_marker()'),
+             ('code', '#| echo: false\necho_marker()', [stream('echo_output_marker\n')]),
+             ('code', '#| fig-alt: A one-pixel figure\nplot_marker()', [figure]),
              ('code', 'shown_marker()', [stream('shown_output_marker\n')]),
-             ('markdown', 'A doc link to a page this site lacks: `AdditivePosMultiheadAttention`; one that exists: [home](index.ipynb).'),
-             title='Options', output_file='options.html')
-    sidebar('index.ipynb', '01_options.ipynb')
+             ('markdown', 'A doc link to a page this site lacks: `AdditivePosMultiheadAttention`; links home: '
+                          '[absolute](https://additive-pos-attn.github.io/additive_pos_attn/index.html), [relative](index.html).'),
+             title='Cells', output_file='cells.html', description='"The cells, with `code`."')
+    sidebar('index.ipynb', '01_cells.ipynb')
     res = _run_build(root)
     assert res.returncode == 0, res.stdout + res.stderr
-    page = (root / '_docs' / 'options.html').read_text(encoding='utf-8')
-    assert 'plot_marker' not in page and re.search(r'<img [^>]*src="([^"]+\.png)"', page)
-    img = re.search(r'<img [^>]*src="([^"]+\.png)"', page).group(1)
-    assert (root / '_docs' / img).stat().st_size > 0
-    assert 'print_marker' not in page and '<strong>asis</strong>' in page and 'class="math' in page
-    assert 'include_marker' not in page and 'include_output_marker' not in page
-    assert '>output_marker<' in page and 'output_output_marker' not in page
-    assert 'shown_marker' in page and 'shown_output_marker' in page
-    assert '#|' not in page
-    assert re.search(r'<figcaption>.*A <em>one-pixel</em> figure', page, re.S)
-    assert re.search(r'class="admonition note".*callout_marker', page, re.S) and '.callout' not in page
-    # nbdev links the name to additive.html, which this one-page site lacks: plain code, no broken link
+    page = (root / '_docs' / 'cells.html').read_text(encoding='utf-8')
+    assert re.search(r'<h1>Cells<', page)
+    assert re.search(r'class="[^"]*description.*The cells, with <code', page, re.S)
+    assert '<meta content="The cells, with code." name="description"' in page
+    # export, exporti, hide and default_exp cells are left out, code and outputs; export adds show_doc's entry
+    for marker in ('default_exp_marker', 'export_body_marker', 'exporti_marker', '_internal', 'hide_marker', 'hide_output_marker'):
+        assert marker not in page, marker
+    # show_doc's entry, with the id nbdev links to (`cells.html#show_me`) beside the one docutils gives (`show-me`)
+    assert '<span class="nbdev-anchor" id="show_me"></span>' in page and re.search(r'<section id="show-me">\s*<h\d>show_me<', page)
+    assert 'Docstring with maths' in page and 'class="math' in page
+    assert 'cuda_marker' in page and 'eval_marker' in page and '#|' not in page
+    assert 'echo_marker' not in page and 'echo_output_marker' in page
+    img = re.search(r'<img alt="A one-pixel figure" src="([^"]+\.png)"', page)
+    assert img and (root / '_docs' / img.group(1)).stat().st_size > 0
+    assert 'plot_marker' in page and 'shown_marker' in page and 'shown_output_marker' in page
+    # nbdev links the name to additive.html, which this site lacks: plain code, no broken link
     assert 'additive.html' not in page and '<span class="pre">AdditivePosMultiheadAttention</span></code>' in page
-    assert 'doc link without a target' in res.stdout
-    assert re.search(r'<a [^>]*href="index.html"[^>]*>home</a>', page)
+    assert 'doc link without a target shown as plain code: cells.html: additive.html' in res.stdout
+    assert re.search(r'<a [^>]*href="index.html"[^>]*>absolute</a>', page)
+    assert re.search(r'<a [^>]*href="index.html"[^>]*>relative</a>', page)
+    assert not (root / '_docs' / '_sources').exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,18 +167,16 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope='module')
-def site():
-    "Build the site once; return the pages the build made, in reading order."
+def site(tmp_path_factory):
+    "Build the site once into a temporary folder; return it and its pages in reading order."
     _browser_or_skip()
     _need_docs_packages()
-    args = ['--sidebar', os.environ['ADDITIVE_POS_ATTN_DOCS_SIDEBAR']] if os.environ.get('ADDITIVE_POS_ATTN_DOCS_SIDEBAR') else []
-    res = _run_build(ROOT, *args)
+    sidebar = os.environ.get('ADDITIVE_POS_ATTN_DOCS_SIDEBAR')
+    out = tmp_path_factory.mktemp('docs') / 'site'
+    res = _run_build(ROOT, '--out', str(out), *(['--sidebar', sidebar] if sidebar else []))
     print(res.stdout, res.stderr)
     assert res.returncode == 0, f"python tools/build_docs.py failed:\n{res.stdout}\n{res.stderr}"
-    bd = _build_docs_module()
-    sidebar = Path(args[1]) if args else ROOT / 'nbs' / 'sidebar.yml'
-    order = [e for _, es in bd.read_sidebar(sidebar) for e in es]
-    return bd.load_pages(order, ROOT / '_proc', ROOT / 'nbs')
+    return out, _tools()[0].chapters(sidebar)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -184,8 +185,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope='module')
 def server(site):
-    "`_docs/` served on 127.0.0.1 from a thread, shut down when the module's tests end (or after a limit)."
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_QuietHandler, directory=str(DOCS)))
+    "The built site served on 127.0.0.1 from a thread, shut down when the module's tests end (or after a limit)."
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_QuietHandler, directory=str(site[0])))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     watchdog = threading.Timer(SERVER_LIFETIME_S, httpd.shutdown)
@@ -220,7 +221,7 @@ _UNTYPESET_JS = """() => {
 }"""
 
 _PAGE_JS = """() => ({
-  images: [...document.images].map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0})),
+  images: [...document.images].map(i => ({src: i.src, alt: i.alt, ok: i.complete && i.naturalWidth > 0})),
   math: document.querySelectorAll('.math').length,
   typeset: document.querySelectorAll('mjx-container').length,
   mathWithout: [...document.querySelectorAll('.math')].filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.slice(0, 80)),
@@ -238,8 +239,9 @@ def _wait_for_mathjax(page):
 
 @pytest.mark.slow
 def test_site_in_browser(site, server, browser):
-    html_pages = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob('*.html') if '_static' not in p.parts)
-    assert {f'{p.docname}.html' for p in site} <= set(html_pages)
+    docs, pages = site
+    html_pages = sorted(p.relative_to(docs).as_posix() for p in docs.rglob('*.html') if '_static' not in p.parts)
+    assert {f'{p.docname}.html' for p in pages} <= set(html_pages)
     context = browser.new_context(viewport={'width': 1280, 'height': 1000})
     problems, foreign, math_pages = [], set(), 0
     host = urlsplit(server).hostname
@@ -257,17 +259,17 @@ def test_site_in_browser(site, server, browser):
     page.on('request', lambda r: urlsplit(r.url).scheme not in ('http', 'https', 'data', 'blob', 'about')
             and foreign.add(r.url))
 
-    bd = _build_docs_module()
+    from nbdev.processors import _hide_dirs  # the directives whose cells nbdev leaves out of the docs
+    nbread = _tools()[1]
 
-    def stored_figures(p):  # image outputs that Quarto would show, in the notebook nbdev processed
-        n = 0
-        for c in p.nbjson['cells']:
-            opts, _ = bd._cell_options(bd._src(c.get('source')))
-            if c['cell_type'] != 'code' or opts.get('include') is False or opts.get('output') is False: continue
-            n += sum(any(k.startswith('image/') for k in o.get('data', {})) for o in c.get('outputs', []))
-        return n
-    expected_sidebar = [f'{p.docname}.html' for p in site]
-    by_page = {f'{p.docname}.html': p for p in site}
+    def figures(p):
+        "The alt text (fig-alt, else None) of each image output of the cells nbdev shows."
+        import nbformat
+        cells = [c for c in nbformat.read(ROOT / 'nbs' / p.nb, as_version=4).cells
+                 if c.cell_type == 'code' and not nbread.directives(c).keys() & _hide_dirs]
+        return [nbread.directives(c).get('fig-alt') for c in cells for o in c.outputs if any(k.startswith('image/') for k in o.get('data', {}))]
+    expected_sidebar = [f'{p.docname}.html' for p in pages]
+    by_page = {f'{p.docname}.html': p for p in pages}
     for rel in html_pages:
         current['url'] = rel
         resp = page.goto(server + rel, wait_until='load')
@@ -288,7 +290,10 @@ def test_site_in_browser(site, server, browser):
             # furo links the current page as '#'; put its own name back to compare the order
             resolved = [rel if h == '#' else h.split('#')[0] for h in info['sidebar']]
             if resolved != expected_sidebar: problems.append(f"{rel}: sidebar {resolved} != sidebar.yml order {expected_sidebar}")
-            if len(info['images']) < (n := stored_figures(p)): problems.append(f"{rel}: {len(info['images'])} images, the notebook stores {n}")
+            alts = figures(p)
+            if len(info['images']) < len(alts): problems.append(f"{rel}: {len(info['images'])} images, the notebook stores {len(alts)}")
+            for alt in filter(None, alts):
+                if alt not in [i['alt'] for i in info['images']]: problems.append(f"{rel}: no image with the fig-alt {alt!r}")
             if info['h1'].rstrip('¶').strip() != p.title: problems.append(f"{rel}: title {info['h1']!r} != {p.title!r}")
             if p.description and not info['description'].strip(): problems.append(f"{rel}: description missing")
     assert math_pages > 0, "no page has maths: the MathJax check checked nothing"
@@ -306,6 +311,7 @@ def test_site_in_browser(site, server, browser):
 def test_api_entries(site, server, browser):
     "nbdev's doc links for the two classes land on their entries: heading, signature, docstring, source link."
     import additive_pos_attn, additive_pos_attn._modidx as modidx
+    docs = site[0]
     page = browser.new_page(viewport={'width': 1280, 'height': 1000})
     for name, module in API.items():
         target = modidx.d['syms'][module][f'{module}.{name}'][0]  # e.g. 'additive.html#additiveposmultiheadattention'
@@ -342,5 +348,6 @@ def test_api_entries(site, server, browser):
             _wait_for_mathjax(page)
             # typesetting moves the page after the browser scrolled to the anchor: scroll again
             page.evaluate("id => document.getElementById(id).scrollIntoView({behavior: 'instant'})", target.split('#')[1])
-            page.screenshot(path=str(DOCS / 'additive_screenshot.png'))
+            page.screenshot(path=str(docs / 'additive_screenshot.png'))
+            print(f"screenshot of the entry: {docs / 'additive_screenshot.png'}")
     page.close()

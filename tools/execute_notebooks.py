@@ -7,7 +7,7 @@ cleaned with `nbdev_clean`.
     python tools/execute_notebooks.py                       # every notebook in nbs/
     python tools/execute_notebooks.py nbs/04_additive.ipynb # some of them
 """
-import argparse, re, sys, time
+import argparse, sys, time
 from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
@@ -16,17 +16,13 @@ from fastcore.xtras import working_directory
 from nbdev.clean import nbdev_clean
 from nbdev.config import get_config
 
-_flag = re.compile(r'^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
+from _nbread import directives
 
 def skipped(cell, flags: set) -> bool:
     "Whether `nbdev_test` (without `--flags`) would skip this cell."
     if cell.cell_type != 'code': return True
-    for line in cell.source.splitlines():
-        m = _flag.match(line)
-        if not m: break
-        key, value = m.groups()
-        if key in flags or (key == 'eval' and value.lower() == 'false'): return True
-    return False
+    opts = directives(cell)
+    return bool(opts.keys() & flags) or opts.get('eval', '').lower() == 'false'
 
 def execute(path: Path, flags: set) -> float:
     "Run `path` in a fresh kernel, store its outputs in place; return the seconds it took."
