@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['random_layer', 'random_case', 'example_call', 'same_results']
 
-# %% ../nbs/10_testing.ipynb #c03a3d9b
+# %% ../nbs/10_testing.ipynb #dfcc23d4
 import torch
 
-from . import AdditivePosMultiheadAttention
+from .additive import AdditivePosMultiheadAttention
 
 # %% ../nbs/10_testing.ipynb #5ab310f8
 def random_layer(embed_dim: int = 16, num_heads: int = 4, *, max_len: int = 20, seed: int = 0, device=None,
