@@ -7,8 +7,6 @@
 Three implementations run on the same inputs with the same weights (the layer's own `attn`):
 
 - `layer`: `AdditivePosMultiheadAttention` as imported, with a random table and default positions;
-- `cached` (self-attention, eval forward only): the same layer with `eval_cache=True`, served from its kept
-  projected table;
 - `mha`: bare `nn.MultiheadAttention(x, x, x)` (cross-attention: `(x, mem, mem)`), i.e. `layer.attn` alone;
 - `floor`: the same weights as one packed input projection (`(x, mem)`: a query projection and a packed
   key/value projection), `F.scaled_dot_product_attention` and the output projection, with no positions.
@@ -17,6 +15,9 @@ The floor of a case is the faster of `mha` and `floor`: the cheapest way we know
 attention without positions. Cases: self- and cross-attention (memory as long as the query), forward in eval
 mode under `no_grad`, and forward plus backward in train mode (inputs require grad, the output's gradient is a
 fixed tensor of ones, parameter gradients accumulate as in training).
+
+The harness (timing, floor, saved bytes) is `benchmarks/harness.py`, shared with `paths.py` (which fast paths
+earn their place) and `compare.py` (a git revision of the layer against the working tree's).
 
 Timing uses `torch.utils.benchmark.Timer.blocked_autorange`: each round times every implementation of a case
 once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them.
@@ -39,164 +40,32 @@ autograd saves, leaving out the storages of parameters (autograd saves the weigh
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, ctypes, ctypes.util, json, os, platform, statistics, sys, time
-from datetime import datetime, timezone
+import argparse, json, sys
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils import benchmark
 
-from additive_pos_attn.additive import AdditivePosMultiheadAttention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (CPU_SHAPES, MODES, add_timing_args, baselines, clock, floor_of, header, layer_call, machine, make_inputs,
+                     make_layer, markdown, paired_quartiles, paired_ratio, progress, quartiles_text, saved_bytes, setup,
+                     shape_text, text_table, time_case, timed)
 
-CPU_SHAPES = [(32, 64, 128, 4), (8, 128, 256, 8), (8, 512, 256, 8), (2, 1024, 512, 8)]  # (B, T, D, H)
+from additive_pos_attn import AdditivePosMultiheadAttention
+
 CUDA_SHAPES = [(16, 2048, 1024, 16)]
 IMPLEMENTATIONS = ('layer', 'mha', 'floor')
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
-
-
-def floor_attention(attn: torch.nn.MultiheadAttention, query, key, value):
-    "Attention without positions at its cheapest: packed in-projection, SDPA, out-projection (no masks, no dropout)."
-    B, Tq, D = query.shape
-    H = attn.num_heads
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    # Heads are split with `unbind(2)` and then transposed: the backward then stacks the heads' gradients straight
-    # into the projection's (B, T, 3, H, D/H) layout; `permute(2, 0, 3, 1, 4).unbind(0)` costs one more strided copy.
-    if query is key and key is value:
-        q, k, v = (t.transpose(1, 2) for t in F.linear(query, w, b).view(B, Tq, 3, H, D // H).unbind(2))
-    else:  # cross-attention, key is value: one projection for the query, a packed one for key and value
-        wq, wkv = w.split([D, 2 * D])
-        bq, bkv = (None, None) if b is None else b.split([D, 2 * D])
-        q = F.linear(query, wq, bq).view(B, Tq, H, D // H).transpose(1, 2)
-        k, v = (t.transpose(1, 2) for t in F.linear(key, wkv, bkv).view(B, key.shape[1], 2, H, D // H).unbind(2))
-    dropout = attn.dropout if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-    return F.linear(out.transpose(1, 2).reshape(B, Tq, D), attn.out_proj.weight, attn.out_proj.bias)
-
-
-def make_layer(D, H, T, device, dtype, seed=0):
-    torch.manual_seed(seed)
-    layer = AdditivePosMultiheadAttention(D, H, max_len=2 * T, device=device, dtype=dtype)
-    with torch.no_grad(): layer.pos_emb.normal_(std=0.02)  # a trained-looking table; its values do not change the cost
-    return layer
-
-
-def _cache(layer, on, fn):
-    "`fn` run with the layer's `eval_cache` set to `on` (the same layer, so the same weights)."
-    def run():
-        layer.eval_cache = on
-        return fn()
-    return run
-
-
-def implementations(layer, x, mem, cached=False):
-    "The callables of a case (with `cached`, also the layer with `eval_cache=True`), each returning the output tensor."
-    kv = x if mem is None else mem
-    return {'layer': _cache(layer, False, lambda: layer(x, kv, kv)[0]),
-            **({'cached': _cache(layer, True, lambda: layer(x, kv, kv)[0])} if cached else {}),
-            'mha': lambda: layer.attn(x, kv, kv, need_weights=False)[0],
-            'floor': lambda: floor_attention(layer.attn, x, kv, kv)}
+def implementations(layer, x, mem):
+    "The callables of a case, each returning the output tensor: the layer, bare MHA and the floor, on the same weights."
+    return {'layer': layer_call(layer, x, mem), **baselines(layer.attn, x, mem)}
 
 
 def make_case(shape, attention, mode, device, dtype):
     "Build the layer, inputs and the timed statements of one case; returns (layer, inputs, {name: stmt})."
-    B, T, D, H = shape
-    layer = make_layer(D, H, T, device, dtype)
-    g = torch.Generator(device='cpu').manual_seed(1)
-    x = torch.randn(B, T, D, generator=g).to(device, dtype)
-    mem = None if attention == 'self' else torch.randn(B, T, D, generator=g).to(device, dtype)
-    if mode == 'forward':
-        layer.eval()
-        def timed(f):
-            def run():
-                with torch.no_grad(): f()
-            return run
-    else:
-        layer.train()
-        x.requires_grad_(True)
-        if mem is not None: mem.requires_grad_(True)
-        grad = torch.ones(B, T, D, device=device, dtype=dtype)
-        def timed(f):
-            def run(): f().backward(grad)
-            return run
-    fns = implementations(layer, x, mem, cached=mode == 'forward' and attention == 'self')
-    return layer, (x, mem), {name: timed(f) for name, f in fns.items()}
-
-
-def saved_bytes(layer, x, mem, fn):
-    "Bytes autograd saves for backward in one call of `fn`: distinct non-parameter storages, each counted once."
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen = {}
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params: seen[s.data_ptr()] = s.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
-def time_case(stmts, *, rounds, min_run_time, num_threads, timer=time.perf_counter):
-    """Interleaved rounds of timing; returns {name: (median_seconds, iqr_seconds, n_blocks, [seconds per call, by round])}.
-
-    The first round is `blocked_autorange` (which also picks how many calls make a block); later rounds time
-    blocks of that many calls for about `min_run_time` each. The order of the implementations rotates each round."""
-    names = list(stmts)
-    for f in stmts.values(): f()  # warm-up: allocator, kernels, lazy init
-    timers = {n: benchmark.Timer(stmt='f()', globals={'f': stmts[n]}, num_threads=num_threads, label=n, timer=timer) for n in names}
-    measurements, by_round, number, per_block = {n: [] for n in names}, {n: [] for n in names}, {}, {}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            if r == 0:
-                m = timers[n].blocked_autorange(min_run_time=min_run_time)
-                number[n], per_block[n] = m.number_per_run, m.median * m.number_per_run
-                measurements[n].append(m)
-                by_round[n].append(m.median)
-            else:
-                ms = [timers[n].timeit(number[n]) for _ in range(max(1, round(min_run_time / per_block[n])))]
-                measurements[n] += ms
-                by_round[n].append(statistics.median(m.median for m in ms))
-    out = {}
-    for n, ms in measurements.items():
-        m = benchmark.Measurement.merge(ms)[0]
-        out[n] = (m.median, m.iqr, len(m.times), by_round[n])
-    return out
-
-
-def paired_ratio(times, a, b):
-    "The median over rounds of the ratio of `a`'s time to `b`'s in the same round."
-    return statistics.median(x / y for x, y in zip(times[a][3], times[b][3]))
-
-
-def paired_quartiles(times, a, b):
-    "The first and third quartiles over rounds of the same ratios: the middle half of the rounds, how much they agree."
-    ratios = [x / y for x, y in zip(times[a][3], times[b][3])]
-    if len(ratios) < 2: return [ratios[0], ratios[0]]
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
-    return [q1, q3]
-
-
-def steady_malloc() -> str:
-    "Fix glibc's malloc thresholds (see the module docstring); returns what was done, for the record."
-    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    except OSError: return 'system (no C library found)'
-    if not hasattr(libc, 'mallopt') or platform.libc_ver()[0] != 'glibc': return 'system (not glibc)'
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return 'steady (glibc mallopt: mmap threshold 32 MiB, no trimming)' if ok else 'system (mallopt refused)'
-
-
-def clock(device, kind):
-    "The timer: wall time, after waiting for the GPU when there is one in play; or this process's CPU time."
-    if device == 'cuda':
-        def synchronized():
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return synchronized
-    return time.process_time if kind == 'process' else time.perf_counter
+    layer = make_layer(AdditivePosMultiheadAttention, shape, device, dtype).train(mode != 'forward')
+    x, mem, grad = make_inputs(shape, attention, mode, device, dtype)
+    return layer, (x, mem), timed(implementations(layer, x, mem), grad)
 
 
 def run(args):
@@ -205,62 +74,37 @@ def run(args):
         if args.device == 'cuda': raise SystemExit('--device cuda: CUDA is not available')
         devices.remove('cuda')
     if args.timer == 'process' and 'cuda' in devices: raise SystemExit('--timer process measures CPU time: use it with --device cpu')
-    malloc = steady_malloc() if args.malloc == 'steady' else 'system'
-    log(f'allocator: {malloc}')
-    num_threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    rounds, min_run_time = (3, 0.05) if args.quick else (args.rounds, args.min_run_time)
+    opts = setup(args)
     plan = []
     for device in devices:
         shapes, dtype = (CPU_SHAPES, torch.float32) if device == 'cpu' else (CUDA_SHAPES, torch.bfloat16)
         if args.shapes: shapes = [shapes[i] for i in args.shapes]
-        for shape in shapes:
-            for attention in ('self', 'cross'):
-                for mode in ('forward', 'forward+backward'):
-                    plan.append((device, dtype, shape, attention, mode))
-    rows, start = [], time.perf_counter()
-    for i, (device, dtype, shape, attention, mode) in enumerate(plan):
-        log(f'[{i + 1}/{len(plan)}] {device} {str(dtype).replace("torch.", "")} (B, T, D, H)={shape} {attention} {mode} '
-            f'({time.perf_counter() - start:.0f}s)')
+        plan += [(device, dtype, shape, attention, mode) for shape in shapes for attention in ('self', 'cross') for mode in MODES]
+    rows = []
+    describe = lambda c: f'{c[0]} {str(c[1]).replace("torch.", "")} (B, T, D, H)={c[2]} {c[3]} {c[4]}'
+    for device, dtype, shape, attention, mode in progress(plan, describe):
         layer, (x, mem), stmts = make_case(shape, attention, mode, device, dtype)
-        times = time_case(stmts, rounds=rounds, min_run_time=min_run_time, num_threads=num_threads, timer=clock(device, args.timer))
+        times = time_case(stmts, rounds=opts['rounds'], min_run_time=opts['min_run_time'], num_threads=opts['num_threads'],
+                          timer=clock(device, args.timer))
         row = dict(device=device, dtype=str(dtype).replace('torch.', ''), B=shape[0], T=shape[1], D=shape[2], H=shape[3],
                    attention=attention, mode=mode, **{f'{n}_ms': times[n][0] * 1e3 for n in IMPLEMENTATIONS},
                    **{f'{n}_iqr_ms': times[n][1] * 1e3 for n in IMPLEMENTATIONS},
                    blocks=min(t[2] for t in times.values()))
         row['floor_ms_min'] = min(row['mha_ms'], row['floor_ms'])
-        best = 'mha' if row['mha_ms'] < row['floor_ms'] else 'floor'  # the floor of the case: the faster by median
+        best = floor_of(times)  # the floor of the case: the faster by median
         row['layer_vs_floor'] = paired_ratio(times, 'layer', best)
         row['layer_vs_floor_quartiles'] = paired_quartiles(times, 'layer', best)
         row['layer_vs_mha'] = paired_ratio(times, 'layer', 'mha')
         row['mha_vs_floor'] = paired_ratio(times, 'mha', best)
-        row['rounds'] = rounds
-        if 'cached' in times:
-            row['cached_ms'] = times['cached'][0] * 1e3
-            row['cached_vs_floor'] = paired_ratio(times, 'cached', best)
+        row['rounds'] = opts['rounds']
         if mode == 'forward+backward':
             fns = implementations(layer, x, mem)
-            for n in IMPLEMENTATIONS: row[f'{n}_saved_bytes'] = saved_bytes(layer, x, mem, fns[n])
-            row['btd_bytes'] = shape[0] * shape[1] * shape[2] * x.element_size()
+            for n in IMPLEMENTATIONS: row[f'{n}_saved_bytes'] = saved_bytes(layer, fns[n])
+            row['btd_bytes'] = x.numel() * x.element_size()
         rows.append(row)
         del layer, x, mem, stmts
-    log(f'done in {time.perf_counter() - start:.0f}s')
-    return dict(meta={**machine(num_threads, args), 'malloc': malloc}, rows=rows)
-
-
-def machine(num_threads, args):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
-        if names: cpu = names[0]
-    except OSError: pass
-    meta = dict(date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), cpu=cpu, cores=os.cpu_count(), threads=num_threads,
-                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                command=' '.join(['python benchmarks/overhead.py'] + (argv_of(args))), timer=args.timer,
-                quick=args.quick)
-    if torch.cuda.is_available(): meta['gpu'] = torch.cuda.get_device_name()
-    return meta
+    command = ' '.join(['python benchmarks/overhead.py'] + argv_of(args))
+    return dict(meta={**machine(opts['num_threads'], command, args.timer, args.quick), 'malloc': opts['malloc']}, rows=rows)
 
 
 def argv_of(args):
@@ -275,33 +119,38 @@ def argv_of(args):
     return out
 
 
+HEAD = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor',
+        'middle half of rounds', 'layer / MHA', 'MHA / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
+
+
+def cells(rows):
+    "One row of cells per case (times in ms, saved bytes in MiB)."
+    out = []
+    for r in rows:
+        saved = ['', '', '']
+        if 'layer_saved_bytes' in r:
+            saved = [f'{r["layer_saved_bytes"] / 2**20:.2f}', f'{r["mha_saved_bytes"] / 2**20:.2f}',
+                     f'{(r["layer_saved_bytes"] - r["mha_saved_bytes"]) / r["btd_bytes"]:.2f}']
+        out.append([r['device'], r['dtype'], shape_text(r), r['attention'], r['mode'], f'{r["layer_ms"]:.3f}', f'{r["mha_ms"]:.3f}',
+                    f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}', _quartiles(r), f'{r["layer_vs_mha"]:.3f}',
+                    f'{r["mha_vs_floor"]:.3f}', *saved])
+    return out
+
+
 def table(rows):
     "The results as a fixed-width text table."
-    head = (f'{"device":6} {"dtype":8} {"(B, T, D, H)":>20} {"attention":9} {"mode":16} {"layer ms":>9} {"mha ms":>9} '
-            f'{"floor ms":>9} {"layer/floor":>11} {"middle half":>13} {"layer/mha":>9} {"mha/floor":>9} {"cached/floor":>12} {"saved MiB layer":>15} {"mha":>7} '
-            f'{"extra (BTD)":>11}')
-    lines = [head, '-' * len(head)]
-    for r in rows:
-        shape = f'({r["B"]}, {r["T"]}, {r["D"]}, {r["H"]})'
-        saved = ''
-        if 'layer_saved_bytes' in r:
-            extra = (r['layer_saved_bytes'] - r['mha_saved_bytes']) / r['btd_bytes']
-            saved = f'{r["layer_saved_bytes"] / 2**20:15.2f} {r["mha_saved_bytes"] / 2**20:7.2f} {extra:11.2f}'
-        lines.append(f'{r["device"]:6} {r["dtype"]:8} {shape:>20} {r["attention"]:9} {r["mode"]:16} {r["layer_ms"]:9.3f} '
-                     f'{r["mha_ms"]:9.3f} {r["floor_ms"]:9.3f} {r["layer_vs_floor"]:11.3f} {_quartiles(r):>13} {r["layer_vs_mha"]:9.3f} '
-                     f'{r["mha_vs_floor"]:9.3f} {_cached(r):>12} {saved}')
-    return '\n'.join(lines)
+    return text_table(HEAD, cells(rows))
+
+
+def markdown_table(rows):
+    "The results as a Markdown table (times in ms, saved bytes in MiB)."
+    return markdown(HEAD, cells(rows), left=5)
 
 
 def _quartiles(row):
     "The middle half of the rounds' ratios of the layer to the floor, `q1-q3` (absent from runs stored before it was kept)."
     q = row.get('layer_vs_floor_quartiles')
-    return f'{q[0]:.3f}-{q[1]:.3f}' if q else ''
-
-
-def _cached(row):
-    "The ratio of the layer with `eval_cache=True` to the floor, for self-attention's eval forward."
-    return f'{row["cached_vs_floor"]:.3f}' if 'cached_vs_floor' in row and row['attention'] == 'self' else ''
+    return quartiles_text(q) if q else ''
 
 
 def summary(rows):
@@ -317,15 +166,10 @@ def summary(rows):
         w = max(saved, key=lambda r: (r['layer_saved_bytes'] - r['mha_saved_bytes']) / r['btd_bytes'])
         lines.append(f'most saved for backward beyond bare MHA: {(w["layer_saved_bytes"] - w["mha_saved_bytes"]) / w["btd_bytes"]:.2f} '
                      f'(B, T, D) tensors ({w["device"]}, T={w["T"]}, {w["attention"]})')
-    cached = [r for r in self_rows if 'cached_vs_floor' in r]
-    if cached:
-        w = max(cached, key=lambda r: r['cached_vs_floor'])
-        lines.append(f'worst self-attention eval forward with eval_cache=True, ratio to the floor: {w["cached_vs_floor"]:.3f} '
-                     f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}))')
     w = max(self_rows or rows, key=lambda r: r['layer_vs_floor'])
     spread = f', middle half of the rounds {_quartiles(w)}' if _quartiles(w) else ''
     lines.append(f'worst {"self-attention " if self_rows else ""}ratio to the floor: {w["layer_vs_floor"]:.3f} '
-                 f'({w["device"]}, (B, T, D, H)=({w["B"]}, {w["T"]}, {w["D"]}, {w["H"]}), {w["mode"]}{spread})')
+                 f'({w["device"]}, (B, T, D, H)={shape_text(w)}, {w["mode"]}{spread})')
     return '\n'.join(lines)
 
 
@@ -345,9 +189,6 @@ def figure(rows):
                 if spread:
                     ax.vlines([r['T'] for r in spread], [r['layer_vs_floor_quartiles'][0] for r in spread],
                               [r['layer_vs_floor_quartiles'][1] for r in spread], color=line.get_color(), alpha=0.5)
-                if attention == 'self' and all('cached_vs_floor' in r for r in sel):
-                    ax.plot([r['T'] for r in sel], [r['cached_vs_floor'] for r in sel], ':', marker='^',
-                            label=f'{device} self-attention, {mode}, eval_cache=True')
     ax.axhline(1.0, color='black', linewidth=0.8)
     ax.axhline(1.02, color='grey', linewidth=0.8, linestyle=':', label='goal for self-attention: 1.02')
     ax.set_xscale('log', base=2)
@@ -364,48 +205,16 @@ def plot(rows, path):
     figure(rows).savefig(path, dpi=120)
 
 
-def markdown_table(rows):
-    "The results as a Markdown table (times in ms, saved bytes in MiB)."
-    head = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor',
-            'middle half of rounds', 'layer / MHA',
-            'MHA / floor', 'cached / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(['---'] * 5 + ['--:'] * (len(head) - 5)) + '|']
-    for r in rows:
-        saved = ['', '', '']
-        if 'layer_saved_bytes' in r:
-            saved = [f'{r["layer_saved_bytes"] / 2**20:.2f}', f'{r["mha_saved_bytes"] / 2**20:.2f}',
-                     f'{(r["layer_saved_bytes"] - r["mha_saved_bytes"]) / r["btd_bytes"]:.2f}']
-        cells = [r['device'], r['dtype'], f'({r["B"]}, {r["T"]}, {r["D"]}, {r["H"]})', r['attention'], r['mode'],
-                 f'{r["layer_ms"]:.3f}', f'{r["mha_ms"]:.3f}', f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}',
-                 _quartiles(r), f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', _cached(r), *saved]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--quick', action='store_true', help='fewer, shorter rounds: a smoke run under two minutes')
+    add_timing_args(p, quick_help='fewer, shorter rounds: a smoke run under two minutes')
     p.add_argument('--device', choices=['all', 'cpu', 'cuda'], default='all', help='where to run (default: cpu, and cuda when present)')
-    p.add_argument('--rounds', type=int, default=15, help='interleaved rounds per case (default 15; --quick: 3)')
-    p.add_argument('--min-run-time', type=float, default=0.1, help='seconds per implementation per round (default 0.1; --quick: 0.05)')
-    p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch.get_num_threads())')
-    p.add_argument('--timer', choices=['wall', 'process'], default='wall',
-                   help="'process' times CPU time of this process instead of wall time: steadier on a busy machine "
-                        "with --threads 1 (CPU only; it also counts the time threads spend spinning)")
-    p.add_argument('--malloc', choices=['steady', 'system'], default='steady',
-                   help="'steady' (default) fixes glibc's malloc thresholds so that page faults do not land on one "
-                        "implementation by chance; 'system' leaves the allocator as it is")
-    p.add_argument('--shapes', type=int, nargs='*', help='indices into the shape list, to run a subset')
-    p.add_argument('--json', metavar='PATH', help='write the results and a description of the machine to PATH')
     p.add_argument('--plot', metavar='PATH', help='write a plot of the ratio to the floor against T to PATH')
     args = p.parse_args(argv)
     results = run(args)
-    m = results['meta']
-    print(f'# {m["command"]}  |  {m["date"]}  |  {m["cpu"]}, {m["cores"]} cores, {m["threads"]} threads'
-          f'{"  |  " + m["gpu"] if "gpu" in m else ""}  |  torch {m["torch"]}  |  malloc {m["malloc"]}')
+    print(header(results['meta']))
     print(table(results['rows']))
-    if args.json:
-        with open(args.json, 'w') as f: json.dump(results, f, indent=1)
+    if args.json: Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot: plot(results['rows'], args.plot)
     print(summary(results['rows']))
     return results

@@ -1,0 +1,183 @@
+"""Which fast paths earn their place: each way of computing the layer, timed against the next simpler one.
+
+    python benchmarks/paths.py --threads 1 --timer process --rounds 15 --json benchmarks/paths.json
+    python benchmarks/paths.py --quick            # smoke run, under a minute
+
+The layer computes `attn(x + E, x + E, x)` for self-attention with default positions (`E = table[:T]`, the
+same rows for queries and keys, none for values). Each candidate is written here as a small function of an
+`nn.MultiheadAttention` (batch_first) and the table, in plain torch, so the benchmark does not depend on how
+the package arranges its code:
+
+- `plain`: the definition, `attn(s, s, x)` with `s = x + E` (the shifted input made once);
+- `fused`: `s` projected by one packed `(2D, D)` product for queries and keys, `x` by the `(D, D)` value
+  product, then `scaled_dot_product_attention` and the output projection;
+- `per_call` (training): the rows `[E W_qᵀ + b_q, E W_kᵀ + b_k, b_v]` projected on every call and added to
+  the floor's packed `(3D, D)` product of `x`;
+- `cached` (eval without gradients): the same rows projected once, outside the timed call (its best case:
+  every call a hit), copied into the packed product's output and the product added by `addmm_`.
+
+Before timing, every path is checked against `plain` in float64 to 1e-12: the outputs, and in training the
+gradients of `x`, the table and the in-projection weight. Eval forward under `no_grad` times plain, fused
+and cached; training forward plus backward times plain, fused and per_call, at every shape whatever the batch.
+Beside them run the floor (`harness.floor_attention` and bare MHA without positions; the faster is the floor).
+
+The rule (the issue's): a path is kept where it gains at least 3% over the next simpler path (fused over
+plain; per_call and cached over fused), paired median over rounds, at two or more of the four CPU shapes.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (CPU_SHAPES, MODES, attend, baselines, clock, command_line, floor_of, header, log, machine, make_inputs,
+                     markdown, paired, progress, quartiles_text, script, setup, shape_text, split_heads, text_table, time_case, timed)
+
+PATHS = {'forward': ('plain', 'fused', 'cached'), 'forward+backward': ('plain', 'fused', 'per_call')}
+SIMPLER = {'fused': 'plain', 'cached': 'fused', 'per_call': 'fused'}  # each path against the next simpler one
+GAIN, SHAPES_NEEDED = 0.03, 2  # the rule: a paired gain of at least 3% at two or more shapes
+
+
+def plain(attn, x, table):
+    "The definition: `attn(x + E, x + E, x)`."
+    s = x + table[:x.shape[1]]
+    return attn(s, s, x, need_weights=False)[0]
+
+
+def fused(attn, x, table):
+    "One packed `(2D, D)` product of the shifted input for queries and keys, the value product of `x`, SDPA, out-projection."
+    D, H = x.shape[-1], attn.num_heads
+    (w_qk, w_v), (b_qk, b_v) = attn.in_proj_weight.split_with_sizes([2 * D, D]), attn.in_proj_bias.split_with_sizes([2 * D, D])
+    v = split_heads(F.linear(x, w_v, b_v), H)
+    return attend(attn, *split_heads(F.linear(x + table[:x.shape[1]], w_qk, b_qk), H, 2), v)
+
+
+def project_table(attn, table):
+    "What each row of `table` adds to the packed in-projection, biases included: `[E W_qᵀ + b_q, E W_kᵀ + b_k, b_v]`, `(L, 3D)`."
+    D = attn.embed_dim
+    return F.pad(F.linear(table, attn.in_proj_weight[:2 * D]), (0, D)) + attn.in_proj_bias
+
+
+def per_call(attn, x, table):
+    "The rows of `table[:T]` projected on this call and added to the packed `(3D, D)` product of `x`."
+    qkv = F.linear(x, attn.in_proj_weight).add_(project_table(attn, table[:x.shape[1]]))
+    return attend(attn, *split_heads(qkv, attn.num_heads, 3))
+
+
+def cached(attn, x, rows):
+    "The packed product of `x` started from projected rows kept from before (`project_table`, no gradients)."
+    B, T, D = x.shape
+    qkv = x.new_empty(B, T, 3 * D).copy_(rows[:T])
+    qkv.view(-1, 3 * D).addmm_(x.reshape(-1, D), attn.in_proj_weight.t())
+    return attend(attn, *split_heads(qkv, attn.num_heads, 3))
+
+
+def make_model(shape, dtype=torch.float32, seed=0):
+    "A seeded `nn.MultiheadAttention` (batch_first, with biases) and a random `(2T, D)` table that requires grad."
+    B, T, D, H = shape
+    torch.manual_seed(seed)
+    attn = nn.MultiheadAttention(D, H, batch_first=True, dtype=dtype)
+    table = nn.Parameter(0.02 * torch.randn(2 * T, D, dtype=dtype))
+    return attn, table
+
+
+def path_calls(attn, table, x, mode):
+    "The callables of a mode (each returning the output), paths and floor, on the same weights and inputs."
+    attn.train(mode != 'forward')
+    calls = {'plain': lambda: plain(attn, x, table), 'fused': lambda: fused(attn, x, table)}
+    if mode == 'forward':
+        with torch.no_grad(): rows = project_table(attn, table)
+        calls['cached'] = lambda: cached(attn, x, rows)
+    else: calls['per_call'] = lambda: per_call(attn, x, table)
+    return {**calls, **baselines(attn, x)}
+
+
+def check(shape, tol=1e-12):
+    "Assert, in float64, that every path equals `plain`: outputs in eval mode, outputs and gradients in training."
+    attn, table = make_model(shape, torch.float64)
+    for mode in MODES:
+        x, _, grad = make_inputs(shape, 'self', mode, dtype=torch.float64)
+        calls = path_calls(attn, table, x, mode)
+        results = {}
+        for name in PATHS[mode]:
+            for t in (x, table, attn.in_proj_weight): t.grad = None
+            with torch.set_grad_enabled(grad is not None):
+                out = calls[name]()
+                if grad is not None: out.backward(grad)
+            results[name] = [out.detach()] + ([] if grad is None else [x.grad, table.grad, attn.in_proj_weight.grad])
+        for name in PATHS[mode][1:]:
+            for what, a, b in zip(('output', 'x.grad', 'table.grad', 'in_proj_weight.grad'), results[name], results['plain']):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f'{name} != plain, {what}, {mode}, {shape}: {m}')
+
+
+def run(args):
+    opts = setup(args)
+    shapes = [CPU_SHAPES[i] for i in args.shapes] if args.shapes else CPU_SHAPES
+    for shape in shapes: check(shape)
+    log(f'every path equals plain in float64 to 1e-12 at {len(shapes)} shapes (outputs; gradients of x, table, in_proj_weight)')
+    rows = []
+    for shape, mode in progress([(s, m) for s in shapes for m in MODES], lambda c: f'(B, T, D, H)={c[0]} self {c[1]}'):
+        attn, table = make_model(shape)
+        x, _, grad = make_inputs(shape, 'self', mode)
+        times = time_case(timed(path_calls(attn, table, x, mode), grad), rounds=opts['rounds'], min_run_time=opts['min_run_time'],
+                          num_threads=opts['num_threads'], timer=clock('cpu', args.timer))
+        floor = floor_of(times)
+        rows.append(dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], mode=mode, floor=floor, rounds=opts['rounds'],
+                         ms={n: t[0] * 1e3 for n, t in times.items()},
+                         vs_simpler={p: paired(times, p, SIMPLER[p]) for p in PATHS[mode][1:]},
+                         vs_floor={p: paired(times, p, floor) for p in PATHS[mode]}))
+    meta = dict(machine(opts['num_threads'], command_line('paths.py', args.argv), args.timer, args.quick), malloc=opts['malloc'])
+    return dict(meta=meta, rows=rows)
+
+
+def decide(rows, gain=GAIN, needed=SHAPES_NEEDED):
+    "Per path and mode: at how many shapes it gains at least `gain` over the next simpler path, and whether it is kept."
+    out = []
+    for mode in MODES:
+        for path in PATHS[mode][1:]:
+            sel = [r for r in rows if r['mode'] == mode]
+            passing = [shape_text(r) for r in sel if r['vs_simpler'][path]['ratio'] <= 1 - gain]
+            out.append(dict(path=path, simpler=SIMPLER[path], mode=mode, shapes=len(sel), passing=passing,
+                            keep=len(passing) >= needed))
+    return out
+
+
+def cells(rows):
+    "One row of cells per shape and path: ratio to the next simpler path (middle half of rounds), ratio to the floor."
+    out = []
+    for r in rows:
+        for path in PATHS[r['mode']][1:]:
+            s, f = r['vs_simpler'][path], r['vs_floor']
+            gain = 1 - s['ratio']
+            out.append([r['mode'], shape_text(r), f'{path} / {SIMPLER[path]}', f'{s["ratio"]:.3f}', quartiles_text(s['quartiles']),
+                        f'{gain:+.1%}', 'yes' if gain >= GAIN else 'no', f'{f[SIMPLER[path]]["ratio"]:.3f}', f'{f[path]["ratio"]:.3f}'])
+    return out
+
+
+HEAD = ['mode', '(B, T, D, H)', 'path / simpler', 'ratio', 'middle half of rounds', 'gain', 'gain >= 3%', 'simpler / floor', 'path / floor']
+
+
+def verdicts(rows):
+    "The rule applied, one line per path."
+    return '\n'.join(f'{d["path"]} over {d["simpler"]} ({d["mode"]}): {len(d["passing"])} of {d["shapes"]} shapes gain >= {GAIN:.0%}'
+                     f'{" (" + ", ".join(d["passing"]) + ")" if d["passing"] else ""}: {"keep" if d["keep"] else "delete"}'
+                     for d in decide(rows))
+
+
+def markdown_table(rows):
+    "The deciding table in Markdown."
+    return markdown(HEAD, cells(rows), left=3)
+
+
+def report(results):
+    "What the script prints: the run, the deciding table, the verdicts."
+    return '\n'.join([header(results['meta']), text_table(HEAD, cells(results['rows'])), verdicts(results['rows'])])
+
+
+def main(argv=None):
+    return script(__doc__, run, report, quick_help='fewer, shorter rounds: a smoke run under a minute', argv=argv)
+
+if __name__ == '__main__':
+    main()
