@@ -20,20 +20,19 @@ def _get_activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Calla
     if activation == 'gelu': return F.gelu
     raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
 
-# %% ../nbs/05_encoder.ipynb #9e4a187d
+# %% ../nbs/05_encoder.ipynb #bf3debc9
 class _FeedForwardBlock(nn.Module):
     "A block with torch's feed-forward sub-block: `linear2(dropout(activation(linear1(x))))`."
-    def _init_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float,
-                           activation: Union[str, Callable[[Tensor], Tensor]], bias: bool, factory_kwargs: dict):
+    def _init_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float, bias: bool, factory_kwargs: dict):
+        "The linear layers and the inner dropout; the block sets `activation` last, where torch's blocks set it."
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory_kwargs)
-        self.activation = _get_activation(activation)
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-# %% ../nbs/05_encoder.ipynb #345eebda
+# %% ../nbs/05_encoder.ipynb #e013ce9b
 class PosTransformerEncoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer encoder block around a positional attention layer.
 
@@ -81,11 +80,12 @@ class PosTransformerEncoderLayer(_FeedForwardBlock):
         factory_kwargs = {'device': device, 'dtype': dtype}
         d_model = attention.embed_dim
         self.self_attn = attention
-        self._init_feed_forward(d_model, dim_feedforward, dropout, activation, bias, factory_kwargs)
+        self._init_feed_forward(d_model, dim_feedforward, dropout, bias, factory_kwargs)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        self.activation = _get_activation(activation)  # last, as in torch: a module activation's parameters come last
 
     @property
     def d_model(self) -> int:

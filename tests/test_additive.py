@@ -163,3 +163,14 @@ def test_constructor_options():
     for error, message, kw in cases:
         with pytest.raises(error, match=message): AdditivePosMultiheadAttention(16, kw.pop('num_heads', 4), **kw)
     with pytest.raises(TypeError, match=r"missing 1 required keyword-only argument: .max_len."): AdditivePosMultiheadAttention(16, 4)
+
+
+def test_ensembles_under_vmap(device):
+    "`torch.func.vmap` over `stack_module_state` of two layers: each member computes the definition."
+    layer, x, _ = random_case(device)
+    other = copy.deepcopy(layer)
+    with torch.no_grad(): other.pos_emb.mul_(-2)
+    params, buffers = torch.func.stack_module_state([layer, other])
+    out = torch.func.vmap(lambda p, b: functional_call(layer, (p, b), (x, x, x), dict(is_causal=True))[0])(params, buffers)
+    for member, result in zip((layer, other), out):
+        _close(result, additive_reference(member, x, x, x, attn_mask=causal_mask(6, 6, device))[0])

@@ -13,7 +13,7 @@ DTYPE = torch.float64
 
 
 def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
 
 
 def _mask_kinds(attn, B, Tq, Tk, device):

@@ -65,7 +65,7 @@ def test_explicit_positions_compile(case):
 @pytest.mark.slow
 def test_compiled_layer_copies_and_saves_as_itself(case):
     """`layer.compile()` keeps a compiled forward bound to the layer; a deep copy or a saved layer must not carry it
-    (the layer's own `__getstate__` keeps `nn.Module`'s), or a copy would run the original's weights."""
+    (`nn.Module.__getstate__` drops it), or a copy would run the original's weights."""
     layer, x, _ = case
     layer.eval().compile(backend='eager')
     with torch.no_grad(): layer(x, x, x)
