@@ -80,7 +80,7 @@ def _one_thread():
     try: yield
     finally: torch.set_num_threads(threads)
 
-# %% ../nbs/06_demo.ipynb #7a353c6d
+# %% ../nbs/06_demo.ipynb #64495696
 class _Lines:
     "A stream for tqdm where a line cannot be redrawn: each redraw, `'\\r'` and the bar, becomes a line of its own."
     def __init__(self, stream): self.stream = stream
@@ -96,7 +96,8 @@ def _progress(steps: int, progress: Union[bool, Callable[[int, float], None]]):
     if progress is not True:
         yield progress or None
         return
-    from tqdm import tqdm  # the viz extra
+    try: from tqdm import tqdm
+    except ImportError as e: raise ImportError(f"progress=True draws a tqdm bar, and tqdm is missing ({e}): pip install \"additive_pos_attn[viz]\"", name='tqdm') from e
     stream = sys.stderr
     if getattr(stream, 'isatty', lambda: False)(): bar = tqdm(total=steps, file=stream, unit='step')
     else: bar = tqdm(total=steps, file=_Lines(stream), unit='step', ascii=True, leave=False,

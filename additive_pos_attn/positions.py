@@ -25,7 +25,7 @@ def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_positions.ipynb #49997604
+# %% ../nbs/02_positions.ipynb #a95bff21
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.

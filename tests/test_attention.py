@@ -127,3 +127,14 @@ def test_choose_path_sees_every_hook(register):
     try: assert choose_path(attn, need_weights=False).name == 'module'
     finally: handle.remove()
     assert choose_path(attn, need_weights=False).name == 'fused'
+
+
+def test_logit_bias_is_checked():
+    kw = dict(batch=2, num_heads=4, q_len=2, k_len=3, dtype=torch.float32)
+    cases = [(TypeError, r"logit_bias must be a float Tensor of the query's dtype torch.float32, got torch.bool", torch.ones(4, 2, 3, dtype=torch.bool)),
+             (TypeError, r"logit_bias must be a float Tensor of the query's dtype torch.float32, got torch.float64", torch.ones(4, 2, 3, dtype=DTYPE)),
+             (TypeError, r"logit_bias must be a float Tensor .*, got list", [[0.0]]),
+             (ValueError, r"logit_bias must have shape \(4, 2, 3\) or \(2, 4, 2, 3\), got \(2, 3\)", torch.ones(2, 3)),
+             (ValueError, r"logit_bias must have shape .*, got \(1, 4, 2, 3\)", torch.ones(1, 4, 2, 3))]
+    for error, message, bias in cases:
+        with pytest.raises(error, match=message): sdpa_mask(None, None, False, logit_bias=bias, **kw)
