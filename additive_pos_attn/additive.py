@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/04_additive.ipynb #df26850a
+# %% ../nbs/04_additive.ipynb #d66366b0
 from typing import Optional
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._compat import autocast_enabled, register_load_state_dict_pre_hook, reset_mha_parameters
 from .attention import batch_first_views, choose_path, fused_attention, module_attention
-from .base import PositionalAttentionBase
+from .base import PositionalAttentionBase, check_positive_int
 from .positions import check_init, init_table_, positional_update, resample_table
 
 # %% ../nbs/04_additive.ipynb #28fbb38a
@@ -33,7 +33,7 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
                           f"{max_len}), or build the layer with max_len={table.shape[0]}")
 
-# %% ../nbs/04_additive.ipynb #1646cd9b
+# %% ../nbs/04_additive.ipynb #2e170583
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -85,7 +85,8 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
     """
     def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, dropout: float = 0.0, bias: bool = True,
                  device=None, dtype=None, batch_first: bool = True, init: str = 'zeros'):
-        super().__init__(embed_dim, num_heads, max_len=max_len, batch_first=batch_first)
+        # a table has rows: unlike the base class, the layer needs an int max_len
+        super().__init__(embed_dim, num_heads, max_len=check_positive_int('max_len', max_len), batch_first=batch_first)
         self.init = check_init(init)
         factory_kwargs = {'device': device, 'dtype': dtype}
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **factory_kwargs)

@@ -45,7 +45,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim:
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[b], query.shape[t], key.shape[t]
 
-# %% ../nbs/01_base.ipynb #3abea941
+# %% ../nbs/01_base.ipynb #cd04ab8a
 _POSITION_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
@@ -53,11 +53,11 @@ def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
     if x.dim() not in (1, 2) or x.shape[-1] != length or (x.dim() == 2 and x.shape[0] != batch):
         raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(x.shape)}")
 
-def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: int,
+def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: Optional[int],
                     device: torch.device) -> Optional[Tensor]:
-    "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`."
+    "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`; `max_len=None`: any integers."
     if positions is None:
-        if length > max_len:
+        if max_len is not None and length > max_len:
             raise ValueError(f"sequence length for {name} is {length}, which exceeds max_len={max_len}; "
                              f"pass {name} or build the layer with a larger max_len")
         return None
@@ -67,7 +67,7 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
     _check_stream_shape(name, positions, batch, length)
     if positions.device != device:
         raise ValueError(f"{name} must be on the input's device {device}, got {positions.device}")
-    if positions.numel():
+    if max_len is not None and positions.numel():
         low, high = (int(v) for v in torch.aminmax(positions))
         if low < 0 or high >= max_len:
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
@@ -101,7 +101,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #88c87be9
+# %% ../nbs/01_base.ipynb #b9c51a22
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -113,7 +113,8 @@ class PositionalAttentionBase(nn.Module, ABC):
 
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads; must divide ``embed_dim``.
-        max_len (int): Number of positions the layer knows, ``[0, max_len)``.
+        max_len (int or None): Number of positions the layer knows, ``[0, max_len)``; ``None`` for a layer that
+            indexes no table by position (any integer positions; only the range and length checks are skipped).
         batch_first (bool): If ``True`` (default), inputs are ``(B, T, D)``; else ``(T, B, D)``, as for
             `torch.nn.MultiheadAttention`. Positions are ``(T,)`` or ``(B, T)`` either way.
 
@@ -122,14 +123,14 @@ class PositionalAttentionBase(nn.Module, ABC):
         embed_dim (int): Model width ``D``.
         num_heads (int): Number of attention heads ``H``.
         head_dim (int): Width of one head, ``D // H``.
-        max_len (int): Number of positions.
+        max_len (int or None): Number of positions, or ``None`` for any.
         batch_first (bool): Layout of the inputs and outputs.
     """
-    def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, batch_first: bool = True):
+    def __init__(self, embed_dim: int, num_heads: int, *, max_len: Optional[int], batch_first: bool = True):
         super().__init__()
         self.embed_dim = check_positive_int('embed_dim', embed_dim)
         self.num_heads = check_positive_int('num_heads', num_heads)
-        self.max_len = check_positive_int('max_len', max_len)
+        self.max_len = None if max_len is None else check_positive_int('max_len', max_len)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
         self.head_dim = embed_dim // num_heads
@@ -151,7 +152,7 @@ class PositionalAttentionBase(nn.Module, ABC):
         batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first)
         max_len = self.max_len
         for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
-            if positions is None and mask is None and length <= max_len: continue  # default positions that fit: nothing to check
+            if positions is None and mask is None and (max_len is None or length <= max_len): continue  # nothing to check
             check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=max_len, device=query.device)
             check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length, device=query.device)
         if attn_mask is not None or key_padding_mask is not None:

@@ -116,3 +116,22 @@ def test_check_inputs():
     with pytest.raises(TypeError, match=r"is_causal must be a bool, got float 1.5"): layer.check_inputs(x, x, x, is_causal=1.5, need_weights=False)
 
 
+
+
+def test_unbounded_positions_skip_only_the_range_check():
+    "With `max_len=None` any integer positions and any length pass; every other check still refuses, with its message."
+    layer = _Identity(8, 2, max_len=None)
+    assert layer.max_len is None
+    x, long = torch.randn(2, 5, 8), torch.randn(2, 1000, 8)
+    _eq(layer.check_inputs(x, long, long), (2, 5, 1000))
+    _eq(layer.check_inputs(x, x, x, q_positions=torch.tensor([-9, -3, 0, 10**9, 7]), k_positions=torch.tensor([[-1] * 5, [2**40] * 5])), (2, 5, 5))
+    cases = [(TypeError, r"q_positions must be an integer Tensor \(int64, int32, int16, int8 or uint8\), got dtype torch.float32",
+              dict(q_positions=torch.zeros(5))),
+             (ValueError, r"k_positions must have shape \(5,\) or \(2, 5\), got \(4,\)", dict(k_positions=torch.zeros(4, dtype=torch.long))),
+             (ValueError, r"q_position_mask must have the shape of its positions \(5,\), got \(2, 5\)",
+              dict(q_positions=torch.zeros(5, dtype=torch.long), q_position_mask=torch.ones(2, 5, dtype=torch.bool))),
+             (TypeError, r"k_position_mask must be a bool Tensor, got dtype torch.int64", dict(k_position_mask=torch.ones(5, dtype=torch.long)))]
+    for error, message, kw in cases:
+        with pytest.raises(error, match=message): layer.check_inputs(x, x, x, **kw)
+    with pytest.raises(ValueError, match=r"q_positions must be on the input's device meta, got cpu"):
+        layer.check_inputs(*[torch.empty(2, 5, 8, device='meta')] * 3, q_positions=torch.zeros(5, dtype=torch.long))
