@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from additive_pos_attn.positions import (causal_mask, init_table_, padded_positions, positional_update, resample_table,
-                                         sinusoidal_table)
+from additive_pos_attn.positions import (causal_mask, init_table_, padded_positions, positional_update, relative_bias,
+                                         resample_table, sinusoidal_table)
 
 
 def test_positional_update_matches_indexing():
@@ -85,3 +85,46 @@ def test_padded_positions_refusals():
              (ValueError, r"key_padding_mask must be 2-D \(B, T\), got shape \(5,\)", lambda: padded_positions(kpm[0]))]
     for error, message, call in cases:
         with pytest.raises(error, match=message): call()
+
+
+def _relative_by_hand(table, qp, kp, qm, km, max_distance, num_heads):
+    "The relative bias by loops: (B, H, T_q, T_k) for per-sample positions and masks (B, T)."
+    B, Tq, Tk = qp.shape[0], qp.shape[1], kp.shape[1]
+    out = torch.zeros(B, num_heads, Tq, Tk, dtype=table.dtype)
+    for b in range(B):
+        for h in range(num_heads):
+            for i in range(Tq):
+                for j in range(Tk):
+                    if not (qm[b, i] and km[b, j]): continue
+                    row = max(-max_distance, min(max_distance, int(qp[b, i]) - int(kp[b, j]))) + max_distance
+                    out[b, h, i, j] = table[row, h] if table.dim() == 2 else table[row]
+    return out
+
+
+@pytest.mark.parametrize('per_head', [True, False])
+@pytest.mark.parametrize('kind', ['default', 'shared', 'per-sample', 'masks', 'per-sample masks'])
+def test_relative_bias_matches_loops(per_head, kind):
+    torch.manual_seed(0)
+    B, Tq, Tk, H, m = 2, 4, 6, 3, 2
+    table = torch.randn(2 * m + 1, H, dtype=torch.float64) if per_head else torch.randn(2 * m + 1, dtype=torch.float64)
+    qp, kp = torch.arange(Tq), torch.arange(Tk)
+    qm, km = None, None
+    if kind == 'shared': qp, kp = torch.tensor([5, -3, 0, 9]), torch.tensor([-7, 0, 1, 2, 30, 4], dtype=torch.int16)
+    if kind in ('per-sample', 'per-sample masks'): qp, kp = torch.randint(-20, 20, (B, Tq)), torch.randint(-20, 20, (B, Tk)).to(torch.int32)
+    if kind == 'masks': qm, km = torch.tensor([True, False, True, True]), torch.tensor([True] * 4 + [False] * 2)
+    if kind == 'per-sample masks': qm, km = torch.rand(B, Tq) < 0.7, torch.rand(B, Tk) < 0.7
+    kw = dict(q_len=Tq, k_len=Tk, max_distance=m, num_heads=H)
+    bias = relative_bias(table, None if kind == 'default' else qp, None if kind == 'default' else kp, qm, km, **kw)
+    per_sample = kind.startswith('per-sample')
+    assert bias.shape == ((B, H, Tq, Tk) if per_sample else (H, Tq, Tk))
+    expand = lambda t, T: (t if t.dim() == 2 else t.expand(B, T))
+    ones = lambda T: torch.ones(B, T, dtype=torch.bool)
+    expected = _relative_by_hand(table, expand(qp, Tq), expand(kp, Tk), ones(Tq) if qm is None else expand(qm, Tq),
+                                 ones(Tk) if km is None else expand(km, Tk), m, H)
+    torch.testing.assert_close(bias.expand(B, H, Tq, Tk), expected, rtol=0, atol=0)
+
+
+def test_relative_bias_gradient_reaches_the_used_rows():
+    table = torch.zeros(7, 2, dtype=torch.float64, requires_grad=True)
+    relative_bias(table, torch.tensor([0, 1]), torch.tensor([0, 10]), q_len=2, k_len=2, max_distance=3, num_heads=2).sum().backward()
+    assert (table.grad.abs().sum(-1) > 0).nonzero().flatten().tolist() == [0, 3, 4]  # offsets -10, -9 (clipped to -3), 0, 1
