@@ -14,19 +14,31 @@ from torch import Tensor, nn
 from ._compat import has_hooks, packed_in_projection
 from .positions import causal_mask
 
-# %% ../nbs/03_attention.ipynb #e9fa8edb
+# %% ../nbs/03_attention.ipynb #5f930a79
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float('-inf'))
 
+def _bias_as_mask(logit_bias: Tensor, attn_mask: Optional[Tensor], *, batch: int, dtype: torch.dtype) -> Tensor:
+    "A logit bias `([B,] H, T_q, T_k)` plus `attn_mask` (`(T_q, T_k)` or `(B·H, T_q, T_k)`) as one float `(B·H, T_q, T_k)` mask."
+    heads, q_len, k_len = logit_bias.shape[-3:]
+    mask = logit_bias.expand(batch, heads, q_len, k_len)
+    if attn_mask is not None:
+        attn_mask = _float_mask(attn_mask, dtype)
+        mask = mask + (attn_mask.view(batch, heads, q_len, k_len) if attn_mask.dim() == 3 else attn_mask)
+    return mask.reshape(batch * heads, q_len, k_len)
+
 def module_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
                      attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                     need_weights: bool = False, average_attn_weights: bool = True,
-                     is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                     need_weights: bool = False, average_attn_weights: bool = True, is_causal: bool = False,
+                     logit_bias: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     "`attn(query, key, value, ...)`, where `is_causal=True` without an `attn_mask` stands for the causal mask."
     if is_causal and attn_mask is None:
         attn_mask = _float_mask(causal_mask(query.shape[1], key.shape[1], query.device), getattr(key_padding_mask, 'dtype', torch.bool))
+    if logit_bias is not None:  # the one way into attn's scores: a float (B·H, T_q, T_k) attn_mask
+        attn_mask, key_padding_mask = _bias_as_mask(logit_bias, attn_mask, batch=query.shape[0], dtype=query.dtype), _float_mask(key_padding_mask, query.dtype)
+        is_causal = False  # the causal mask is in attn_mask now: torch would drop attn_mask for its own causal kernel
     return attn(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 average_attn_weights=average_attn_weights, is_causal=is_causal)
 

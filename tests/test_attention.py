@@ -138,3 +138,20 @@ def test_logit_bias_is_checked():
              (ValueError, r"logit_bias must have shape .*, got \(1, 4, 2, 3\)", torch.ones(1, 4, 2, 3))]
     for error, message, bias in cases:
         with pytest.raises(error, match=message): sdpa_mask(None, None, False, logit_bias=bias, **kw)
+
+
+@pytest.mark.parametrize('bias_shape', ['shared', 'per-sample'])
+def test_module_attention_carries_the_logit_bias(device, bias_shape):
+    "The plain path with a logit bias (as a float attn_mask) is the direct path with it, under every kind of mask; dropout draws alike."
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True, dtype=DTYPE, device=device)
+    with torch.no_grad(): attn.in_proj_bias.normal_(); attn.out_proj.bias.normal_()
+    x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
+    for train in (False, True):
+        attn.train(train)
+        for key in (x, mem):
+            Tk = key.shape[1]
+            bias = torch.randn(*((4,) if bias_shape == 'shared' else (3, 4)), 6, Tk, dtype=DTYPE, device=device)
+            for kw in _mask_kinds(attn, 3, 6, Tk, device):
+                torch.manual_seed(1); out = module_attention(attn, x, key, key, logit_bias=bias, **kw)[0]
+                torch.manual_seed(1); _close(out, fused_attention(attn, x, key, key, logit_bias=bias, **kw))
