@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from additive_pos_attn.attention import (attend, choose_path, fused_attention, module_attention, project_heads,
-                                         sdpa_mask)
+from additive_pos_attn.attention import (attend, attend_with_weights, choose_path, fused_attention, module_attention,
+                                         project_heads, sdpa_mask)
 from additive_pos_attn.positions import causal_mask
 
 DTYPE = torch.float64
@@ -155,3 +155,23 @@ def test_module_attention_carries_the_logit_bias(device, bias_shape):
             for kw in _mask_kinds(attn, 3, 6, Tk, device):
                 torch.manual_seed(1); out = module_attention(attn, x, key, key, logit_bias=bias, **kw)[0]
                 torch.manual_seed(1); _close(out, fused_attention(attn, x, key, key, logit_bias=bias, **kw))
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_attend_with_weights_is_the_wrapped_module(device, train):
+    "Outputs and weights (averaged and per head) as `attn` gives them, under every mask, with a logit bias too; dropout alike."
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True, dtype=DTYPE, device=device).train(train)
+    with torch.no_grad(): attn.in_proj_bias.normal_(); attn.out_proj.bias.normal_()
+    x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
+    for key in (x, mem):
+        Tk = key.shape[1]
+        for bias in (None, torch.randn(4, 6, Tk, dtype=DTYPE, device=device)):
+            for kw in _mask_kinds(attn, 3, 6, Tk, device):
+                for average in (True, False):
+                    heads = project_heads(attn, x, key, key)
+                    torch.manual_seed(1)
+                    out, weights = attend_with_weights(attn, *heads, mask_dtype=DTYPE, logit_bias=bias, average_attn_weights=average, **kw)
+                    torch.manual_seed(1)
+                    ref, ref_weights = module_attention(attn, x, key, key, need_weights=True, average_attn_weights=average, logit_bias=bias, **kw)
+                    _close(out, ref); _close(weights, ref_weights)
