@@ -11,6 +11,7 @@ from torch.func import functional_call
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
 from additive_pos_attn.positions import causal_mask, sinusoidal_table
 from additive_pos_attn.testing import random_case
+from cases import mask_kinds, position_kinds, stream
 
 DTYPE = torch.float64
 
@@ -19,39 +20,13 @@ def _close(actual, expected, eps=1e-12):
     torch.testing.assert_close(actual, expected, rtol=0, atol=eps)
 
 
-def _masks(B, H, Tq, Tk, device):
-    "Every kind of attention mask torch accepts, for a (B, Tq, Tk) attention."
-    g = torch.Generator().manual_seed(0)
-    bool_attn = torch.rand(Tq, Tk, generator=g) < 0.3
-    bool_attn[:, 0] = False  # no fully masked row
-    kpm = torch.zeros(B, Tk, dtype=torch.bool); kpm[0, -2:] = True
-    return {'none': {}, 'bool attn_mask': dict(attn_mask=bool_attn.to(device)),
-            'float attn_mask': dict(attn_mask=torch.randn(Tq, Tk, generator=g, dtype=DTYPE).to(device)),
-            '3-D attn_mask': dict(attn_mask=torch.randn(B * H, Tq, Tk, generator=g, dtype=DTYPE).to(device)),
-            'key_padding_mask': dict(key_padding_mask=kpm.to(device)),
-            'float key_padding_mask': dict(key_padding_mask=torch.zeros(B, Tk, dtype=DTYPE).masked_fill(kpm, float('-inf')).to(device)),
-            'both': dict(attn_mask=bool_attn.to(device), key_padding_mask=kpm.to(device))}
-
-
-def _position_kinds(B, T, max_len, device):
-    "Every form of positions and position masks for one stream, as keyword suffixes."
-    shared, per_sample = torch.randperm(max_len)[:T], torch.randint(0, max_len, (B, T))
-    m1, m2 = torch.rand(T) < 0.5, torch.rand(B, T) < 0.5
-    kinds = [dict(), dict(positions=shared), dict(positions=per_sample), dict(position_mask=m1), dict(position_mask=m2),
-             dict(positions=shared, position_mask=m1), dict(positions=per_sample, position_mask=m2), dict(positions=shared.int())]
-    return [{k: v.to(device) for k, v in kind.items()} for kind in kinds]
-
-
-def _stream(prefix, kind): return {f'{prefix}_{name}': value for name, value in kind.items()}
-
-
 def test_zero_table_is_the_wrapped_module(device):
     "Every mask, with and without weights, self- and cross-attention, and is_causal as the mask it stands for."
     torch.manual_seed(0)
     layer = AdditivePosMultiheadAttention(16, 4, max_len=12, dtype=DTYPE, device=device)
     x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
     for kv in (x, mem):
-        for kw in _masks(3, 4, 6, kv.shape[1], device).values():
+        for kw in mask_kinds(3, 4, 6, kv.shape[1], device).values():
             for need_weights, avg in ((False, True), (True, True), (True, False)):
                 out, w = layer(x, kv, kv, need_weights=need_weights, average_attn_weights=avg, **kw)
                 ref, ref_w = layer.attn(x, kv, kv, need_weights=need_weights, average_attn_weights=avg, **kw)
@@ -66,9 +41,9 @@ def test_zero_table_is_the_wrapped_module(device):
 def test_every_kind_of_positions_matches_the_definition(device):
     layer, x, mem = random_case(device)
     for kv in (x, mem):
-        for qk in _position_kinds(3, 6, 20, device):
-            for kk in _position_kinds(3, kv.shape[1], 20, device):
-                kw = {**_stream('q', qk), **_stream('k', kk)}
+        for qk in position_kinds(3, 6, 20, device):
+            for kk in position_kinds(3, kv.shape[1], 20, device):
+                kw = {**stream('q', qk), **stream('k', kk)}
                 out, w = layer(x, kv, kv, need_weights=True, average_attn_weights=False, **kw)
                 ref, ref_w = additive_reference(layer, x, kv, kv, need_weights=True, average_attn_weights=False, **kw)
                 _close(out, ref); _close(w, ref_w)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch.overrides import TorchFunctionMode
@@ -17,70 +17,15 @@ from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_r
 from additive_pos_attn.attention import choose_path
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.testing import random_case, random_layer
+from strategies import (DTYPE, SETTINGS, draw_attention_masks as _attention_masks, draw_position_mask as _position_mask,
+                        draw_positions, valid_cases)
 
 VALID_EXAMPLES = 300    # the issue asks for at least 200 per run
 PATH_EXAMPLES = 100     # for self-attention with one update for queries and keys (see `_draw_valid`)
 INVALID_EXAMPLES_EACH = 20  # for each of the 11 corruptions below: 220 invalid calls per run
-DTYPE = torch.float64
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-
 def _positions(data, stream, B, T, max_len):
-    "Draw positions for one stream: absent (only when `T <= max_len`), shared `(T,)` or per-sample `(B, T)`, any int dtype."
-    kinds = (['absent'] if T <= max_len else []) + ['shared', 'per-sample']
-    kind = data.draw(st.sampled_from(kinds), label=f'{stream} positions')
-    if kind == 'absent': return None, None
-    shape = (T,) if kind == 'shared' else (B, T)
-    values = data.draw(st.lists(st.integers(0, max_len - 1), min_size=B * T if kind == 'per-sample' else T,
-                                max_size=B * T if kind == 'per-sample' else T), label=f'{stream} position values')
-    dtype = data.draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]), label=f'{stream} position dtype')
-    return torch.tensor(values, dtype=torch.int64).reshape(shape).to(dtype), shape
-
-
-def _position_mask(data, stream, B, T, shape):
-    "Draw a position mask: none, or bool with the positions' shape (`(T,)` or `(B, T)` when positions are absent)."
-    if not data.draw(st.booleans(), label=f'{stream} has position mask'): return None
-    if shape is None: shape = data.draw(st.sampled_from([(T,), (B, T)]), label=f'{stream} position mask shape')
-    n = shape[0] * (shape[1] if len(shape) == 2 else 1)
-    return torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
-
-
-def _attention_masks(data, g, B, H, Tq, Tk, is_causal):
-    """Draw `attn_mask` and `key_padding_mask`, bool or float. Key 0 is never masked, so no row is fully masked
-    (softmax over nothing is NaN). With `is_causal` the `attn_mask`, if any, is the causal mask itself: torch
-    treats the flag as a promise about the mask."""
-    kind = data.draw(st.sampled_from(['none', 'bool', 'float']), label='attn_mask kind')
-    attn_mask = None
-    if kind != 'none':
-        shape = data.draw(st.sampled_from([(Tq, Tk), (B * H, Tq, Tk)]), label='attn_mask shape')
-        if is_causal: blocked = causal_mask(Tq, Tk).expand(shape).clone()
-        else:
-            blocked = torch.rand(shape, generator=g) < data.draw(st.sampled_from([0.0, 0.3, 0.7]), label='attn_mask density')
-            blocked[..., 0] = False
-        # A float mask adds finite biases too, except the causal one, which is exactly 0 / -inf.
-        bias = torch.zeros(shape, dtype=DTYPE) if is_causal else torch.randn(shape, generator=g, dtype=DTYPE)
-        attn_mask = blocked if kind == 'bool' else bias.masked_fill(blocked, float('-inf'))
-    kpm_kind = data.draw(st.sampled_from(['none', 'bool', 'float']), label='key_padding_mask kind')
-    key_padding_mask = None
-    if kpm_kind != 'none':
-        padded = torch.rand(B, Tk, generator=g) < 0.4
-        padded[:, 0] = False
-        key_padding_mask = padded if kpm_kind == 'bool' else torch.zeros(B, Tk, dtype=DTYPE).masked_fill(padded, float('-inf'))
-    return attn_mask, key_padding_mask
-
-
-@st.composite
-def valid_cases(draw, square=False):
-    "The sizes of a random valid call, and the seed of its weights and inputs; `square`: as many keys as queries."
-    H = draw(st.sampled_from([1, 2, 4]), label='num_heads')
-    D = H * draw(st.integers(1, 3), label='head_dim')
-    B = draw(st.integers(1, 3), label='batch')
-    Tq, Tk = draw(st.integers(0, 6), label='q_len'), draw(st.integers(1, 6), label='k_len')
-    if square: Tq = Tk
-    max_len = draw(st.integers(1, 10), label='max_len')
-    seed = draw(st.integers(0, 2**31 - 1), label='seed')
-    return dict(H=H, D=D, B=B, Tq=Tq, Tk=Tk, max_len=max_len, seed=seed)
+    "Positions that index the table: `[0, max_len)`, absent only when the stream fits the table."
+    return draw_positions(data, stream, B, T, 0, max_len - 1, absent=T <= max_len)
 
 
 def _draw_valid(data, device, one_update=False):
