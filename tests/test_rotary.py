@@ -1,0 +1,416 @@
+"""`RoPEMultiheadAttention` exhaustively, on every device, in float64 to 1e-12: against `rope_reference` for every kind
+of positions, position masks and attention masks, with and without biases and weights, self- and cross-attention,
+both pair conventions; against its own `attn` where nothing is turned; dropout, gradients (with `gradcheck`),
+sequence-first inputs, the float32 angles under bfloat16 autocast, every refusal, `reset_parameters`, the state
+dict, `torch.compile`, and a derandomised property test. The chapter keeps a few of each as examples."""
+import copy, io
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from additive_pos_attn.attention import choose_path
+from additive_pos_attn.positions import causal_mask
+from additive_pos_attn.rotary import RoPEMultiheadAttention, pair_order, rope_angles, rope_reference, rotate
+
+DTYPE = torch.float64
+# Positions stay within ±1000 where the oracle is held to 1e-12: an angle near 10^4 radians carries ~1e-12 of float64
+# rounding, which two honest computations of it (the layer's and the oracle's) do not share.
+PROPERTY_EXAMPLES = 150
+SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+
+
+def _close(actual, expected, eps=1e-12):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=eps)
+
+
+def _case(device, *, bias=True, interleaved=True, batch_first=True, dropout=0.0, B=3, Tq=6, Tk=9, D=16, H=4, seed=0):
+    "A seeded layer with every parameter moved off its initial value, and inputs `x` `(B, Tq, D)`, `mem` `(B, Tk, D)`."
+    torch.manual_seed(seed)
+    layer = RoPEMultiheadAttention(D, H, bias=bias, interleaved=interleaved, batch_first=batch_first, dropout=dropout,
+                                   dtype=DTYPE, device=device)
+    with torch.no_grad():
+        for p in layer.parameters(): p.add_(torch.randn_like(p) * 0.3)
+    return layer, *(torch.randn(B, T, D, dtype=DTYPE, device=device) for T in (Tq, Tk))
+
+
+def _attention_masks(B, H, Tq, Tk, device):
+    "Every kind of attention mask the layer takes, for a (B, Tq, Tk) attention; key 0 is never masked."
+    g = torch.Generator().manual_seed(0)
+    blocked = torch.rand(Tq, Tk, generator=g) < 0.3
+    blocked[:, 0] = False
+    padded = torch.zeros(B, Tk, dtype=torch.bool); padded[0, max(1, Tk - 2):] = True
+    kinds = {'none': {}, 'bool 2-D': dict(attn_mask=blocked), 'float 2-D': dict(attn_mask=torch.randn(Tq, Tk, generator=g, dtype=DTYPE)),
+             'bool 3-D': dict(attn_mask=blocked.repeat(B * H, 1, 1)), 'float 3-D': dict(attn_mask=torch.randn(B * H, Tq, Tk, generator=g, dtype=DTYPE)),
+             'bool padding': dict(key_padding_mask=padded),
+             'float padding': dict(key_padding_mask=torch.zeros(B, Tk, dtype=DTYPE).masked_fill(padded, float('-inf'))),
+             'both': dict(attn_mask=blocked, key_padding_mask=padded)}
+    return {name: {k: v.to(device) for k, v in kw.items()} for name, kw in kinds.items()}
+
+
+def _stream_kinds(prefix, B, T, device):
+    "Every form of positions and position masks for one stream: default, shared, per-sample, negative, small int dtypes."
+    g = torch.Generator().manual_seed(T)
+    shared, per_sample = torch.randint(-40, 40, (T,), generator=g), torch.randint(0, 1000, (B, T), generator=g)
+    m1, m2 = torch.rand(T, generator=g) < 0.5, torch.rand(B, T, generator=g) < 0.5
+    kinds = [{}, dict(positions=shared), dict(positions=per_sample), dict(position_mask=m1), dict(position_mask=m2),
+             dict(positions=shared, position_mask=m1), dict(positions=per_sample, position_mask=m2),
+             dict(positions=shared.to(torch.int8)), dict(positions=per_sample.int())]
+    return [{f'{prefix}_{k}': v.to(device) for k, v in kind.items()} for kind in kinds]
+
+
+def _check_against_reference(layer, query, key, value, **kw):
+    "The layer with and without weights (per head and averaged) equals the oracle; returns the output."
+    ref, ref_weights = rope_reference(layer, query, key, value, need_weights=True, average_attn_weights=False, **kw)
+    out, weights = layer(query, key, value, need_weights=True, average_attn_weights=False, **kw)
+    _close(out, ref); _close(weights, ref_weights)
+    out, weights = layer(query, key, value, need_weights=True, **kw)
+    _close(out, ref); _close(weights, ref_weights.mean(dim=1))
+    out, weights = layer(query, key, value, **kw)
+    _close(out, ref); assert weights is None
+    return out
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('interleaved', [True, False])
+def test_every_mask_matches_the_definition(device, bias, interleaved):
+    layer, x, mem = _case(device, bias=bias, interleaved=interleaved)
+    positions = dict(q_positions=torch.arange(6, device=device) * 3 - 7)
+    for kv in (x, mem):
+        for kw in _attention_masks(3, 4, 6, kv.shape[1], device).values():
+            _check_against_reference(layer, x, kv, kv, **kw)
+            _check_against_reference(layer, x, kv, kv, **positions, **kw)
+        causal = causal_mask(6, kv.shape[1], device)
+        for extra in ({}, dict(attn_mask=causal), dict(key_padding_mask=_attention_masks(3, 4, 6, kv.shape[1], device)['bool padding']['key_padding_mask'])):
+            ref = rope_reference(layer, x, kv, kv, **{**extra, 'attn_mask': causal}, need_weights=True)
+            for need_weights in (False, True):
+                out, weights = layer(x, kv, kv, is_causal=True, need_weights=need_weights, **extra)
+                _close(out, ref[0])
+                if need_weights: _close(weights, ref[1])
+
+
+def test_every_kind_of_positions_matches_the_definition(device):
+    "Self- and cross-attention, each stream with its own positions and position masks, in every form."
+    layer, x, mem = _case(device)
+    for kv in (x, mem):
+        for q_kind in _stream_kinds('q', 3, 6, device):
+            for k_kind in _stream_kinds('k', 3, kv.shape[1], device):
+                _check_against_reference(layer, x, kv, kv, **q_kind, **k_kind)
+    value = torch.randn_like(mem)  # key and value apart
+    _check_against_reference(layer, x, mem, value, q_positions=torch.tensor([-3, -2, -1, 0, 1, 2], device=device))
+
+
+@pytest.mark.parametrize('interleaved', [True, False])
+def test_where_nothing_turns_it_is_the_wrapped_module(device, interleaved):
+    "All positions equal (0 or not, shared or per sample), or every position mask False: `nn.MultiheadAttention`."
+    layer, x, mem = _case(device, interleaved=interleaved)
+    assert (layer(x, mem, mem)[0] - layer.attn(x, mem, mem)[0]).abs().max() > 1e-3  # a fresh layer turns
+    long = lambda *shape, value: torch.full(shape, value, dtype=torch.long, device=device)
+    off = lambda *shape: torch.zeros(shape, dtype=torch.bool, device=device)
+    nothing_turns = [dict(q_positions=long(6, value=0), k_positions=long(9, value=0)),
+                     dict(q_positions=long(3, 6, value=-11), k_positions=long(9, value=-11)),
+                     dict(q_positions=torch.arange(3, device=device)[:, None].expand(3, 6), k_positions=torch.arange(3, device=device)[:, None].expand(3, 9)),
+                     dict(q_position_mask=off(6), k_position_mask=off(3, 9)),
+                     dict(q_positions=long(6, value=4), k_position_mask=off(9), q_position_mask=off(6))]
+    for kw in nothing_turns:
+        for masks in _attention_masks(3, 4, 6, 9, device).values():
+            for need_weights, average in ((False, True), (True, True), (True, False)):
+                out, weights = layer(x, mem, mem, need_weights=need_weights, average_attn_weights=average, **kw, **masks)
+                ref, ref_weights = layer.attn(x, mem, mem, need_weights=need_weights, average_attn_weights=average, **masks)
+                _close(out, ref)
+                if need_weights: _close(weights, ref_weights)
+
+
+def test_position_masks_turn_single_tokens_off(device):
+    layer, x, _ = _case(device)
+    mask = torch.ones(3, 6, dtype=torch.bool, device=device); mask[1] = False
+    out = layer(x, x, x, q_position_mask=mask, k_position_mask=mask)[0]
+    _close(out[0], layer(x[:1], x[:1], x[:1])[0][0])
+    _close(out[1], layer.attn(x[1:2], x[1:2], x[1:2])[0][0])
+    positions = torch.arange(6, device=device) + 100  # a masked token's position is never read
+    garbage = torch.where(mask[0], positions, torch.randint(-10**6, 10**6, (6,), device=device))
+    _close(layer(x, x, x, q_positions=garbage, q_position_mask=mask[0])[0], layer(x, x, x, q_positions=positions, q_position_mask=mask[0])[0])
+
+
+def test_shifting_every_position_changes_nothing(device):
+    "Only offsets count: the same integer added to both streams' positions (per sample too) gives the same output."
+    layer, x, mem = _case(device)
+    qp, kp = torch.randint(-30, 30, (3, 6), device=device), torch.randint(-30, 30, (9,), device=device)
+    out = layer(x, mem, mem, q_positions=qp, k_positions=kp)[0]
+    for shift in (1, -17, 4096):
+        _close(layer(x, mem, mem, q_positions=qp + shift, k_positions=kp + shift)[0], out)
+    per_sample = torch.tensor([[0], [5], [-300]], device=device)
+    _close(layer(x, mem, mem, q_positions=qp + per_sample, k_positions=kp + per_sample)[0], out)
+
+
+def test_left_padding_needs_no_positions(device):
+    layer, x, _ = _case(device)
+    lengths = torch.tensor([6, 4, 1], device=device)
+    kpm = torch.arange(6, device=device) < (6 - lengths)[:, None]
+    out = layer(x.masked_fill(kpm[..., None], 123.0), x.masked_fill(kpm[..., None], 123.0), x, key_padding_mask=kpm)[0]
+    for b, n in enumerate(lengths.tolist()):
+        alone = x[b:b + 1, 6 - n:]
+        _close(out[b, 6 - n:], layer(alone, alone, alone)[0][0])
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_dropout_paths_agree(device, bias):
+    "With dropout in training mode, the same seed drops the same weights with and without `need_weights`."
+    layer, x, mem = _case(device, bias=bias, dropout=0.5)
+    for kv, kw in ((x, dict(is_causal=True)), (mem, _attention_masks(3, 4, 6, 9, device)['both'])):
+        torch.manual_seed(1); fused = layer(x, kv, kv, **kw)[0]
+        torch.manual_seed(1); with_weights = layer(x, kv, kv, need_weights=True, **kw)[0]
+        _close(fused, with_weights)
+        torch.manual_seed(2); assert not torch.allclose(layer(x, kv, kv, **kw)[0], fused)
+    layer.eval()
+    _close(layer(x, mem, mem)[0], rope_reference(layer, x, mem, mem)[0])
+
+
+def test_gradcheck(device):
+    layer, x, mem = _case(device, B=2, Tq=3, Tk=4, D=8, H=2)
+    qp, km = torch.tensor([5, -1, 2], device=device), torch.tensor([True, False, True, True], device=device)
+    params = dict(layer.named_parameters())
+    def f(q, k, v, weight):
+        out = torch.func.functional_call(layer, {**params, 'attn.in_proj_weight': weight}, (q, k, v),
+                                         dict(q_positions=qp, k_position_mask=km, is_causal=True))
+        return out[0]
+    assert torch.autograd.gradcheck(f, [t.detach().clone().requires_grad_() for t in (x, mem, mem, layer.attn.in_proj_weight)])
+
+
+def test_gradients_match_the_definition(device):
+    layer, x, mem = _case(device)
+    kw = dict(q_positions=torch.randint(-9, 9, (3, 6), device=device), k_position_mask=torch.rand(9, device=device) < 0.5)
+    wrt = [x.requires_grad_(), mem.requires_grad_(), *layer.parameters()]
+    for need_weights in (False, True):
+        grads = torch.autograd.grad(layer(x, mem, mem, need_weights=need_weights, **kw)[0].square().sum(), wrt)
+        for grad, ref in zip(grads, torch.autograd.grad(rope_reference(layer, x, mem, mem, **kw)[0].square().sum(), wrt)): _close(grad, ref)
+
+
+def test_sequence_first_is_the_batch_first_layer(device):
+    layer, x, mem = _case(device)
+    seq_first = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, batch_first=False)
+    seq_first.load_state_dict(layer.state_dict())
+    kw = dict(q_positions=torch.randint(-20, 20, (3, 6), device=device), k_position_mask=torch.rand(9, device=device) < 0.5,
+              key_padding_mask=_attention_masks(3, 4, 6, 9, device)['bool padding']['key_padding_mask'], need_weights=True)
+    out, weights = seq_first(x.transpose(0, 1), mem.transpose(0, 1), mem.transpose(0, 1), **kw)
+    ref, ref_weights = rope_reference(layer, x, mem, mem, **kw)
+    assert out.shape == (6, 3, 16)
+    _close(out.transpose(0, 1), ref); _close(weights, ref_weights)
+    xt = x.transpose(0, 1).contiguous()  # self-attention, one tensor, as a sequence-first model passes it
+    _close(seq_first(xt, xt, xt, is_causal=True)[0].transpose(0, 1), layer(x, x, x, is_causal=True)[0])
+    with pytest.raises(ValueError, match=r"q_positions must have shape \(6,\) or \(3, 6\), got \(6, 3\)"):
+        seq_first(xt, xt, xt, q_positions=torch.zeros(6, 3, dtype=torch.long, device=device))
+
+
+def test_the_conventions_differ_by_an_order_of_rows(device):
+    "A checkpoint of either convention, its query and key rows reordered by `pair_order`, runs in a layer of the other."
+    torch.manual_seed(0)
+    heads = torch.randn(2, 3, 5, 8, dtype=DTYPE, device=device)
+    positions = torch.randint(-100, 100, (2, 5), device=device)
+    order = pair_order(8).to(device)
+    _close(rotate(heads, positions, interleaved=False), rotate(heads[..., order], positions)[..., order.argsort()])
+    for source_interleaved in (True, False):
+        source, x, mem = _case(device, interleaved=source_interleaved)
+        target = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=not source_interleaved)
+        rows = pair_order(4, 4).to(device)
+        if source_interleaved: rows = rows.argsort()  # interleaved -> half-split: the inverse order
+        checkpoint = source.state_dict()
+        for name in ('attn.in_proj_weight', 'attn.in_proj_bias'):
+            q_rows, k_rows, v_rows = checkpoint[name].chunk(3)
+            checkpoint[name] = torch.cat((q_rows[rows], k_rows[rows], v_rows))
+        kw = dict(q_positions=torch.randint(-50, 50, (3, 6), device=device), need_weights=True)
+        target.load_state_dict(source.state_dict())  # the rows as they are: another layer
+        assert (target(x, mem, mem, **kw)[0] - source(x, mem, mem, **kw)[0]).abs().max() > 1e-3
+        target.load_state_dict(checkpoint)
+        for a, b in zip(target(x, mem, mem, **kw), source(x, mem, mem, **kw)): _close(a, b)
+
+
+def test_angles_are_float32_under_bfloat16_autocast():
+    "At large positions bfloat16 angles are wrong by radians; the layer's, computed in float32, are not."
+    positions = torch.tensor([1001, 4097, 30001, 65537])
+    exact = rope_angles(positions, 64, dtype=DTYPE)
+    assert (rope_angles(positions, 64, dtype=torch.bfloat16).double() - exact).abs().max() > 40
+    _close(rope_angles(positions, 64).double(), exact, 2e-3)
+    torch.manual_seed(0)
+    heads = torch.randn(2, 4, 4, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        turned = rotate(heads.bfloat16(), positions)
+    assert turned.dtype == torch.bfloat16
+    _close(turned.double(), rotate(heads.double(), positions), 0.05)  # bfloat16 rounding of values of size ~3
+    layer = RoPEMultiheadAttention(16, 4)
+    x = torch.randn(2, 4, 16)
+    kw = dict(q_positions=positions, k_positions=positions.flip(0), is_causal=True)
+    ref = rope_reference(layer, x, x, x, q_positions=positions, k_positions=positions.flip(0), attn_mask=causal_mask(4, 4))[0]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for need_weights in (False, True):
+            out = layer(x, x, x, need_weights=need_weights, **kw)[0]
+            _close(out.double(), ref, 0.03 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize('dtype, eps', [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])  # relative to the largest output
+def test_lower_precisions_follow_the_float64_definition(device, dtype, eps):
+    layer, x, mem = _case(device)
+    kw = dict(q_positions=torch.tensor([3000, 1, 4, 1, 5, 9], device=device), k_positions=torch.arange(9, device=device) * 300)
+    ref = rope_reference(layer, x, mem, mem, **kw)[0]
+    out = copy.deepcopy(layer).to(dtype)(x.to(dtype), mem.to(dtype), mem.to(dtype), **kw)[0]
+    assert out.dtype == dtype
+    _close(out.double().detach(), ref.detach(), eps * ref.abs().max().item())
+
+
+@pytest.mark.parametrize('embed_dim, num_heads, head_dim', [(12, 4, 3), (5, 1, 5), (6, 6, 1)])
+def test_odd_head_dim_is_refused(embed_dim, num_heads, head_dim):
+    with pytest.raises(ValueError, match=rf"head_dim = embed_dim // num_heads must be even, got embed_dim={embed_dim}, "
+                                         rf"num_heads={num_heads}, head_dim={head_dim}"):
+        RoPEMultiheadAttention(embed_dim, num_heads)
+    with pytest.raises(ValueError, match=r"x's last dimension must be even, got shape \(2, 3\)"): rotate(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize('value, error, message', [
+    (-1.0, ValueError, r"rope_base must be a positive, finite float, got -1.0"), (0, ValueError, r"got 0"),
+    (float('inf'), ValueError, r"got inf"), (float('nan'), ValueError, r"got nan"),
+    ('10000', TypeError, r"rope_base must be a float, got str '10000'"), (True, TypeError, r"got bool True"),
+    (torch.tensor(10000.0), TypeError, r"rope_base must be a float, got Tensor")])
+def test_bad_rope_base_is_refused(value, error, message):
+    with pytest.raises(error, match=message): RoPEMultiheadAttention(16, 4, rope_base=value)
+
+
+def test_other_bad_arguments_are_refused():
+    assert RoPEMultiheadAttention(16, 4, rope_base=500).rope_base == 500.0  # an int base is a float base
+    with pytest.raises(TypeError, match=r"interleaved must be a bool, got int 1"): RoPEMultiheadAttention(16, 4, interleaved=1)
+    with pytest.raises(TypeError, match=r"batch_first must be a bool"): RoPEMultiheadAttention(16, 4, batch_first=None)
+    with pytest.raises(ValueError, match=r"embed_dim must be divisible by num_heads, got embed_dim=16, num_heads=3"): RoPEMultiheadAttention(16, 3)
+    with pytest.raises(TypeError, match=r"max_len"): RoPEMultiheadAttention(16, 4, max_len=8)
+
+
+def test_bad_inputs_are_refused_by_the_base_checks(device):
+    layer, x, mem = _case(device)
+    long = dict(dtype=torch.long, device=device)
+    refusals = [
+        (TypeError, r"q_positions must be an integer Tensor \(int64, int32, int16, int8 or uint8\), got dtype torch.float64",
+         dict(q_positions=torch.zeros(6, dtype=DTYPE, device=device))),
+        (TypeError, r"k_positions must be an integer Tensor, got list", dict(k_positions=list(range(9)))),
+        (ValueError, r"k_positions must have shape \(9,\) or \(3, 9\), got \(3, 6\)", dict(k_positions=torch.zeros(3, 6, **long))),
+        (ValueError, r"q_positions must have shape \(6,\) or \(3, 6\), got \(2, 6\)", dict(q_positions=torch.zeros(2, 6, **long))),
+        (ValueError, r"q_position_mask must have the shape of its positions \(6,\), got \(3, 6\)",
+         dict(q_positions=torch.zeros(6, **long), q_position_mask=torch.ones(3, 6, dtype=torch.bool, device=device))),
+        (TypeError, r"k_position_mask must be a bool Tensor, got dtype torch.int64", dict(k_position_mask=torch.ones(9, **long))),
+        (ValueError, r"attn_mask must have shape \(6, 9\) or \(12, 6, 9\), got \(6, 6\)", dict(attn_mask=torch.zeros(6, 6, dtype=torch.bool, device=device))),
+        (TypeError, r"key_padding_mask must be bool or of the query's dtype torch.float64, got dtype torch.float32",
+         dict(key_padding_mask=torch.zeros(3, 9, device=device))),
+        (TypeError, r"need_weights must be a bool, got int 1", dict(need_weights=1))]
+    if device == 'cuda':
+        refusals.append((ValueError, r"q_positions must be on the input's device cuda:0, got cpu", dict(q_positions=torch.arange(6))))
+    else:
+        refusals.append((ValueError, r"q_positions must be on the input's device cpu, got meta", dict(q_positions=torch.arange(6, device='meta'))))
+    for error, message, kw in refusals:
+        with pytest.raises(error, match=message): layer(x, mem, mem, **kw)
+    with pytest.raises(TypeError, match=r"query must have the layer's dtype torch.float64 \(or run under autocast\), got torch.float32"):
+        layer(x.float(), mem.float(), mem.float())
+    with pytest.raises(ValueError, match=r"query must be 3-D \(B, T, D\), got shape \(6, 16\)"): layer(x[0], x[0], x[0])
+
+
+def test_what_needs_a_call_of_attn_is_refused(device):
+    "A hook on `attn`, or a `forward` of its own: the layer never calls `attn`, so it refuses, quoting `choose_path`."
+    layer, x, _ = _case(device)
+    expected = layer(x, x, x)[0]
+    for register in (layer.attn.register_forward_hook, layer.attn.register_forward_pre_hook):
+        handle = register(lambda *args: None)
+        with pytest.raises(ValueError, match=r"never calls its attn .*: attn has hooks, which only a call of attn runs"):
+            layer(x, x, x, need_weights=True)
+        handle.remove()
+    layer.attn.forward = lambda *args, **kwargs: None
+    with pytest.raises(ValueError, match=r"never calls its attn .*: attn has a forward of its own"): layer(x, x, x)
+    del layer.attn.forward
+    assert choose_path(layer.attn, need_weights=False).name == 'fused'
+    _close(layer(x, x, x)[0], expected)
+
+
+def test_reset_parameters_state_dict_and_repr(device):
+    layer, x, mem = _case(device, interleaved=False)
+    assert list(layer.state_dict()) == ['attn.in_proj_weight', 'attn.in_proj_bias', 'attn.out_proj.weight', 'attn.out_proj.bias']
+    assert list(layer.buffers()) == []
+    buffer = io.BytesIO(); torch.save(layer.state_dict(), buffer); buffer.seek(0)
+    loaded = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=False)
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    kw = dict(q_positions=torch.tensor([2, 7, 1, 8, 2, 8], device=device))
+    _close(loaded(x, mem, mem, **kw)[0], layer(x, mem, mem, **kw)[0])
+    plain = nn.MultiheadAttention(16, 4, batch_first=True, dtype=DTYPE, device=device)  # a plain checkpoint loads too
+    loaded.attn.load_state_dict(plain.state_dict())
+    layer.reset_parameters()
+    assert layer.attn.in_proj_bias.abs().sum() == 0 and layer.attn.out_proj.bias.abs().sum() == 0
+    assert repr(layer).splitlines()[1] == "  embed_dim=16, num_heads=4, rope_base=10000.0, interleaved=False"
+    assert 'batch_first=False' in repr(RoPEMultiheadAttention(8, 2, batch_first=False, rope_base=10.0))
+
+
+def test_empty_sequences(device):
+    layer, x, mem = _case(device)
+    out, weights = layer(x[:, :0], mem, mem, need_weights=True)
+    assert out.shape == (3, 0, 16) and weights.shape == (3, 0, 9)
+
+
+@pytest.mark.slow
+def test_default_positions_compile_to_one_graph(device):
+    torch._dynamo.reset()
+    layer, x, _ = _case(device)
+    try:
+        explanation = torch._dynamo.explain(layer)(x, x, x, is_causal=True)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        compiled = torch.compile(layer, fullgraph=True)
+        out, eager = compiled(x, x, x, is_causal=True)[0], layer(x, x, x, is_causal=True)[0]
+        torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out, rope_reference(layer, x, x, x, attn_mask=causal_mask(6, 6, device))[0], rtol=1e-10, atol=1e-12)
+        grads, eager_grads = (torch.autograd.grad(y.square().sum(), layer.attn.in_proj_weight) for y in (out, eager))
+        torch.testing.assert_close(grads, eager_grads, rtol=1e-10, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+
+
+def _draw_call(data, device):
+    "A random valid call: `(layer, query, key, value, kwargs, oracle kwargs)`, inputs batch first as the oracle takes them."
+    H = data.draw(st.sampled_from([1, 2, 4]), label='num_heads')
+    D = H * 2 * data.draw(st.integers(1, 3), label='head_dim / 2')
+    B, Tq, Tk = data.draw(st.integers(1, 3), label='batch'), data.draw(st.integers(0, 5), label='q_len'), data.draw(st.integers(1, 5), label='k_len')
+    seed = data.draw(st.integers(0, 2**31 - 1), label='seed')
+    torch.manual_seed(seed)
+    layer = RoPEMultiheadAttention(D, H, dtype=DTYPE, bias=data.draw(st.booleans(), label='bias'),
+                                   interleaved=data.draw(st.booleans(), label='interleaved'),
+                                   batch_first=data.draw(st.booleans(), label='batch_first'),
+                                   rope_base=data.draw(st.sampled_from([10000.0, 500.0, 2.0]), label='rope_base'))
+    with torch.no_grad():
+        for p in layer.parameters(): p.add_(torch.randn_like(p) * 0.3)
+    layer.train(data.draw(st.booleans(), label='training'))  # dropout is 0: both modes are deterministic
+    query = torch.randn(B, Tq, D, dtype=DTYPE)
+    if Tq == Tk and data.draw(st.booleans(), label='self-attention'): key = value = query
+    else: key = value = torch.randn(B, Tk, D, dtype=DTYPE)
+    kw = {}
+    for stream, T in (('q', Tq), ('k', Tk)):
+        shape = data.draw(st.sampled_from([None, (T,), (B, T)]), label=f'{stream} positions shape')
+        if shape is not None:
+            kw[f'{stream}_positions'] = torch.randint(-1000, 1000, shape).to(data.draw(st.sampled_from([torch.int64, torch.int32, torch.int16])))
+        if data.draw(st.booleans(), label=f'{stream} position mask'):
+            kw[f'{stream}_position_mask'] = torch.rand(shape or data.draw(st.sampled_from([(T,), (B, T)]))) < 0.5
+    masks = _attention_masks(B, H, Tq, Tk, 'cpu')
+    kw.update(masks[data.draw(st.sampled_from(sorted(masks)), label='attention masks')])
+    is_causal = 'attn_mask' not in kw and data.draw(st.booleans(), label='is_causal')
+    flags = dict(need_weights=data.draw(st.booleans(), label='need_weights'), average_attn_weights=data.draw(st.booleans(), label='average'))
+    oracle_kw = {**kw, **flags, **({'attn_mask': causal_mask(Tq, Tk)} if is_causal else {})}
+    to = lambda d: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+    moved = {id(t): t.to(device) for t in (query, key)}
+    return layer.to(device), moved[id(query)], moved[id(key)], moved[id(value)], to({**kw, **flags, 'is_causal': is_causal}), to(oracle_kw)
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, **SETTINGS)
+@given(data=st.data())
+def test_random_valid_calls_match_the_definition(device, data):
+    "Random valid calls (sizes, conventions, layouts, positions, masks, flags) give the oracle's output and weights."
+    layer, query, key, value, kw, oracle_kw = _draw_call(data, device)
+    inputs = {id(t): t if layer.batch_first else t.transpose(0, 1).contiguous() for t in (query, key, value)}  # `is` kept
+    out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
+    ref, ref_weights = rope_reference(layer, query, key, value, **oracle_kw)
+    _close(out if layer.batch_first else out.transpose(0, 1), ref)
+    if kw['need_weights']: _close(weights, ref_weights)
+    else: assert weights is None
