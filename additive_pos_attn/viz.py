@@ -2,9 +2,11 @@
 
 # %% auto #0
 __all__ = ['plot_training', 'plot_pos_emb', 'pos_similarity', 'plot_pos_similarity', 'plot_attention_maps', 'LogitTerms',
-           'logit_terms', 'term_magnitudes', 'plot_logit_terms']
+           'logit_terms', 'term_magnitudes', 'plot_logit_terms', 'plot_relative_bias', 'RotaryDecay',
+           'rotary_score_decay', 'plot_rotary_decay']
 
-# %% ../nbs/09_visualise.ipynb #606d06e9
+# %% ../nbs/09_visualise.ipynb #24699c0c
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -13,7 +15,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .additive import AdditivePosMultiheadAttention
+from .base import check_positive_int
 from .positions import positional_update
+from .rotary import _check_rope_base, rope_frequencies
 
 # %% ../nbs/09_visualise.ipynb #7edb50ac
 def plot_training(curves: dict[str, Sequence[float]], *, reference: Optional[float] = None,
@@ -156,4 +160,90 @@ def plot_logit_terms(terms: LogitTerms, *, example: int = 0, head: Optional[int]
     ax.set(xticks=range(heads), xticklabels=[f'head {h}' for h in range(heads)], ylabel='mean |term|',
            title='Mean magnitude over the batch, per head')
     ax.legend(fontsize=8)
+    return fig
+
+# %% ../nbs/09_visualise.ipynb #a1ab7c89
+def _relative_table(source) -> Tensor:
+    "The relative table of `source`, a layer with a `rel_bias` or a `(2m+1, H)` or `(2m+1,)` table, as float32 on the CPU."
+    table = getattr(source, 'rel_bias', source)
+    if not isinstance(table, Tensor) or table.dim() not in (1, 2):
+        raise TypeError(f"expected a layer with a rel_bias or a (2m+1, H) or (2m+1,) table, got {type(source).__name__}")
+    if table.shape[0] % 2 == 0:
+        raise ValueError(f"a relative table has 2 * max_distance + 1 rows, an odd number; got {table.shape[0]}")
+    return table.detach().float().cpu()
+
+# %% ../nbs/09_visualise.ipynb #908f7aaa
+def plot_relative_bias(source, *, heads: Optional[Sequence[int]] = None, title: str = 'Relative bias per offset') -> Figure:
+    """The bias each head adds to its logits against the offset ``p_q - p_k``, from a layer or its ``(2m+1, H)`` table
+    (``(2m+1,)``, shared by the heads: one line); `heads` picks some. Dashed lines mark the clipping at ``±m``;
+    farther offsets get the end values, drawn dotted."""
+    table = _relative_table(source)
+    columns = table[:, None] if table.dim() == 1 else table
+    count, m = columns.shape[1], table.shape[0] // 2
+    heads = list(range(count)) if heads is None else list(heads)
+    if not all(isinstance(h, int) and 0 <= h < count for h in heads): raise ValueError(f"heads must lie in [0, {count}), got {heads}")
+    fig = Figure(figsize=(7, 3.2), dpi=90, layout='constrained')
+    ax = fig.subplots()
+    offsets, beyond = torch.arange(-m, m + 1).numpy(), m + max(2, m // 4)
+    for h in heads:
+        values = columns[:, h].numpy()
+        line, = ax.plot(offsets, values, marker='.', label='all heads' if table.dim() == 1 else f'head {h}')
+        for end, far in ((0, -beyond), (-1, beyond)): ax.plot([offsets[end], far], [values[end]] * 2, color=line.get_color(), linestyle=':')
+    for edge in (-m, m): ax.axvline(edge, color='grey', linestyle='--', linewidth=1, label=f'clipping at ±{m}' if edge > 0 else None)
+    ax.set(xlabel='offset p_q − p_k', ylabel='bias added to the logit', title=title)
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5))
+    return fig
+
+# %% ../nbs/09_visualise.ipynb #7540fa4e
+class RotaryDecay(NamedTuple):
+    "`rotary_score_decay`'s numbers, float64 except `distance`."
+    distance: Tensor     # (N,) the distances 0 … max_distance
+    total: Tensor        # (N,) the score of the all-ones query and key
+    per_band: Tensor     # (bands, N) each band's share; the rows add up to `total`
+    bands: list          # the pairs of channels in each band, as ranges, fastest first
+    frequencies: Tensor  # (head_dim // 2,) the angle per position of each pair
+
+# %% ../nbs/09_visualise.ipynb #08942540
+def rotary_score_decay(head_dim: int, rope_base: float = 10000.0, *, max_distance: int = 256, bands: Optional[int] = None) -> RotaryDecay:
+    r"""The rotary score of the all-ones query and key against the distance ``d = p_q - p_k``, in total and per band.
+
+    Pair ``i`` of channels turns by ``d * rope_base ** (-2i / head_dim)`` and contributes twice its cosine, so the
+    total is ``head_dim`` at ``d = 0`` (unscaled, before the division by ``sqrt(head_dim)``). The pairs are split
+    into `bands` groups of consecutive pairs (by default 4, or one a pair if there are fewer), as equal as they can
+    be, fastest first. Returns a `RotaryDecay`.
+    """
+    check_positive_int('head_dim', head_dim); check_positive_int('max_distance', max_distance)
+    if head_dim % 2: raise ValueError(f"head_dim must be even (rotary turns pairs of channels), got {head_dim}")
+    bands = min(4, head_dim // 2) if bands is None else check_positive_int('bands', bands)
+    if bands > head_dim // 2: raise ValueError(f"bands must be at most the number of pairs, head_dim // 2 = {head_dim // 2}; got {bands}")
+    frequencies = rope_frequencies(head_dim, _check_rope_base(rope_base), dtype=torch.float64)
+    distance = torch.arange(max_distance + 1)
+    per_pair = 2 * torch.cos(frequencies[:, None] * distance)  # (pairs, N)
+    groups = torch.arange(head_dim // 2).tensor_split(bands)
+    per_band = torch.stack([per_pair[group].sum(0) for group in groups])
+    return RotaryDecay(distance, per_pair.sum(0), per_band, [range(int(g[0]), int(g[-1]) + 1) for g in groups], frequencies)
+
+# %% ../nbs/09_visualise.ipynb #20dd93b0
+def plot_rotary_decay(head_dim, rope_base: Optional[float] = None, *, max_distance: int = 256, bands: Optional[int] = None,
+                      log_distance: bool = False, title: str = 'Rotary score against distance') -> Figure:
+    """`rotary_score_decay` drawn: the score of the all-ones query and key against distance, in total and per band.
+    `head_dim` may be a rotary layer, whose ``head_dim`` and ``rope_base`` are used; `rope_base` defaults to 10000."""
+    if not isinstance(head_dim, int):
+        if not (hasattr(head_dim, 'head_dim') and hasattr(head_dim, 'rope_base')):
+            raise TypeError(f"head_dim must be an int or a rotary layer with head_dim and rope_base, got {type(head_dim).__name__}")
+        if rope_base is not None: raise TypeError("rope_base comes from the layer; pass head_dim as an int to choose another")
+        head_dim, rope_base = head_dim.head_dim, head_dim.rope_base
+    decay = rotary_score_decay(head_dim, 10000.0 if rope_base is None else rope_base, max_distance=max_distance, bands=bands)
+    fig = Figure(figsize=(7, 3.4), dpi=90, layout='constrained')
+    ax = fig.subplots()
+    ax.plot(decay.distance.numpy(), decay.total.numpy(), color='black', linewidth=2, label='all pairs')
+    wavelengths = [f'{length:,.0f}' if length >= 10 else f'{length:.2g}' for length in (2 * math.pi / decay.frequencies).tolist()]
+    span = lambda first, last: first if first == last else f'{first}–{last}'
+    for band, values in zip(decay.bands, decay.per_band):
+        label = f"pair{'s' * (len(band) > 1)} {span(band[0], band[-1])}: {span(wavelengths[band[0]], wavelengths[band[-1]])}"
+        ax.plot(decay.distance.numpy(), values.numpy(), linewidth=1, label=label)
+    ax.axhline(0, color='grey', linewidth=0.5)
+    if log_distance: ax.set_xscale('symlog', linthresh=1)
+    ax.set(xlabel='distance p_q − p_k', ylabel='score q·k, all-ones q and k', title=title, xlim=(0, max_distance))
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5), title='band: wavelengths', title_fontsize=8)
     return fig
