@@ -1,4 +1,5 @@
-"""The demo command as a user runs it: `python -m additive_pos_attn.demo --out DIR`, and its one-line errors."""
+"""The demo command as a user runs it: `python -m additive_pos_attn.demo --out DIR [--attention KIND]`, and its one-line
+errors; the toy model and its training with each scheme."""
 import io, os, re, shutil, subprocess, sys
 from contextlib import redirect_stderr
 from pathlib import Path
@@ -34,7 +35,10 @@ def test_demo_writes_the_figures(tmp_path):
     out = tmp_path/'figures'  # created by the command
     res = demo('--out', out, '--steps', 20)
     assert res.returncode == 0, res.stderr
-    assert 'token accuracy with positions:' in res.stdout and 'token accuracy without positions:' in res.stdout
+    assert re.fullmatch(r'token accuracy with positions:    \d+\.\d%\n'
+                        r'token accuracy without positions: \d+\.\d% \(best possible without positions: 6\.7%\)\n'
+                        r'wrote training.png, pos_emb.png, pos_similarity.png, attention_maps.png, logit_terms.png to .* in \d+\.\d s\n',
+                        res.stdout), res.stdout
     # stderr is a pipe, not a terminal: each model's bar is a line at the start and one every 2 steps, no redraws
     assert '\r' not in res.stderr
     lines = res.stderr.splitlines()
@@ -43,6 +47,69 @@ def test_demo_writes_the_figures(tmp_path):
     for name in FIGURES:
         path = out/name
         assert path.is_file() and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+
+
+@pytest.mark.parametrize('attention', ['relative', 'rotary'])
+def test_demo_with_another_scheme(tmp_path, attention):
+    "`--attention` trains that scheme, with and without positions, and writes the two figures that picture any attention."
+    pytest.importorskip('matplotlib')
+    res = demo('--out', tmp_path, '--steps', 10, '--attention', attention)
+    assert res.returncode == 0, res.stderr
+    aligned = ' ' * (len(f'with {attention} positions') - len('without positions'))  # the accuracies line up
+    assert re.fullmatch(rf'token accuracy with {attention} positions: \d+\.\d%\n'
+                        rf'token accuracy without positions:{aligned} \d+\.\d% \(best possible without positions: 6\.7%\)\n'
+                        r'wrote training.png, attention_maps.png to .*\n', res.stdout), res.stdout
+    lines = res.stderr.splitlines()
+    assert lines[0] == f'training with {attention} positions, 10 steps' and lines[12] == 'training without positions, 10 steps'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['attention_maps.png', 'training.png']
+    for path in tmp_path.iterdir(): assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', path
+
+
+def test_unknown_attention_is_a_one_line_error(tmp_path):
+    res = demo('--out', tmp_path, '--attention', 'alibi')
+    assert res.returncode == 2 and res.stdout == '' and list(tmp_path.iterdir()) == []
+    # Python 3.12.8 and later name the choices without quotes
+    assert re.fullmatch(r"additive-pos-attn-demo: error: argument --attention: invalid choice: 'alibi' "
+                        r"\(choose from '?additive'?, '?relative'?, '?rotary'?\)\n", res.stderr), res.stderr
+
+
+@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary', 'none'])
+def test_each_scheme_trains_reproducibly(attention):
+    "Every scheme trains, from the same initial weights for one seed but for its positional parameters, and reproducibly."
+    import torch
+    from additive_pos_attn.demo import ToyModel, train_toy, toy_accuracy
+    (a, losses_a), (b, losses_b) = (train_toy(20, attention=attention, d_model=8, num_heads=2) for _ in range(2))
+    assert a.attention == attention and losses_a == losses_b and len(losses_a) == 20
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), name
+    assert 0 <= toy_accuracy(a, n=100) <= 1
+    torch.manual_seed(0); fresh = ToyModel(attention=attention)
+    torch.manual_seed(0); additive = ToyModel()
+    for name, value in fresh.state_dict().items():
+        if name in additive.state_dict(): assert torch.equal(value, additive.state_dict()[name]), name
+
+
+def test_schemes_past_the_table():
+    "Relative, rotary and no positions take sequences longer than max_len; the table refuses them, naming the limit."
+    import torch
+    from additive_pos_attn.demo import ToyModel
+    tokens = torch.randint(0, 16, (2, 24))
+    for attention in ('relative', 'rotary', 'none'): assert ToyModel(attention=attention)(tokens).shape == (2, 24, 16)
+    with pytest.raises(ValueError, match=r'sequence length for q_positions is 24, which exceeds max_len=16'): ToyModel()(tokens)
+
+
+def test_a_task_of_ones_own_skips_tokens_without_a_target():
+    "Targets of -100 count neither in the loss nor in the accuracy."
+    import torch
+    from additive_pos_attn.demo import train_toy, toy_accuracy
+
+    def first_token_everywhere(batch_size, generator=None):
+        tokens = torch.randint(0, 16, (batch_size, 6), generator=generator)
+        targets = tokens[:, :1].expand(-1, 6).clone()
+        targets[:, 3:] = -100
+        return tokens, targets
+    model, losses = train_toy(150, task=first_token_everywhere, attention='relative', d_model=16, num_heads=2)
+    assert losses[-1] < 0.1
+    assert toy_accuracy(model, task=first_token_everywhere, n=200) == 1.0
 
 
 @pytest.mark.parametrize('args, message', [
