@@ -9,11 +9,13 @@ what it defines itself, and `compare.py` can import two versions of the package 
   `paired_ratio` and `paired_quartiles`: the median and the middle half over rounds of the ratio of two
   implementations timed side by side in the same round.
 - `saved_bytes`: the bytes autograd saves for backward in one call, parameters left out.
+- `LAYERS`, `make_layer`: the package's layers as the benchmarks build them (by class, so any version of the package).
 - `steady_malloc`, `clock`, `add_timing_args`, `setup`, `machine`: the run's conditions and their record.
 """
 import argparse, ctypes, ctypes.util, json, os, platform, statistics, sys, time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +67,31 @@ def floor_of(times):
     return 'mha' if times['mha'][0] < times['floor'][0] else 'floor'
 
 
-def make_layer(cls, shape, device='cpu', dtype=torch.float32, seed=0):
-    "A seeded `cls(D, H, max_len=2T)` (the package's layer, of any version) with a random table, as a trained one might have."
+class LayerSpec(NamedTuple):
+    "How the benchmarks build one of the package's layers: where its class is, its options, its table."
+    module: str  # the package's submodule that defines the class
+    cls: str
+    options: Callable[[int], dict]  # the constructor's keyword options for a sequence length T
+    table: Optional[str] = None  # the learned table the benchmark fills with random values, as a trained layer might have
+    std: float = 1.0  # their standard deviation (the values do not change the cost)
+
+
+# The layers `overhead.py` times, by the names of its `--layers` option. The relative layer clips offsets at T5's
+# `max_distance` of 128: the two large CPU shapes (T of 512 and 1024) then exercise the clipping and the two small
+# ones (T of 64 and 128) do not; the bias it gathers is `(H, T_q, T_k)` whatever the clip, so the clip does not
+# change the cost. The rotary layer has no table.
+LAYERS = {'additive': LayerSpec('additive', 'AdditivePosMultiheadAttention', lambda T: dict(max_len=2 * T), 'pos_emb', 0.02),
+          'relative': LayerSpec('relative', 'AdditiveRelMultiheadAttention', lambda T: dict(max_distance=128), 'rel_bias', 1.0),
+          'rotary': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: {})}
+
+
+def make_layer(cls, shape, device='cpu', dtype=torch.float32, seed=0, spec=LAYERS['additive']):
+    "A seeded `cls(D, H, **spec.options(T))` (the package's layer, of any version) with a random table, as a trained one might have."
     B, T, D, H = shape
     torch.manual_seed(seed)
-    layer = cls(D, H, max_len=2 * T, device=device, dtype=dtype)
-    with torch.no_grad(): layer.pos_emb.normal_(std=0.02)  # its values do not change the cost
+    layer = cls(D, H, **spec.options(T), device=device, dtype=dtype)
+    if spec.table:
+        with torch.no_grad(): getattr(layer, spec.table).normal_(std=spec.std)  # its values do not change the cost
     return layer
 
 
@@ -192,10 +213,12 @@ def clock(device, kind):
     return time.process_time if kind == 'process' else time.perf_counter
 
 
-def add_timing_args(p: argparse.ArgumentParser, quick_help='fewer, shorter rounds: a smoke run'):
-    "The options every benchmark script takes: how long, how many threads, which clock, which allocator, where to write."
+def add_timing_args(p: argparse.ArgumentParser, quick_help='fewer, shorter rounds: a smoke run', quick_rounds=3):
+    """The options every benchmark script takes: how long, how many threads, which clock, which allocator, where to write.
+    `--quick` runs `quick_rounds` rounds (a script that times many implementations a case may want fewer)."""
     p.add_argument('--quick', action='store_true', help=quick_help)
-    p.add_argument('--rounds', type=int, default=15, help='interleaved rounds per case (default 15; --quick: 3)')
+    p.set_defaults(quick_rounds=quick_rounds)
+    p.add_argument('--rounds', type=int, default=15, help=f'interleaved rounds per case (default 15; --quick: {quick_rounds})')
     p.add_argument('--min-run-time', type=float, default=0.1, help='seconds per implementation per round (default 0.1; --quick: 0.05)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch.get_num_threads())')
     p.add_argument('--timer', choices=['wall', 'process'], default='wall',
@@ -229,7 +252,7 @@ def setup(args):
     log(f'allocator: {malloc}')
     num_threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(num_threads)
-    rounds, min_run_time = (3, 0.05) if args.quick else (args.rounds, args.min_run_time)
+    rounds, min_run_time = (args.quick_rounds, 0.05) if args.quick else (args.rounds, args.min_run_time)
     return dict(malloc=malloc, num_threads=num_threads, rounds=rounds, min_run_time=min_run_time)
 
 

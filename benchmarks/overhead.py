@@ -1,23 +1,38 @@
-"""What the positions cost: `AdditivePosMultiheadAttention` against the attention it wraps.
+"""What the positions cost: each of the package's layers against the attention it wraps.
 
-    python benchmarks/overhead.py                 # full run, a few minutes on a laptop CPU
-    python benchmarks/overhead.py --quick         # smoke run, under two minutes
-    python benchmarks/overhead.py --json benchmarks/results.json --plot benchmarks/overhead.png
+    python benchmarks/overhead.py                 # full run, every layer the package defines
+    python benchmarks/overhead.py --quick         # smoke run (two short rounds a case), about a minute
+    python benchmarks/overhead.py --layers additive relative --json benchmarks/results.json --plot benchmarks/overhead.png
 
-Three implementations run on the same inputs with the same weights (the layer's own `attn`):
+The layers (`--layers`, by default every one of them the package defines: the rotary layer is skipped, with a
+line that says why, where `additive_pos_attn.rotary` cannot be imported), each built as `harness.LAYERS` says:
 
-- `layer`: `AdditivePosMultiheadAttention` as imported, with a random table and default positions;
-- `mha`: bare `nn.MultiheadAttention(x, x, x)` (cross-attention: `(x, mem, mem)`), i.e. `layer.attn` alone;
+- `additive`: `AdditivePosMultiheadAttention`, `max_len=2T`, a random table (std 0.02);
+- `relative`: `AdditiveRelMultiheadAttention`, `max_distance=128` (T5's: the clip is exercised at T of 512 and
+  1024 and not at 64 and 128; the bias gathered per call is `(H, T_q, T_k)` whatever the clip), a random table
+  (`rel_bias.normal_()`);
+- `rotary`: `RoPEMultiheadAttention` with its default options.
+
+Every layer runs with default positions. In each case the layers and two baselines run on the same inputs
+with the same weights (every layer's `attn` holds the first layer's weights), in the same interleaved rounds:
+
+- `mha`: bare `nn.MultiheadAttention(x, x, x)` (cross-attention: `(x, mem, mem)`), i.e. a layer's `attn` alone;
 - `floor`: the same weights as one packed input projection (`(x, mem)`: a query projection and a packed
   key/value projection), `F.scaled_dot_product_attention` and the output projection, with no positions.
 
 The floor of a case is the faster of `mha` and `floor`: the cheapest way we know to compute the same
-attention without positions. Cases: self- and cross-attention (memory as long as the query), forward in eval
-mode under `no_grad`, and forward plus backward in train mode (inputs require grad, the output's gradient is a
-fixed tensor of ones, parameter gradients accumulate as in training).
+attention without positions; every layer of the case is judged against that one floor. Cases: self- and
+cross-attention (memory as long as the query), forward in eval mode under `no_grad`, and forward plus backward
+in train mode (inputs require grad, the output's gradient is a fixed tensor of ones, parameter gradients
+accumulate as in training). The results have one row per case and layer (`layer`; a row without it, from a
+run stored before there were several layers, is the additive layer's).
 
-The harness (timing, floor, saved bytes) is `benchmarks/harness.py`, shared with `paths.py` (which fast paths
-earn their place) and `compare.py` (a git revision of the layer against the working tree's).
+The goal (issue 13): every layer at most 1.10 times the floor at every CPU shape, and at most 1.05 at T of 512
+and more, self- and cross-attention, forward and forward plus backward (`GOAL`, `goal`; the summary lists the
+cases that miss it).
+
+The harness (timing, floor, saved bytes, the layers' options) is `benchmarks/harness.py`, shared with `paths.py`
+(which fast paths earn their place) and `compare.py` (a git revision of the layer against the working tree's).
 
 Timing uses `torch.utils.benchmark.Timer.blocked_autorange`: each round times every implementation of a case
 once, in an order that rotates from round to round, so that drift in the machine's load falls on all of them.
@@ -40,32 +55,88 @@ autograd saves, leaving out the storages of parameters (autograd saves the weigh
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, json, sys
+import argparse, importlib, json, sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (CPU_SHAPES, MODES, add_timing_args, baselines, clock, floor_of, header, layer_call, machine, make_inputs,
-                     make_layer, markdown, paired_quartiles, paired_ratio, progress, quartiles_text, saved_bytes, setup,
-                     shape_text, text_table, time_case, timed)
+from harness import (CPU_SHAPES, LAYERS, MODES, add_timing_args, baselines, clock, floor_of, header, layer_call, log, machine,
+                     make_inputs, make_layer, markdown, paired_quartiles, paired_ratio, progress, quartiles_text, saved_bytes,
+                     setup, shape_text, text_table, time_case, timed)
 
-from additive_pos_attn import AdditivePosMultiheadAttention
-
+PACKAGE = 'additive_pos_attn'
 CUDA_SHAPES = [(16, 2048, 1024, 16)]
-IMPLEMENTATIONS = ('layer', 'mha', 'floor')
+BASELINES = ('mha', 'floor')
+GOAL, GOAL_LONG, LONG = 1.10, 1.05, 512  # issue 13: at most 1.10 times the floor at every shape, 1.05 at T of 512 and more
 
 
-def implementations(layer, x, mem):
-    "The callables of a case, each returning the output tensor: the layer, bare MHA and the floor, on the same weights."
-    return {'layer': layer_call(layer, x, mem), **baselines(layer.attn, x, mem)}
+def goal(T):
+    "The most a layer may cost, as a multiple of the floor, at sequence length `T`."
+    return GOAL_LONG if T >= LONG else GOAL
 
 
-def make_case(shape, attention, mode, device, dtype):
-    "Build the layer, inputs and the timed statements of one case; returns (layer, inputs, {name: stmt})."
-    layer = make_layer(AdditivePosMultiheadAttention, shape, device, dtype).train(mode != 'forward')
+def layer_of(row):
+    "The layer of a results row (rows stored before there were several layers are the additive layer's)."
+    return row.get('layer', 'additive')
+
+
+def layer_classes(names=None):
+    """The classes of the layers `names` from the package, by name. By default every layer of `LAYERS`
+    the package defines: one it cannot import (yet) is left out, with a line that says why."""
+    classes = {}
+    for name in names or LAYERS:
+        spec = LAYERS[name]
+        try: classes[name] = getattr(importlib.import_module(f'{PACKAGE}.{spec.module}'), spec.cls)
+        except Exception as e:
+            if names: raise
+            log(f'layer {name!r} left out: {PACKAGE}.{spec.module}.{spec.cls} does not import ({type(e).__name__}: {e})')
+    return classes
+
+
+def first(layers):
+    "The first layer of a case: its `attn` serves bare MHA and the floor."
+    return next(iter(layers.values()))
+
+
+def make_layers(classes, shape, device='cpu', dtype=torch.float32):
+    "The layers of `classes` for `shape`, seeded, their tables random and every `attn` holding the first layer's weights."
+    layers = {name: make_layer(cls, shape, device, dtype, spec=LAYERS[name]) for name, cls in classes.items()}
+    weights = first(layers).attn.state_dict()
+    for layer in layers.values(): layer.attn.load_state_dict(weights)
+    return layers
+
+
+def implementations(layers, x, mem):
+    "The callables of a case, each returning the output tensor: every layer, bare MHA and the floor, on the same weights."
+    return {**{name: layer_call(layer, x, mem) for name, layer in layers.items()}, **baselines(first(layers).attn, x, mem)}
+
+
+def make_case(classes, shape, attention, mode, device, dtype):
+    "Build the layers, inputs and the timed statements of one case; returns (layers, inputs, {name: stmt})."
+    layers = {name: layer.train(mode != 'forward') for name, layer in make_layers(classes, shape, device, dtype).items()}
     x, mem, grad = make_inputs(shape, attention, mode, device, dtype)
-    return layer, (x, mem), timed(implementations(layer, x, mem), grad)
+    return layers, (x, mem), timed(implementations(layers, x, mem), grad)
+
+
+def case_rows(layers, x, mem, times, common):
+    "The rows of one timed case, one a layer: times, paired ratios to the floor and to bare MHA, saved bytes in training."
+    floor = floor_of(times)  # the floor of the case: the faster by median
+    common = dict(common, **{f'{n}_ms': times[n][0] * 1e3 for n in BASELINES}, **{f'{n}_iqr_ms': times[n][1] * 1e3 for n in BASELINES},
+                  blocks=min(t[2] for t in times.values()), mha_vs_floor=paired_ratio(times, 'mha', floor))
+    common['floor_ms_min'] = min(common['mha_ms'], common['floor_ms'])
+    saved = {}
+    if common['mode'] == 'forward+backward':
+        fns = implementations(layers, x, mem)
+        saved = {n: saved_bytes(layers.get(n, first(layers)), fns[n]) for n in [*layers, 'mha']}
+    rows = []
+    for name in layers:
+        row = dict(layer=name, **common, layer_ms=times[name][0] * 1e3, layer_iqr_ms=times[name][1] * 1e3,
+                   layer_vs_floor=paired_ratio(times, name, floor), layer_vs_floor_quartiles=paired_quartiles(times, name, floor),
+                   layer_vs_mha=paired_ratio(times, name, 'mha'), layer_vs_mha_quartiles=paired_quartiles(times, name, 'mha'))
+        if saved: row.update(layer_saved_bytes=saved[name], mha_saved_bytes=saved['mha'], btd_bytes=x.numel() * x.element_size())
+        rows.append(row)
+    return rows
 
 
 def run(args):
@@ -74,6 +145,8 @@ def run(args):
         if args.device == 'cuda': raise SystemExit('--device cuda: CUDA is not available')
         devices.remove('cuda')
     if args.timer == 'process' and 'cuda' in devices: raise SystemExit('--timer process measures CPU time: use it with --device cpu')
+    classes = layer_classes(args.layers)
+    if not classes: raise SystemExit('no layer to time')
     opts = setup(args)
     plan = []
     for device in devices:
@@ -83,34 +156,23 @@ def run(args):
     rows = []
     describe = lambda c: f'{c[0]} {str(c[1]).replace("torch.", "")} (B, T, D, H)={c[2]} {c[3]} {c[4]}'
     for device, dtype, shape, attention, mode in progress(plan, describe):
-        layer, (x, mem), stmts = make_case(shape, attention, mode, device, dtype)
+        layers, (x, mem), stmts = make_case(classes, shape, attention, mode, device, dtype)
         times = time_case(stmts, rounds=opts['rounds'], min_run_time=opts['min_run_time'], num_threads=opts['num_threads'],
                           timer=clock(device, args.timer))
-        row = dict(device=device, dtype=str(dtype).replace('torch.', ''), B=shape[0], T=shape[1], D=shape[2], H=shape[3],
-                   attention=attention, mode=mode, **{f'{n}_ms': times[n][0] * 1e3 for n in IMPLEMENTATIONS},
-                   **{f'{n}_iqr_ms': times[n][1] * 1e3 for n in IMPLEMENTATIONS},
-                   blocks=min(t[2] for t in times.values()))
-        row['floor_ms_min'] = min(row['mha_ms'], row['floor_ms'])
-        best = floor_of(times)  # the floor of the case: the faster by median
-        row['layer_vs_floor'] = paired_ratio(times, 'layer', best)
-        row['layer_vs_floor_quartiles'] = paired_quartiles(times, 'layer', best)
-        row['layer_vs_mha'] = paired_ratio(times, 'layer', 'mha')
-        row['mha_vs_floor'] = paired_ratio(times, 'mha', best)
-        row['rounds'] = opts['rounds']
-        if mode == 'forward+backward':
-            fns = implementations(layer, x, mem)
-            for n in IMPLEMENTATIONS: row[f'{n}_saved_bytes'] = saved_bytes(layer, fns[n])
-            row['btd_bytes'] = x.numel() * x.element_size()
-        rows.append(row)
-        del layer, x, mem, stmts
+        common = dict(device=device, dtype=str(dtype).replace('torch.', ''), B=shape[0], T=shape[1], D=shape[2], H=shape[3],
+                      attention=attention, mode=mode, rounds=opts['rounds'])
+        rows += case_rows(layers, x, mem, times, common)
+        del layers, x, mem, stmts
     command = ' '.join(['python benchmarks/overhead.py'] + argv_of(args))
-    return dict(meta={**machine(opts['num_threads'], command, args.timer, args.quick), 'malloc': opts['malloc']}, rows=rows)
+    meta = dict(machine(opts['num_threads'], command, args.timer, args.quick), malloc=opts['malloc'], layers=list(classes))
+    return dict(meta=meta, rows=rows)
 
 
 def argv_of(args):
     "The options that change what is measured, to print the command that reproduces a run."
     out = ['--quick'] if args.quick else []
     if args.device != 'all': out += ['--device', args.device]
+    if args.layers: out += ['--layers', *args.layers]
     if args.threads: out += ['--threads', str(args.threads)]
     if args.timer != 'wall': out += ['--timer', args.timer]
     if args.malloc != 'steady': out += ['--malloc', args.malloc]
@@ -119,21 +181,25 @@ def argv_of(args):
     return out
 
 
-HEAD = ['device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor',
+def extra_btd(row):
+    "What the layer saves for backward beyond bare MHA, in `(B, T, D)` tensors (None for rows without saved bytes)."
+    return (row['layer_saved_bytes'] - row['mha_saved_bytes']) / row['btd_bytes'] if 'layer_saved_bytes' in row else None
+
+
+HEAD = ['layer', 'device', 'dtype', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'MHA ms', 'floor ms', 'layer / floor',
         'middle half of rounds', 'layer / MHA', 'MHA / floor', 'saved MiB: layer', 'MHA', 'extra (B, T, D)']
 
 
 def cells(rows):
-    "One row of cells per case (times in ms, saved bytes in MiB)."
+    "One row of cells per case and layer (times in ms, saved bytes in MiB)."
     out = []
     for r in rows:
         saved = ['', '', '']
         if 'layer_saved_bytes' in r:
-            saved = [f'{r["layer_saved_bytes"] / 2**20:.2f}', f'{r["mha_saved_bytes"] / 2**20:.2f}',
-                     f'{(r["layer_saved_bytes"] - r["mha_saved_bytes"]) / r["btd_bytes"]:.2f}']
-        out.append([r['device'], r['dtype'], shape_text(r), r['attention'], r['mode'], f'{r["layer_ms"]:.3f}', f'{r["mha_ms"]:.3f}',
-                    f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}', _quartiles(r), f'{r["layer_vs_mha"]:.3f}',
-                    f'{r["mha_vs_floor"]:.3f}', *saved])
+            saved = [f'{r["layer_saved_bytes"] / 2**20:.2f}', f'{r["mha_saved_bytes"] / 2**20:.2f}', f'{extra_btd(r):.2f}']
+        out.append([layer_of(r), r['device'], r['dtype'], shape_text(r), r['attention'], r['mode'], f'{r["layer_ms"]:.3f}',
+                    f'{r["mha_ms"]:.3f}', f'{r["floor_ms"]:.3f}', f'{r["layer_vs_floor"]:.3f}', _quartiles(r),
+                    f'{r["layer_vs_mha"]:.3f}', f'{r["mha_vs_floor"]:.3f}', *saved])
     return out
 
 
@@ -144,7 +210,7 @@ def table(rows):
 
 def markdown_table(rows):
     "The results as a Markdown table (times in ms, saved bytes in MiB)."
-    return markdown(HEAD, cells(rows), left=5)
+    return markdown(HEAD, cells(rows), left=6)
 
 
 def _quartiles(row):
@@ -153,49 +219,103 @@ def _quartiles(row):
     return quartiles_text(q) if q else ''
 
 
+def layers_of(rows):
+    "The layers of `rows`, in the order of `LAYERS`."
+    present = {layer_of(r) for r in rows}
+    return [name for name in LAYERS if name in present]
+
+
+def _cases(rows):
+    "The rows by (layer, device, shape), in the order they ran, and within one each (attention, mode) at most once."
+    out = {}
+    for r in rows: out.setdefault((layer_of(r), r['device'], shape_text(r), r['T']), {})[r['attention'], r['mode']] = r
+    return sorted(out.items(), key=lambda kv: list(LAYERS).index(kv[0][0]))
+
+
+GRID_HEAD = ['layer', 'device', '(B, T, D, H)', 'goal', 'self fwd', 'self fwd+bwd', 'cross fwd', 'cross fwd+bwd',
+             'cross / MHA fwd', 'cross / MHA fwd+bwd', 'extra saved: self', 'cross', 'goal met']
+KINDS = [(attention, mode) for attention in ('self', 'cross') for mode in MODES]
+
+
+def grid_cells(rows):
+    """One row of cells per layer and shape: the ratios to the floor (self, cross; forward, forward plus backward),
+    cross-attention's ratios to bare MHA, the `(B, T, D)` tensors saved beyond bare MHA, and whether the goal is met."""
+    out = []
+    for (name, device, shape, T), sel in _cases(rows):
+        ratio = lambda key, kind: f'{sel[kind][key]:.3f}' if kind in sel else ''
+        extra = lambda attention: f'{extra_btd(sel[attention, MODES[1]]):.2f}' if (attention, MODES[1]) in sel else ''
+        met = all(r['layer_vs_floor'] <= goal(T) for r in sel.values())
+        out.append([name, device, shape, f'{goal(T):.2f}', *[ratio('layer_vs_floor', k) for k in KINDS],
+                    *[ratio('layer_vs_mha', ('cross', m)) for m in MODES], extra('self'), extra('cross'), 'yes' if met else 'no'])
+    return out
+
+
+def grid(rows, as_markdown=False):
+    "Ratios to the floor per layer and shape, against the goal (a text table, or Markdown)."
+    return markdown(GRID_HEAD, grid_cells(rows), left=3) if as_markdown else text_table(GRID_HEAD, grid_cells(rows))
+
+
+def misses(rows):
+    "The CPU rows whose layer costs more than the goal allows."
+    return [r for r in rows if r['device'] == 'cpu' and r['layer_vs_floor'] > goal(r['T'])]
+
+
+def _where(r, *keys):
+    return ', '.join([f'{r["device"]}', f'(B, T, D, H)={shape_text(r)}', *[str(r[k]) for k in keys]])
+
+
 def summary(rows):
-    "Closing lines: the worst ratios, against the issue's goals."
+    "Closing lines per layer: the worst ratios and the most saved for backward, and the goal met or the cases that miss it."
     lines = []
-    self_rows = [r for r in rows if r['attention'] == 'self']
-    cross_rows = [r for r in rows if r['attention'] == 'cross']
-    if cross_rows:
-        w = max(cross_rows, key=lambda r: r['layer_vs_mha'])
-        lines.append(f'worst cross-attention ratio to bare MHA: {w["layer_vs_mha"]:.3f} ({w["device"]}, T={w["T"]}, {w["mode"]})')
-    saved = [r for r in rows if 'layer_saved_bytes' in r]
-    if saved:
-        w = max(saved, key=lambda r: (r['layer_saved_bytes'] - r['mha_saved_bytes']) / r['btd_bytes'])
-        lines.append(f'most saved for backward beyond bare MHA: {(w["layer_saved_bytes"] - w["mha_saved_bytes"]) / w["btd_bytes"]:.2f} '
-                     f'(B, T, D) tensors ({w["device"]}, T={w["T"]}, {w["attention"]})')
-    w = max(self_rows or rows, key=lambda r: r['layer_vs_floor'])
-    spread = f', middle half of the rounds {_quartiles(w)}' if _quartiles(w) else ''
-    lines.append(f'worst {"self-attention " if self_rows else ""}ratio to the floor: {w["layer_vs_floor"]:.3f} '
-                 f'({w["device"]}, (B, T, D, H)={shape_text(w)}, {w["mode"]}{spread})')
+    for name in layers_of(rows):
+        sel = [r for r in rows if layer_of(r) == name]
+        w = max(sel, key=lambda r: r['layer_vs_floor'])
+        spread = f', middle half of the rounds {_quartiles(w)}' if _quartiles(w) else ''
+        lines.append(f'{name}: worst ratio to the floor {w["layer_vs_floor"]:.3f} ({_where(w, "attention", "mode")}{spread})')
+        cross = [r for r in sel if r['attention'] == 'cross']
+        if cross:
+            w = max(cross, key=lambda r: r['layer_vs_mha'])
+            lines.append(f'{name}: worst cross-attention ratio to bare MHA {w["layer_vs_mha"]:.3f} ({_where(w, "mode")})')
+        saved = [r for r in sel if 'layer_saved_bytes' in r]
+        if saved:
+            w = max(saved, key=extra_btd)
+            lines.append(f'{name}: most saved for backward beyond bare MHA {extra_btd(w):.2f} (B, T, D) tensors ({_where(w, "attention")})')
+        cpu, bad = [r for r in sel if r['device'] == 'cpu'], misses(sel)
+        verdict = (f'met at all {len(cpu)} CPU cases' if not bad else f'missed at {len(bad)} of {len(cpu)} CPU cases: ' +
+                   '; '.join(f'T={r["T"]} {r["attention"]} {r["mode"]} {r["layer_vs_floor"]:.3f}' for r in bad))
+        lines.append(f'{name}: goal (at most {GOAL:.2f} times the floor, {GOAL_LONG:.2f} from T={LONG}) {verdict}')
     return '\n'.join(lines)
 
 
 def figure(rows):
-    "Ratio of the layer to the floor against T, one line per device, attention kind and mode; a matplotlib `Figure`."
+    "Ratio to the floor against T, one panel per layer, one line per device, attention kind and mode; a matplotlib `Figure`."
     from matplotlib.figure import Figure  # no pyplot: works headless and in notebooks alike
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for device in sorted({r['device'] for r in rows}):
-        for attention in ('self', 'cross'):
-            for mode, style in (('forward', '-'), ('forward+backward', '--')):
-                sel = sorted((r for r in rows if (r['device'], r['attention'], r['mode']) == (device, attention, mode)), key=lambda r: r['T'])
-                if not sel: continue
-                line, = ax.plot([r['T'] for r in sel], [r['layer_vs_floor'] for r in sel], style, marker='o' if attention == 'self' else 's',
-                                label=f'{device} {attention}-attention, {mode}')
-                spread = [r for r in sel if r.get('layer_vs_floor_quartiles')]  # the middle half of the rounds, as a bar
-                if spread:
-                    ax.vlines([r['T'] for r in spread], [r['layer_vs_floor_quartiles'][0] for r in spread],
-                              [r['layer_vs_floor_quartiles'][1] for r in spread], color=line.get_color(), alpha=0.5)
-    ax.axhline(1.0, color='black', linewidth=0.8)
-    ax.axhline(1.02, color='grey', linewidth=0.8, linestyle=':', label='goal for self-attention: 1.02')
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('sequence length T (each T has its own B, D, H: see the table)')
-    ax.set_ylabel('layer time / floor time (bars: middle half of rounds)')
-    ax.set_title('What positions cost: AdditivePosMultiheadAttention / attention without positions', fontsize=9)
-    ax.legend(fontsize=7)
+    names = layers_of(rows)
+    fig = Figure(figsize=(4.2 * len(names) + 0.6, 4.4))
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    lengths = sorted({r['T'] for r in rows})
+    for ax, name in zip(axes, names):
+        for device in sorted({r['device'] for r in rows}):
+            for attention in ('self', 'cross'):
+                for mode, style in (('forward', '-'), ('forward+backward', '--')):
+                    sel = sorted((r for r in rows if (layer_of(r), r['device'], r['attention'], r['mode']) == (name, device, attention, mode)),
+                                 key=lambda r: r['T'])
+                    if not sel: continue
+                    line, = ax.plot([r['T'] for r in sel], [r['layer_vs_floor'] for r in sel], style,
+                                    marker='o' if attention == 'self' else 's', label=f'{device} {attention}-attention, {mode}')
+                    spread = [r for r in sel if r.get('layer_vs_floor_quartiles')]  # the middle half of the rounds, as a bar
+                    if spread:
+                        ax.vlines([r['T'] for r in spread], [r['layer_vs_floor_quartiles'][0] for r in spread],
+                                  [r['layer_vs_floor_quartiles'][1] for r in spread], color=line.get_color(), alpha=0.5)
+        ax.axhline(1.0, color='black', linewidth=0.8)
+        goal_x = [min(lengths[0], LONG) / 1.2, LONG, LONG, max(lengths[-1], LONG) * 1.2]
+        ax.plot(goal_x, [GOAL, GOAL, GOAL_LONG, GOAL_LONG], ':', color='grey', label=f'goal: {GOAL:.2f}, {GOAL_LONG:.2f} from T={LONG}')
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('sequence length T (B, D, H: see the table)')
+        ax.set_ylabel('layer time / floor time (bars: middle half of rounds)')
+        ax.set_title(f'{name}: {LAYERS[name].cls}', fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle('What positions cost: each layer / attention without positions', fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -207,13 +327,15 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_timing_args(p, quick_help='fewer, shorter rounds: a smoke run under two minutes')
+    add_timing_args(p, quick_help='two short rounds a case: a smoke run of about a minute', quick_rounds=2)
     p.add_argument('--device', choices=['all', 'cpu', 'cuda'], default='all', help='where to run (default: cpu, and cuda when present)')
+    p.add_argument('--layers', nargs='+', choices=list(LAYERS), help='the layers to time (default: every one the package defines)')
     p.add_argument('--plot', metavar='PATH', help='write a plot of the ratio to the floor against T to PATH')
     args = p.parse_args(argv)
     results = run(args)
     print(header(results['meta']))
     print(table(results['rows']))
+    print(grid(results['rows']))
     if args.json: Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot: plot(results['rows'], args.plot)
     print(summary(results['rows']))
