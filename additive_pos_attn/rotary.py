@@ -3,14 +3,14 @@
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'RoPEMultiheadAttention', 'pair_order']
 
-# %% ../nbs/06_rotary.ipynb #b28c7814
+# %% ../nbs/06_rotary.ipynb #3f6500bc
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_enabled, reset_mha_parameters
+from ._compat import autocast_enabled, is_compiling, reset_mha_parameters
 from .attention import attend, attend_with_weights, batch_first_views, choose_path, project_heads
 from .base import PositionalAttentionBase, check_bool
 
@@ -26,7 +26,30 @@ def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0, *, mask
     angles = positions.to(dtype)[..., None] * rope_frequencies(head_dim, base, dtype=dtype, device=positions.device)
     return angles if mask is None else angles.masked_fill(~mask[..., None], 0)
 
-# %% ../nbs/06_rotary.ipynb #5e2286a7
+# %% ../nbs/06_rotary.ipynb #ec1af6ce
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+def _turn_real(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
+    "The heads `x` `(..., T, d)` with each pair turned by `angles` `(..., T, d/2)`: `(a cos - b sin, a sin + b cos)`."
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+    turned = (x1 * cos - x2 * sin, x1 * sin + x2 * cos)
+    return torch.stack(turned, dim=-1).flatten(-2) if interleaved else torch.cat(turned, dim=-1)
+
+def _turn_complex(x: Tensor, angles: Tensor) -> Tensor:
+    "`_turn_real` with interleaved pairs, as one multiply of the pairs, viewed as complex numbers, by `exp(i·angles)`."
+    cis = torch.polar(torch.ones_like(angles), angles).to(_COMPLEX[x.dtype])
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (x.shape[-1] // 2, 2))) * cis).flatten(-2)
+
+def _pairs_as_complex(x: Tensor, interleaved: bool) -> bool:
+    """Whether `rotate` turns `x` by `_turn_complex`: interleaved pairs (half-split pairs are `d/2` apart, and a copy
+    to bring them together costs more than it saves), float32 or float64 (no complex bfloat16, little complex32), a
+    layout that `view_as_complex` can view without a copy (pairs adjacent, even strides and offset), as the heads of
+    `project_heads` are, and not under `torch.compile` (inductor generates no code for complex operators, where it
+    fuses `_turn_real`'s passes into one kernel; and `storage_offset` would break the graph); else `_turn_real`."""
+    return (interleaved and x.dtype in _COMPLEX and not is_compiling() and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
+
 def rotate(x: Tensor, positions: Optional[Tensor] = None, mask: Optional[Tensor] = None, *, base: float = 10000.0,
            interleaved: bool = True) -> Tensor:
     """Turn each pair of channels of the heads `x` `(B, H, T, d)` (or `(T, d)`) by its token's angles (see `rope_angles`).
@@ -38,10 +61,7 @@ def rotate(x: Tensor, positions: Optional[Tensor] = None, mask: Optional[Tensor]
     if positions is None: positions = torch.arange(length, device=x.device)
     angles = rope_angles(positions, head_dim, base, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
     if angles.dim() == 3: angles = angles.unsqueeze(1)  # (B, T, d/2) -> (B, 1, T, d/2): one turn for every head
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
-    turned = (x1 * cos - x2 * sin, x1 * sin + x2 * cos)
-    return torch.stack(turned, dim=-1).flatten(-2) if interleaved else torch.cat(turned, dim=-1)
+    return _turn_complex(x, angles) if _pairs_as_complex(x, interleaved) else _turn_real(x, angles, interleaved)
 
 # %% ../nbs/06_rotary.ipynb #36e73838
 def _turn_as_complex(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], *, base: float, interleaved: bool) -> Tensor:

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from additive_pos_attn.attention import choose_path
+from additive_pos_attn.attention import choose_path, project_heads
 from additive_pos_attn.positions import causal_mask
-from additive_pos_attn.rotary import RoPEMultiheadAttention, pair_order, rope_angles, rope_reference, rotate
+from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles, rope_reference,
+                                      rotate)
 
 DTYPE = torch.float64
 # Positions stay within ±1000 where the oracle is held to 1e-12: an angle near 10^4 radians carries ~1e-12 of float64
@@ -350,6 +351,57 @@ def test_empty_sequences(device):
     layer, x, mem = _case(device)
     out, weights = layer(x[:, :0], mem, mem, need_weights=True)
     assert out.shape == (3, 0, 16) and weights.shape == (3, 0, 9)
+
+
+def _plane_rotation(x, positions=None, mask=None, *, interleaved=True):
+    "`rotate` as it was before the complex path: each pair turned by four multiplies, a subtract and an add."
+    length, d = x.shape[-2:]
+    if positions is None: positions = torch.arange(length, device=x.device)
+    angles = rope_angles(positions, d, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
+    if angles.dim() == 3: angles = angles.unsqueeze(1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+    turned = (x1 * cos - x2 * sin, x1 * sin + x2 * cos)
+    return torch.stack(turned, dim=-1).flatten(-2) if interleaved else torch.cat(turned, dim=-1)
+
+
+@pytest.mark.parametrize('interleaved', [True, False])
+@pytest.mark.parametrize('dtype, eps', [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+@pytest.mark.parametrize('self_attention', [True, False])
+def test_the_complex_turn_is_the_plane_rotation(device, interleaved, dtype, eps, self_attention):
+    torch.manual_seed(0)
+    B, T, D, H = 3, 7, 32, 4
+    attn = nn.MultiheadAttention(D, H, batch_first=True, dtype=dtype, device=device)
+    x = torch.randn(B, T, D, dtype=dtype, device=device) * 3
+    y = x if self_attention else torch.randn(B, T, D, dtype=dtype, device=device)
+    q, k, _ = project_heads(attn, x, y, y)  # the heads the layer turns: views of the projection's output
+    g = torch.Generator().manual_seed(1)
+    kinds = [dict(), dict(positions=torch.randint(-1000, 1000, (T,), generator=g)),
+             dict(positions=torch.randint(-1000, 1000, (B, T), generator=g)),
+             dict(mask=torch.rand(T, generator=g) < 0.5), dict(positions=torch.randint(0, 99, (B, T), generator=g), mask=torch.rand(B, T, generator=g) < 0.5)]
+    for heads in (q, k):
+        assert _pairs_as_complex(heads, interleaved) == interleaved  # half-split pairs stay on the plane rotation
+        for kw in kinds:
+            kw = {name: t.to(device) for name, t in kw.items()}
+            torch.testing.assert_close(rotate(heads, kw.get('positions'), kw.get('mask'), interleaved=interleaved),
+                                       _plane_rotation(heads, interleaved=interleaved, **kw), rtol=0, atol=eps)
+            if 'mask' in kw:  # masked tokens are not turned at all, bit for bit
+                off = ~kw['mask'] if kw['mask'].dim() == 2 else (~kw['mask']).expand(B, T)
+                turned = rotate(heads, kw.get('positions'), kw['mask'], interleaved=interleaved)
+                torch.testing.assert_close(turned.transpose(1, 2)[off], heads.transpose(1, 2)[off], rtol=0, atol=0)
+
+
+def test_layouts_and_dtypes_the_complex_view_cannot_take_use_the_plane_rotation(device):
+    x = torch.randn(2, 3, 5, 10, dtype=DTYPE, device=device)
+    positions = torch.randint(-50, 50, (2, 5), device=device)
+    odd_offset, channels_apart = x[..., 1:9], x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for heads in (odd_offset, channels_apart, x[..., ::2][..., :4]):
+        assert not _pairs_as_complex(heads, True)
+        _close(rotate(heads, positions), _plane_rotation(heads, positions), eps=1e-14)
+    assert _pairs_as_complex(x, True) and _pairs_as_complex(x.float(), True)
+    for dtype in (torch.float16, torch.bfloat16):  # no complex bfloat16, and complex32 (chalf) has few kernels
+        assert not _pairs_as_complex(x.to(dtype), True)
+        torch.testing.assert_close(rotate(x.to(dtype), positions), _plane_rotation(x.to(dtype), positions), rtol=0, atol=0)
 
 
 @pytest.mark.slow
