@@ -3,15 +3,15 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/04_additive.ipynb #d66366b0
+# %% ../nbs/04_additive.ipynb #9a6d96db
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_enabled, register_load_state_dict_pre_hook, reset_mha_parameters
+from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
 from .attention import batch_first_views, choose_path, fused_attention, module_attention
-from .base import PositionalAttentionBase, check_positive_int
+from .base import PositionalAttentionBase, check_layer_dtype, check_positive_int
 from .positions import check_init, init_table_, positional_update, resample_table
 
 # %% ../nbs/04_additive.ipynb #28fbb38a
@@ -33,7 +33,7 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
                           f"{max_len}), or build the layer with max_len={table.shape[0]}")
 
-# %% ../nbs/04_additive.ipynb #2e170583
+# %% ../nbs/04_additive.ipynb #b8fd5996
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -110,8 +110,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)
         attn, table = self.attn, self.pos_emb  # each module attribute costs a lookup: fetched once
-        if query.dtype != table.dtype and not autocast_enabled(query.device.type):
-            raise TypeError(f"query must have the layer's dtype {table.dtype} (or run under autocast), got {query.dtype}")
+        check_layer_dtype(query, table.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
         q_update = positional_update(table, q_positions, q_position_mask, q_len)
         same = q_positions is k_positions and q_position_mask is k_position_mask and q_len == k_len

@@ -3,15 +3,15 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/05_relative.ipynb #82d449ab
+# %% ../nbs/05_relative.ipynb #470988de
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_enabled, reset_mha_parameters
+from ._compat import reset_mha_parameters
 from .attention import _float_mask, batch_first_views, choose_path, fused_attention, module_attention
-from .base import PositionalAttentionBase, check_bool, check_positive_int
+from .base import PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int
 from .positions import relative_bias
 
 # %% ../nbs/05_relative.ipynb #b9817ed4
@@ -35,7 +35,7 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/05_relative.ipynb #3077bf0f
+# %% ../nbs/05_relative.ipynb #10498963
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add a learned bias per head, indexed by the clipped offset of positions, to its scores.
 
@@ -111,8 +111,7 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)
         attn, table = self.attn, self.rel_bias
-        if query.dtype != table.dtype and not autocast_enabled(query.device.type):
-            raise TypeError(f"query must have the layer's dtype {table.dtype} (or run under autocast), got {query.dtype}")
+        check_layer_dtype(query, table.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
         bias = relative_bias(table, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len,
                              max_distance=self.max_distance, num_heads=self.num_heads).to(query.dtype)

@@ -3,16 +3,16 @@
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'RoPEMultiheadAttention', 'pair_order']
 
-# %% ../nbs/06_rotary.ipynb #3f6500bc
+# %% ../nbs/06_rotary.ipynb #5b5db641
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_enabled, is_compiling, reset_mha_parameters
+from ._compat import is_compiling, reset_mha_parameters
 from .attention import attend, attend_with_weights, batch_first_views, choose_path, project_heads
-from .base import PositionalAttentionBase, check_bool
+from .base import PositionalAttentionBase, check_bool, check_layer_dtype
 
 # %% ../nbs/06_rotary.ipynb #d0a77b38
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None) -> Tensor:
@@ -105,7 +105,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #d49024c7
+# %% ../nbs/06_rotary.ipynb #1f127c81
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -182,8 +182,7 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         if path.name != 'fused':
             raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's projection and "
                              f"its logits), so it cannot honour what needs that call: {path.reason}")
-        if query.dtype != attn.in_proj_weight.dtype and not autocast_enabled(query.device.type):
-            raise TypeError(f"query must have the layer's dtype {attn.in_proj_weight.dtype} (or run under autocast), got {query.dtype}")
+        check_layer_dtype(query, attn.in_proj_weight.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
         q, k, v = project_heads(attn, query, key, value)
         turn = dict(base=self.rope_base, interleaved=self.interleaved)

@@ -1,6 +1,8 @@
-"""Fixed cases shared by the layers' exhaustive tests: every kind of attention mask torch accepts, and every form
-of positions and position masks for a stream."""
+"""Fixed cases shared by the layers' exhaustive tests: every kind of attention mask torch accepts, every form of
+positions and position masks for a stream, and the check that a layer with no positional signal is its own `attn`."""
 import torch
+
+from additive_pos_attn.positions import causal_mask
 
 DTYPE = torch.float64
 
@@ -29,3 +31,21 @@ def position_kinds(B, T, max_len, device, offset=0):
 
 
 def stream(prefix, kind): return {f'{prefix}_{name}': value for name, value in kind.items()}
+
+
+def check_is_its_attn(layer, device):
+    """A layer whose positions add nothing (a zero table) gives what its own `attn` gives, in float64 to 1e-12: every
+    mask, with and without weights, self- and cross-attention, and `is_causal` as the mask it stands for."""
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
+    for kv in (x, mem):
+        for kw in mask_kinds(3, layer.num_heads, 6, kv.shape[1], device).values():
+            for need_weights, average in ((False, True), (True, True), (True, False)):
+                out, w = layer(x, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
+                ref, ref_w = layer.attn(x, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
+                close(out, ref)
+                if need_weights: close(w, ref_w)
+                else: assert w is None
+        out, w = layer(x, kv, kv, is_causal=True, need_weights=True)
+        close(out, layer.attn(x, kv, kv, attn_mask=causal_mask(6, kv.shape[1], device))[0])
+        assert w[:, 0, 1:].abs().max() == 0

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
 from additive_pos_attn.positions import causal_mask, sinusoidal_table
 from additive_pos_attn.testing import random_case
-from cases import mask_kinds, position_kinds, stream
+from cases import check_is_its_attn, position_kinds, stream
 
 DTYPE = torch.float64
 
@@ -21,21 +21,8 @@ def _close(actual, expected, eps=1e-12):
 
 
 def test_zero_table_is_the_wrapped_module(device):
-    "Every mask, with and without weights, self- and cross-attention, and is_causal as the mask it stands for."
     torch.manual_seed(0)
-    layer = AdditivePosMultiheadAttention(16, 4, max_len=12, dtype=DTYPE, device=device)
-    x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
-    for kv in (x, mem):
-        for kw in mask_kinds(3, 4, 6, kv.shape[1], device).values():
-            for need_weights, avg in ((False, True), (True, True), (True, False)):
-                out, w = layer(x, kv, kv, need_weights=need_weights, average_attn_weights=avg, **kw)
-                ref, ref_w = layer.attn(x, kv, kv, need_weights=need_weights, average_attn_weights=avg, **kw)
-                _close(out, ref)
-                if need_weights: _close(w, ref_w)
-                else: assert w is None
-        out, w = layer(x, kv, kv, is_causal=True, need_weights=True)
-        _close(out, layer.attn(x, kv, kv, attn_mask=causal_mask(6, kv.shape[1], device))[0])
-        assert w[:, 0, 1:].abs().max() == 0
+    check_is_its_attn(AdditivePosMultiheadAttention(16, 4, max_len=12, dtype=DTYPE, device=device), device)
 
 
 def test_every_kind_of_positions_matches_the_definition(device):

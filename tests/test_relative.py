@@ -13,7 +13,7 @@ from torch.func import functional_call
 from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import relative_reference
-from cases import DTYPE, mask_kinds, position_kinds, stream
+from cases import DTYPE, check_is_its_attn, mask_kinds, position_kinds, stream
 from strategies import SETTINGS, draw_attention_masks, draw_position_mask, draw_positions, valid_cases
 
 
@@ -36,16 +36,7 @@ def _inputs(device, B=3, Tq=6, Tk=9, D=16):
 
 def test_zero_table_is_the_wrapped_module(device):
     torch.manual_seed(0)
-    layer = AdditiveRelMultiheadAttention(16, 4, max_distance=3, dtype=DTYPE, device=device)
-    x, mem = _inputs(device)
-    for kv in (x, mem):
-        for kw in mask_kinds(3, 4, 6, kv.shape[1], device).values():
-            for need_weights, average in ((False, True), (True, True), (True, False)):
-                out, w = layer(x, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
-                ref, ref_w = layer.attn(x, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
-                _close(out, ref)
-                if need_weights: _close(w, ref_w)
-        _close(layer(x, kv, kv, is_causal=True)[0], layer.attn(x, kv, kv, attn_mask=causal_mask(6, kv.shape[1], device))[0])
+    check_is_its_attn(AdditiveRelMultiheadAttention(16, 4, max_distance=3, dtype=DTYPE, device=device), device)
 
 
 @pytest.mark.parametrize('per_head', [True, False])
