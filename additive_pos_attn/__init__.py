@@ -3,15 +3,18 @@ __version__ = "0.1.0"
 
 # %% auto #0
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
-           'PosTransformerEncoderLayer', 'padded_positions', 'resample_table', 'sinusoidal_table']
+           'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'padded_positions',
+           'resample_table', 'sinusoidal_table']
 
-# %% ../nbs/index.ipynb #71379f3b
-from .base import PositionalAttentionBase
+# %% ../nbs/index.ipynb #d94ce059
+from .base import KVCache, PositionalAttentionBase
 from .positions import padded_positions, resample_table, sinusoidal_table
 from .additive import AdditivePosMultiheadAttention
 from .relative import AdditiveRelMultiheadAttention
 from .rotary import RoPEMultiheadAttention
 from .encoder import PosTransformerEncoderLayer
+from .decoder import DecoderCache, PosTransformerDecoderLayer
 
 _all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
-         'PosTransformerEncoderLayer', 'padded_positions', 'resample_table', 'sinusoidal_table']
+         'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'padded_positions',
+         'resample_table', 'sinusoidal_table']

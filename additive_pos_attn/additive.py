@@ -3,15 +3,15 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/04_additive.ipynb #9a6d96db
+# %% ../nbs/04_additive.ipynb #29272d13
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
-from .attention import batch_first_views, choose_path, fused_attention, module_attention
-from .base import PositionalAttentionBase, check_layer_dtype, check_positive_int
+from .attention import batch_first_views, cached_attention, choose_path, fused_attention, module_attention, project_heads
+from .base import KVCache, PositionalAttentionBase, check_layer_dtype, check_positive_int
 from .positions import check_init, init_table_, positional_update, resample_table
 
 # %% ../nbs/04_additive.ipynb #28fbb38a
@@ -33,7 +33,7 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
                           f"{max_len}), or build the layer with max_len={table.shape[0]}")
 
-# %% ../nbs/04_additive.ipynb #b8fd5996
+# %% ../nbs/04_additive.ipynb #d75f65db
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -99,22 +99,26 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Add the positional update to query and key before attention; the values pass through unchanged.
 
         ``attn_mask``, ``key_padding_mask``, ``need_weights``, ``average_attn_weights`` and ``is_causal`` mean
         what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
-        ``attn_mask`` builds the causal mask instead of raising. Returns ``(output, weights or None)``.
+        ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
+        decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
+        if cache is not None:
+            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
+                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
+                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
+                                    average_attn_weights=average_attn_weights)
         _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)
         attn, table = self.attn, self.pos_emb  # each module attribute costs a lookup: fetched once
         check_layer_dtype(query, table.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
-        q_update = positional_update(table, q_positions, q_position_mask, q_len)
-        same = q_positions is k_positions and q_position_mask is k_position_mask and q_len == k_len
-        k_update = q_update if same else positional_update(table, k_positions, k_position_mask, k_len)
+        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, q_len, k_len)
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
             out, weights = fused_attention(attn, query, key, value, q_update, k_update, **masks), None
@@ -122,6 +126,19 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
             out, weights = module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
                                             average_attn_weights=average_attn_weights, **masks)
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _updates(self, q_positions, k_positions, q_position_mask, k_position_mask, q_len: int, k_len: Optional[int]):
+        "The rows added to the queries and to the keys (computed once when they share positions; `k_len=None`: no keys)."
+        q_update = positional_update(self.pos_emb, q_positions, q_position_mask, q_len)
+        if k_len is None: return q_update, None
+        same = q_positions is k_positions and q_position_mask is k_position_mask and q_len == k_len
+        return q_update, (q_update if same else positional_update(self.pos_emb, k_positions, k_position_mask, k_len))
+
+    def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
+        "The heads of `W_q(query + E[p_q])`, `W_k(key + E[p_k])`, `W_v value`: a cache keeps keys with their shift inside."
+        k_len = None if key is None else key.shape[1]
+        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, query.shape[1], k_len)
+        return project_heads(self.attn, query, key, value, q_update, k_update)
 
     def reset_parameters(self):
         "Re-initialise the wrapped attention as torch does and the table as `init` says."

@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['module_attention', 'split_heads', 'project_heads', 'sdpa_mask', 'attend', 'attend_with_weights', 'fused_attention',
-           'Path', 'choose_path', 'batch_first_views']
+           'Path', 'choose_path', 'batch_first_views', 'cached_attention']
 
-# %% ../nbs/03_attention.ipynb #0c478a4a
+# %% ../nbs/03_attention.ipynb #f847398d
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._compat import has_hooks, packed_in_projection
+from .base import KVCache, check_attention_masks
 from .positions import causal_mask
 
 # %% ../nbs/03_attention.ipynb #5f930a79
@@ -49,11 +50,14 @@ def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/03_attention.ipynb #3157807c
-def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+# %% ../nbs/03_attention.ipynb #d8282b5f
+def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                   q_update: Optional[Tensor] = None, k_update: Optional[Tensor] = None):
-    "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included."
+    "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included; `key=None`: `(q, None, None)`."
     dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
+    if key is None:  # queries only (a cache holds the keys)
+        query = query if q_update is None else query + q_update
+        return split_heads(F.linear(query, weight[:dim], None if bias is None else bias[:dim]), heads), None, None
     one_input = query is key and key is value and q_update is k_update  # self-attention, queries and keys shifted alike
     if one_input and q_update is None: return split_heads(F.linear(query, weight, bias), heads, 3)  # no shift: one product
     # split, not slices: in backward one split gathers its gradients, where each slice would zero-fill a copy
@@ -146,9 +150,83 @@ def choose_path(attn: nn.MultiheadAttention, *, need_weights: bool) -> Path:
     if attn.add_zero_attn: return Path('module', 'attn adds a zero attention row (add_zero_attn=True)')
     return Path('fused', 'no weights asked for and nothing on attn that the direct computation would skip')
 
-# %% ../nbs/03_attention.ipynb #d5e94974
+# %% ../nbs/03_attention.ipynb #0f147171
 def batch_first_views(query: Tensor, key: Tensor, value: Tensor):
-    "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention)."
+    "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention), `None` stays `None`."
     q = query.transpose(0, 1)
-    k = q if key is query else key.transpose(0, 1)
-    return q, k, (k if value is key else q if value is query else value.transpose(0, 1))
+    k = q if key is query else None if key is None else key.transpose(0, 1)
+    return q, k, (k if value is key else q if value is query else None if value is None else value.transpose(0, 1))
+
+# %% ../nbs/03_attention.ipynb #d1e6a32b
+def _what(x) -> str: return 'None' if x is None else f"a {type(x).__name__}" if not isinstance(x, Tensor) else f"a {x.dtype} Tensor"
+
+def _check_cache(layer, cache, batch: int, device: torch.device):
+    "`cache` is a `KVCache` that `layer` made, for `batch` sequences on `device`."
+    if not isinstance(cache, KVCache): raise TypeError(f"cache must be a KVCache made by the layer's init_cache, got {_what(cache)}")
+    if cache.layer_id != id(layer): raise ValueError("cache was made by another layer: each layer decodes with a cache of its own init_cache")
+    if cache.batch_size != batch: raise ValueError(f"cache holds {cache.batch_size} sequences, got a batch of {batch}")
+    if cache.keys.device != device: raise ValueError(f"cache is on {cache.keys.device}, got inputs on {device}")
+
+def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, length: int):
+    "The new keys' `(positions, mask, derived)`: as given, or counted on by the cache, refused past the layer's table."
+    if positions is not None: return positions, mask, False
+    positions, real = cache.next_positions(length, key_padding_mask)
+    bound, max_len = cache.position_bound, layer.max_len
+    if max_len is not None and length and (bound is None or bound + length > max_len):  # read the values only when they may be too large
+        high = int(positions.max())
+        if high >= max_len:
+            raise ValueError(f"decoding step {cache.steps} would give positions up to {high}, past the layer's table of "
+                             f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
+    return positions, (real if mask is None else mask if real is None else mask & real), True
+
+# %% ../nbs/03_attention.ipynb #281b2fa4
+def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
+                     q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
+                     key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
+                     average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """One decoding call of `layer`: write the new `key` and `value` into `cache`, then attend from `query` to all it holds.
+
+    ``key`` and ``value`` are the new tokens (in self-attention ``query`` itself), or both ``None`` to attend to the
+    cache as it is (cross-attention after the call that wrote the memory). New keys without ``k_positions`` take the
+    cache's count (`KVCache.next_positions`), and queries that are the keys share them; other queries need
+    ``q_positions``. ``key_padding_mask`` (bool, ``(B, T_new)``) marks new keys that are padding, for good;
+    ``attn_mask`` covers every key attended to, cached and new; without it, ``is_causal=True`` lets new query ``i``
+    see the keys up to the ``i``-th new one. Returns ``(output, weights or None)`` as the layer's forward does."""
+    path = choose_path(layer.attn, need_weights=False)
+    if path.name != 'fused':
+        raise ValueError(f"{type(layer).__name__} attends with a cache without calling its attn, so it cannot honour what needs that call: {path.reason}")
+    flags = dict(need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
+    if (key is None) != (value is None): raise ValueError(f"with a cache, key and value are both new tokens or both None, got key {_what(key)}, value {_what(value)}")
+    if key is None:
+        for name, arg in (('k_positions', k_positions), ('k_position_mask', k_position_mask), ('key_padding_mask', key_padding_mask)):
+            if arg is not None: raise ValueError(f"{name} describes new keys, but key is None: the cache keeps its keys' positions and padding")
+    if key is not query and q_positions is None:
+        raise ValueError("with a cache, q_positions is required when query is not key: the cache counts the keys' positions, not the queries'")
+    batch, q_len, k_len = layer.check_inputs(query, query if key is None else key, query if value is None else value, q_positions,
+                                             k_positions, q_position_mask, k_position_mask, None, key_padding_mask, **flags)
+    _check_cache(layer, cache, batch, query.device)
+    if key is not None and key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"with a cache, key_padding_mask must be bool (True: padding), got {_what(key_padding_mask)}")
+    if not layer.batch_first: query, key, value = batch_first_views(query, key, value)
+    if key is not None:
+        k_positions, k_position_mask, derived = _step_positions(layer, cache, k_positions, k_position_mask, key_padding_mask, k_len)
+        if key is query and q_positions is None: q_positions, q_position_mask = k_positions, (k_position_mask if q_position_mask is None else q_position_mask)
+    if attn_mask is not None:  # checked before anything is written: a refused call leaves the cache as it was
+        check_attention_masks(attn_mask, None, batch=batch, num_heads=layer.num_heads, q_len=q_len, dtype=query.dtype,
+                              k_len=cache.length + (0 if key is None else k_len), device=query.device)
+    q, k, v = layer.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
+    if key is not None: cache.write(k, v, k_positions, k_position_mask, key_padding_mask, derived=derived)
+    return _attend_cache(layer, cache, q, query.dtype, q_positions, q_position_mask, attn_mask, **flags)
+
+def _attend_cache(layer, cache: KVCache, q: Tensor, dtype, q_positions, q_position_mask, attn_mask, *, need_weights: bool,
+                  is_causal: bool, average_attn_weights: bool) -> tuple[Tensor, Optional[Tensor]]:
+    "Attention of the query heads `q` to every filled slot of `cache`, `(B, T_q, D)`, and the weights if asked."
+    q_len, n = q.shape[2], cache.length
+    if attn_mask is None and is_causal and q_len > 1: attn_mask = torch.ones(q_len, n, dtype=torch.bool, device=q.device).triu(n - q_len + 1)  # queries are the last q_len keys
+    bias = layer.pair_bias(q_positions, cache.positions[:, :n], q_position_mask, cache.position_mask[:, :n] if cache.masked else None,
+                           q_len=q_len, k_len=n)
+    masks = dict(mask_dtype=dtype, attn_mask=attn_mask, key_padding_mask=cache.padding[:, :n] if cache.padded else None,
+                 logit_bias=None if bias is None else bias.to(dtype))
+    keys, values = cache.keys[:, :, :n], cache.values[:, :, :n]
+    if need_weights: return attend_with_weights(layer.attn, q, keys, values, average_attn_weights=average_attn_weights, **masks)
+    return attend(layer.attn, q, keys, values, **masks), None

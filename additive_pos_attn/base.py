@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_layer_dtype', 'check_positions',
-           'check_position_mask', 'check_attention_masks', 'PositionalAttentionBase']
+           'check_position_mask', 'check_attention_masks', 'KVCache', 'PositionalAttentionBase']
 
 # %% ../nbs/01_base.ipynb #761203f2
 from abc import ABC, abstractmethod
@@ -109,13 +109,92 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #b9c51a22
+# %% ../nbs/01_base.ipynb #e5bf3eb9
+class KVCache:
+    r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
+
+    Made by `PositionalAttentionBase.init_cache` and passed to that layer's forward as ``cache=``. Its tensors are
+    allocated once, for ``max_length`` tokens, so their shapes never change while decoding; a call writes the keys and
+    values of its new tokens into the next free slots, as the layer will attend to them (each layer says what that
+    means for its scheme), with their positions, position masks and padding.
+
+    Attributes:
+
+        keys, values (Tensor): ``(B, H, max_length, head_dim)``; slots ``[0, length)`` are filled.
+        positions (Tensor): ``(B, max_length)`` int64, each slot's position.
+        position_mask (Tensor): ``(B, max_length)`` bool, False where a slot's token has no positional part.
+        padding (Tensor): ``(B, max_length)`` bool, True where a slot holds padding, never attended to.
+        next_position (Tensor): ``(B,)`` int64, the position the next real token of each sample gets: one past
+            the largest position of a real token written.
+        length (int): Number of filled slots, the same for every sample.
+        steps (int): Number of calls that wrote to the cache.
+    """
+    def __init__(self, layer: 'PositionalAttentionBase', batch_size: int, max_length: int, *, device=None, dtype=None):
+        batch, self.max_length = check_positive_int('batch_size', batch_size), check_positive_int('max_length', max_length)
+        shape = (batch, layer.num_heads, max_length, layer.head_dim)
+        self.keys, self.values = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+        self.position_mask = torch.ones(batch, max_length, dtype=torch.bool, device=device)
+        self.padding = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = self.steps = 0
+        self.layer_id = id(layer)
+        self.masked = self.padded = False  # whether any filled slot has a False position mask, or is padding
+        self.position_bound = 0  # an upper bound of next_position, or None when explicit positions made it unknown
+
+    @property
+    def batch_size(self) -> int: return self.keys.shape[0]
+
+    def next_positions(self, length: int, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Positions `(B, length)` of `length` new tokens, each sample counting on from its `next_position`, and their
+        position mask (None without padding). Padding (True in the bool `key_padding_mask` `(B, length)`) takes no
+        place in the count, position 0 and a False mask, as `padded_positions` gives them."""
+        if key_padding_mask is None:
+            return self.next_position[:, None] + torch.arange(length, device=self.next_position.device), None
+        real = ~key_padding_mask
+        offsets = (real.cumsum(-1) - 1).clamp_(min=0)
+        return (self.next_position[:, None] + offsets).masked_fill_(key_padding_mask, 0), real
+
+    def state(self) -> tuple:
+        "What a write changes, to `restore` if a call fails after writing: slots beyond `length` are ignored."
+        return self.length, self.steps, self.next_position, self.masked, self.padded, self.position_bound
+
+    def restore(self, state: tuple):
+        "Go back to a `state()`; the slots after it are as new."
+        self.length, self.steps, self.next_position, self.masked, self.padded, self.position_bound = state
+        self.position_mask[:, self.length:], self.padding[:, self.length:] = True, False
+
+    def written(self, start: int) -> tuple[Tensor, Optional[Tensor]]:
+        "Positions `(B, T)` and position mask (or None if no slot is masked) of the slots written from `start` on."
+        return self.positions[:, start:self.length], (self.position_mask[:, start:self.length] if self.masked else None)
+
+    def write(self, keys: Tensor, values: Tensor, positions: Tensor, position_mask: Optional[Tensor],
+              padding: Optional[Tensor], *, derived: bool):
+        "Write `T_new` heads `(B, H, T_new, d)` and their positions into the next slots; `derived`: the positions came from `next_positions`."
+        start, count = self.length, keys.shape[2]
+        if start + count > self.max_length:
+            raise ValueError(f"the cache is full: it holds max_length={self.max_length} tokens, {start} are written, and "
+                             f"step {self.steps} writes {count} more; make the cache with a larger max_length")
+        end = start + count
+        self.keys[:, :, start:end], self.values[:, :, start:end] = keys, values
+        self.positions[:, start:end] = positions
+        if position_mask is not None: self.position_mask[:, start:end], self.masked = position_mask, True
+        if padding is not None: self.padding[:, start:end], self.padded = padding, True
+        if derived and padding is None: self.next_position = self.next_position + count  # what the general rule gives, cheaply
+        elif count:  # one past the largest position of a real token written, per sample
+            real = positions if padding is None else positions.masked_fill(padding, -1)
+            self.next_position = torch.maximum(self.next_position, real.amax(-1) + 1)
+        self.position_bound = self.position_bound + count if derived and self.position_bound is not None else None
+        self.length, self.steps = end, self.steps + 1
+
+# %% ../nbs/01_base.ipynb #40ff6073
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
     Subclasses implement `forward` with the signature below and call `check_inputs` first
     (it runs every check of this module in order), so that every layer refuses the same bad inputs with
-    the same messages.
+    the same messages. A layer that decodes with a cache also implements `positioned_heads` (and `pair_bias`
+    if it biases the logits) and hands a call with ``cache=`` to `cached_attention`.
 
     Args:
 
@@ -150,8 +229,24 @@ class PositionalAttentionBase(nn.Module, ABC):
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-        "Attend from `query` to `key`/`value` with positions; return `(output, weights or None)`."
+                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+        "Attend from `query` to `key`/`value` with positions (with a `cache`: to the cached keys too); return `(output, weights or None)`."
+
+    def init_cache(self, batch_size: int, max_length: int, *, device=None, dtype=None) -> KVCache:
+        "An empty `KVCache` of this layer for `batch_size` sequences of up to `max_length` tokens, on the layer's device and in its dtype."
+        weight = next(self.parameters(), None)
+        device = device if device is not None else getattr(weight, 'device', None)
+        return KVCache(self, batch_size, max_length, device=device, dtype=dtype if dtype is not None else getattr(weight, 'dtype', None))
+
+    def positioned_heads(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], q_positions=None, k_positions=None,
+                         q_position_mask=None, k_position_mask=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        "The heads `(B, H, T, d_h)` a cache holds: queries and keys with their positions applied as the scheme does, values; `key=None`: queries only."
+        raise TypeError(f"{type(self).__name__} cannot decode with a cache: it defines no positioned_heads")
+
+    def pair_bias(self, q_positions, k_positions, q_position_mask=None, k_position_mask=None, *, q_len: int,
+                  k_len: int) -> Optional[Tensor]:
+        "The logit bias `([B,] H, T_q, T_k)` the scheme adds to every pair of tokens, or `None` (the default) if it adds none."
+        return None
 
     def check_inputs(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None,
                      k_position_mask=None, attn_mask=None, key_padding_mask=None, **flags) -> tuple[int, int, int]:

@@ -4,7 +4,7 @@
 __all__ = ['ATTENTION_KINDS', 'PosTransformerEncoderLayer', 'positional_attention', 'positional_parameters', 'encoder_reference',
            'random_block', 'torch_twin']
 
-# %% ../nbs/07_encoder.ipynb #04ed3409
+# %% ../nbs/07_encoder.ipynb #792df7dd
 from typing import Callable, Optional, Union
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .additive import AdditivePosMultiheadAttention, additive_reference
-from .base import PositionalAttentionBase, check_positive_int
+from .base import KVCache, PositionalAttentionBase, check_positive_int
 from .relative import AdditiveRelMultiheadAttention, relative_reference
 from .rotary import RoPEMultiheadAttention, rope_reference
 from .testing import random_layer
@@ -25,9 +25,9 @@ def _get_activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Calla
     if activation == 'gelu': return F.gelu
     raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
 
-# %% ../nbs/07_encoder.ipynb #bf3debc9
+# %% ../nbs/07_encoder.ipynb #d2a4f830
 class _FeedForwardBlock(nn.Module):
-    "A block with torch's feed-forward sub-block: `linear2(dropout(activation(linear1(x))))`."
+    "A block with torch's feed-forward sub-block, `linear2(dropout(activation(linear1(x))))`, and a self-attention sub-block."
     def _init_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float, bias: bool, factory_kwargs: dict):
         "The linear layers and the inner dropout; the block sets `activation` last, where torch's blocks set it."
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
@@ -37,7 +37,14 @@ class _FeedForwardBlock(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-# %% ../nbs/07_encoder.ipynb #e013ce9b
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, positions, position_mask, cache=None) -> Tensor:
+        "`self_attn` of `x` with itself, one set of positions for queries and keys, then `dropout1`."
+        x = self.self_attn(x, x, x, q_positions=positions, k_positions=positions, q_position_mask=position_mask,
+                           k_position_mask=position_mask, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                           need_weights=False, is_causal=is_causal, cache=cache)[0]
+        return self.dropout1(x)
+
+# %% ../nbs/07_encoder.ipynb #4cc32415
 class PosTransformerEncoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer encoder block around a positional attention layer.
 
@@ -104,13 +111,14 @@ class PosTransformerEncoderLayer(_FeedForwardBlock):
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False, *, positions: Optional[Tensor] = None,
-                position_mask: Optional[Tensor] = None) -> Tensor:
+                position_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
         """Run the attention and the feed-forward sub-blocks, each pre-normed and added to the residual stream.
 
         ``src_mask``, ``src_key_padding_mask`` and ``is_causal`` mean what they mean for
         `torch.nn.TransformerEncoderLayer` and reach the attention as ``attn_mask``,
         ``key_padding_mask`` and ``is_causal``; ``positions`` and ``position_mask`` reach it as both the
-        query's and the key's positions and position mask.
+        query's and the key's positions and position mask. With a ``cache`` (from `init_cache`), ``src`` holds
+        the new tokens of a decoder-only model, and the attention decodes (see `cached_attention`).
         """
         if not isinstance(src, Tensor): raise TypeError(f"src must be a Tensor, got {type(src).__name__}")
         if src.dim() != 3 or src.shape[-1] != self.d_model:
@@ -118,14 +126,12 @@ class PosTransformerEncoderLayer(_FeedForwardBlock):
             layout = '(B, T, D)' if self.batch_first else '(T, B, D)'
             raise ValueError(f"src must be {layout} with D=d_model={self.d_model}, got {shape}")
         x = src
-        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, positions, position_mask)
+        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, positions, position_mask, cache)
         return x + self._ff_block(self.norm2(x))
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, positions, position_mask) -> Tensor:
-        x = self.self_attn(x, x, x, q_positions=positions, k_positions=positions, q_position_mask=position_mask,
-                           k_position_mask=position_mask, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                           need_weights=False, is_causal=is_causal)[0]
-        return self.dropout1(x)
+    def init_cache(self, batch_size: int, max_length: int, **kwargs) -> KVCache:
+        "The attention's cache (`PositionalAttentionBase.init_cache`), for decoding with the block in a decoder-only model."
+        return self.self_attn.init_cache(batch_size, max_length, **kwargs)
 
     def _ff_block(self, x: Tensor) -> Tensor:
         return self.dropout2(self._feed_forward(x))
@@ -201,7 +207,7 @@ def random_block(embed_dim: int = 16, num_heads: int = 4, dim_feedforward: int =
         block.self_attn = other
     return block.eval()
 
-# %% ../nbs/07_encoder.ipynb #1422e091
+# %% ../nbs/07_encoder.ipynb #4aa4c0d9
 def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     """An `nn.TransformerEncoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle.
 
@@ -209,13 +215,19 @@ def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     and must be zero; then an additive or relative block computes what the twin computes, and a rotary block does
     where no token is turned (every position mask False).
     """
-    positional = {f'self_attn.{name}': p for name, p in positional_parameters(block.self_attn).items()}
-    nonzero = [name for name, p in positional.items() if p.detach().any()]
-    if nonzero: raise ValueError(f"torch_twin leaves out the positional parameters, so they must be zero: {', '.join(nonzero)} is not")
-    weight, bias = block.linear1.weight, block.linear1.bias is not None
+    weight = block.linear1.weight
     twin = nn.TransformerEncoderLayer(block.d_model, block.self_attn.num_heads, block.linear1.out_features, dropout=0.0,
                                       activation=block.activation, layer_norm_eps=block.norm1.eps, norm_first=True,
-                                      batch_first=block.batch_first, bias=bias, device=weight.device, dtype=weight.dtype)
-    state = {k.replace('self_attn.attn.', 'self_attn.'): v for k, v in block.state_dict().items() if k not in positional}
+                                      batch_first=block.batch_first, bias=block.linear1.bias is not None, device=weight.device,
+                                      dtype=weight.dtype)
+    return _load_twin(twin, block, ('self_attn',))
+
+def _load_twin(twin: nn.Module, block: nn.Module, attentions: tuple) -> nn.Module:
+    "`twin` holding `block`'s weights but for the positional parameters of its `attentions`, which must be zero; in evaluation mode."
+    positional = {f'{a}.{name}': p for a in attentions for name, p in positional_parameters(getattr(block, a)).items()}
+    nonzero = [name for name, p in positional.items() if p.detach().any()]
+    if nonzero: raise ValueError(f"torch_twin leaves out the positional parameters, so they must be zero: {', '.join(nonzero)} is not")
+    state = block.state_dict()
+    for a in attentions: state = {k.replace(f'{a}.attn.', f'{a}.'): v for k, v in state.items() if k not in positional}
     twin.load_state_dict(state)
     return twin.eval()

@@ -3,15 +3,16 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/05_relative.ipynb #470988de
+# %% ../nbs/05_relative.ipynb #5f7fe7ac
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
-from .attention import _float_mask, batch_first_views, choose_path, fused_attention, module_attention
-from .base import PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int
+from .attention import (_float_mask, batch_first_views, cached_attention, choose_path, fused_attention,
+                                         module_attention, project_heads)
+from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int
 from .positions import relative_bias
 
 # %% ../nbs/05_relative.ipynb #b9817ed4
@@ -35,7 +36,7 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/05_relative.ipynb #10498963
+# %% ../nbs/05_relative.ipynb #1b692dc5
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add a learned bias per head, indexed by the clipped offset of positions, to its scores.
 
@@ -100,21 +101,26 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Add the relative bias of each pair's positions to the scores; queries, keys and values are the wrapped module's.
 
         ``attn_mask``, ``key_padding_mask``, ``need_weights``, ``average_attn_weights`` and ``is_causal`` mean
         what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
-        ``attn_mask`` builds the causal mask instead of raising. Returns ``(output, weights or None)``.
+        ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
+        decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
+        if cache is not None:
+            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
+                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
+                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
+                                    average_attn_weights=average_attn_weights)
         _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)
         attn, table = self.attn, self.rel_bias
         check_layer_dtype(query, table.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
-        bias = relative_bias(table, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len,
-                             max_distance=self.max_distance, num_heads=self.num_heads).to(query.dtype)
+        bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len).to(query.dtype)
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
             out, weights = fused_attention(attn, query, key, value, **masks), None
@@ -122,6 +128,15 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
             out, weights = module_attention(attn, query, key, value, need_weights=need_weights,
                                             average_attn_weights=average_attn_weights, **masks)
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def pair_bias(self, q_positions, k_positions, q_position_mask=None, k_position_mask=None, *, q_len: int, k_len: int) -> Tensor:
+        "The learned bias of every pair's clipped offset, `(H, T_q, T_k)` or, with per-sample positions, `(B, H, T_q, T_k)`."
+        return relative_bias(self.rel_bias, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len,
+                             max_distance=self.max_distance, num_heads=self.num_heads)
+
+    def positioned_heads(self, query, key, value, *positions):
+        "The heads of `W_q query`, `W_k key`, `W_v value`: positions act on the logits only, so a cache keeps plain keys and their positions."
+        return project_heads(self.attn, query, key, value)
 
     def reset_parameters(self):
         "Re-initialise the wrapped attention as torch does and the table to zero."

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'RoPEMultiheadAttention', 'pair_order']
 
-# %% ../nbs/06_rotary.ipynb #5b5db641
+# %% ../nbs/06_rotary.ipynb #a5cf75c2
 import math
 from typing import Optional
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compat import is_compiling, reset_mha_parameters
-from .attention import attend, attend_with_weights, batch_first_views, choose_path, project_heads
-from .base import PositionalAttentionBase, check_bool, check_layer_dtype
+from .attention import attend, attend_with_weights, batch_first_views, cached_attention, choose_path, project_heads
+from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype
 
 # %% ../nbs/06_rotary.ipynb #d0a77b38
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None) -> Tensor:
@@ -105,7 +105,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #1f127c81
+# %% ../nbs/06_rotary.ipynb #e987a7dd
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -170,11 +170,17 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Turn the projected queries and keys by their positions (any integers), then attend; the values are not turned.
 
         The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
-        mask, as in every layer of the package. Returns ``(output, weights or None)``."""
+        mask, as in every layer of the package. With a ``cache`` (from `init_cache`), the call decodes: see
+        `cached_attention`. Returns ``(output, weights or None)``."""
+        if cache is not None:
+            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
+                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
+                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
+                                    average_attn_weights=average_attn_weights)
         self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask, attn_mask,
                           key_padding_mask, need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
         attn = self.attn
@@ -184,13 +190,17 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
                              f"its logits), so it cannot honour what needs that call: {path.reason}")
         check_layer_dtype(query, attn.in_proj_weight.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
-        q, k, v = project_heads(attn, query, key, value)
-        turn = dict(base=self.rope_base, interleaved=self.interleaved)
-        q, k = rotate(q, q_positions, q_position_mask, **turn), rotate(k, k_positions, k_position_mask, **turn)
+        q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
         masks = dict(mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
         if need_weights: out, weights = attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
         else: out, weights = attend(attn, q, k, v, **masks), None
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
+        "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys already turned."
+        q, k, v = project_heads(self.attn, query, key, value)
+        turn = dict(base=self.rope_base, interleaved=self.interleaved)
+        return rotate(q, q_positions, q_position_mask, **turn), None if k is None else rotate(k, k_positions, k_position_mask, **turn), v
 
     def reset_parameters(self):
         "Re-initialise the wrapped attention as torch does (the layer has no parameters of its own)."
