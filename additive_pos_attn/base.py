@@ -109,7 +109,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #e5bf3eb9
+# %% ../nbs/01_base.ipynb #c76907a0
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -129,7 +129,7 @@ class KVCache:
         length (int): Number of filled slots, the same for every sample.
         steps (int): Number of calls that wrote to the cache.
     """
-    def __init__(self, layer: 'PositionalAttentionBase', batch_size: int, max_length: int, *, device=None, dtype=None):
+    def __init__(self, layer: nn.Module, batch_size: int, max_length: int, *, device=None, dtype=None):
         batch, self.max_length = check_positive_int('batch_size', batch_size), check_positive_int('max_length', max_length)
         shape = (batch, layer.num_heads, max_length, layer.head_dim)
         self.keys, self.values = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import KVCache, PositionalAttentionBase
 from .encoder import _FeedForwardBlock, _get_activation, _load_twin
 
-# %% ../nbs/08_decoder.ipynb #42918860
+# %% ../nbs/08_decoder.ipynb #3bc284b8
 class PosTransformerDecoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer decoder block around two positional attention layers.
 
@@ -69,7 +69,7 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
                 tgt_key_padding_mask: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
                 tgt_is_causal: bool = False, memory_is_causal: bool = False, *, tgt_positions: Optional[Tensor] = None,
                 tgt_position_mask: Optional[Tensor] = None, memory_positions: Optional[Tensor] = None,
-                memory_position_mask: Optional[Tensor] = None, cache: Optional['DecoderCache'] = None) -> Tensor:
+                memory_position_mask: Optional[Tensor] = None, cache=None) -> Tensor:
         """The three sub-blocks; masks and flags mean what they mean for `torch.nn.TransformerDecoderLayer`.
 
         With a ``cache`` (from `init_cache`), ``tgt`` holds the new target tokens: the self-attention decodes with
@@ -96,7 +96,7 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
                                                   **memory_kwargs)[0])
         return x + self.dropout3(self._feed_forward(self.norm3(x)))
 
-    def init_cache(self, batch_size: int, max_length: int) -> 'DecoderCache':
+    def init_cache(self, batch_size: int, max_length: int):
         "A `DecoderCache` for `batch_size` targets of up to `max_length` tokens."
         return DecoderCache(self, batch_size, max_length)
 
