@@ -110,3 +110,23 @@ def test_compiled_layer_copies_and_saves_as_itself(case):
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, x, x)[0], kind.reference(layer, x, x, x)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_does_not_recompile_every_step(case):
+    """A decoding step compiles to one graph (`fullgraph=True`) and, the cache's buffers being preallocated, does not
+    recompile every step: a prompt and 10 tokens compile at most 3 times (the prompt, the first token, then once more
+    with the filled length dynamic), giving the eager outputs."""
+    from torch._dynamo.testing import CompileCounter
+    _, layer, x, _ = case
+    layer.eval()
+    counter = CompileCounter()
+    step = torch.compile(lambda t, cache: layer(t, t, t, cache=cache, is_causal=True)[0], backend=counter, fullgraph=True)
+    compiled_cache, eager_cache = layer.init_cache(2, 12), layer.init_cache(2, 12)
+    with torch.no_grad():
+        for tokens in [x[:, :2], *torch.randn(2, 10, 16, dtype=torch.float64, device=x.device).split(1, dim=1)]:
+            torch.testing.assert_close(step(tokens, compiled_cache), layer(tokens, tokens, tokens, cache=eager_cache, is_causal=True)[0],
+                                       rtol=1e-10, atol=1e-12)
+    print(f'compiled decoding of a prompt and 10 tokens: {counter.frame_count} compilations')
+    assert counter.frame_count <= 3, counter.frame_count
+    assert compiled_cache.length == eager_cache.length == 12

@@ -232,3 +232,39 @@ def test_progress_callable():
     seen, err = [], io.StringIO()
     with redirect_stderr(err): _, losses = train_toy(5, progress=lambda step, loss: seen.append((step, loss)), d_model=8, num_heads=2)
     assert seen == list(zip(range(1, 6), losses)) and err.getvalue() == ''
+
+
+# Generating: the encoder-decoder and greedy decoding with caches
+
+@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary'])
+def test_generate_with_caches_is_recomputation(attention, device):
+    "Greedy decoding with caches gives the tokens and, in float64, the logits of recomputing the output at every step."
+    import torch
+    from additive_pos_attn.demo import ToySeq2Seq, generate, reversal_batch
+    from additive_pos_attn.encoder import positional_parameters
+    torch.manual_seed(0)
+    model = ToySeq2Seq(attention=attention, num_layers=2).double().to(device).eval()
+    with torch.no_grad():  # positions that matter, as after training
+        for module in model.modules():
+            if hasattr(module, 'attn'): [p.normal_() for p in positional_parameters(module).values()]
+    source, _ = reversal_batch(8, 16, torch.Generator().manual_seed(1))
+    (tokens, logits), (tokens_ref, logits_ref) = (generate(model, source.to(device), cache=c) for c in (True, False))
+    assert tokens.shape == (8, 16) and logits.shape == (8, 16, 16)
+    assert torch.equal(tokens, tokens_ref)
+    assert (logits - logits_ref).abs().max().item() <= 1e-12
+    short, _ = generate(model, source.to(device), 5)
+    assert torch.equal(short, tokens[:, :5])
+
+
+def test_seq2seq_trains_reproducibly_and_learns():
+    "One seed gives one model; 250 steps already generate the reversals with the additive table."
+    import torch
+    from additive_pos_attn.demo import generate, reversal_batch, train_seq2seq
+    (a, losses_a), (b, losses_b) = train_seq2seq(250), train_seq2seq(250)
+    assert losses_a == losses_b and not a.training
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), name
+    source, expected = reversal_batch(200, 16, torch.Generator().manual_seed(5))
+    assert (generate(a, source)[0] == expected).float().mean() > 0.99
+    with pytest.raises(ValueError, match=r"steps must be a positive int, got 0"): generate(a, source, 0)
+    with pytest.raises(ValueError, match=r"attention must be one of 'additive', 'relative', 'rotary', got 'none'"):
+        train_seq2seq(1, attention='none')
