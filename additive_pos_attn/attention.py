@@ -179,7 +179,7 @@ def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, le
                              f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, (real if mask is None else mask if real is None else mask & real), True
 
-# %% ../nbs/03_attention.ipynb #281b2fa4
+# %% ../nbs/03_attention.ipynb #da48489e
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -216,7 +216,8 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
                               k_len=cache.length + (0 if key is None else k_len), device=query.device)
     q, k, v = layer.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
     if key is not None: cache.write(k, v, k_positions, k_position_mask, key_padding_mask, derived=derived)
-    return _attend_cache(layer, cache, q, query.dtype, q_positions, q_position_mask, attn_mask, **flags)
+    out, weights = _attend_cache(layer, cache, q, query.dtype, q_positions, q_position_mask, attn_mask, **flags)
+    return (out if layer.batch_first else out.transpose(0, 1)), weights
 
 def _attend_cache(layer, cache: KVCache, q: Tensor, dtype, q_positions, q_position_mask, attn_mask, *, need_weights: bool,
                   is_causal: bool, average_attn_weights: bool) -> tuple[Tensor, Optional[Tensor]]:

@@ -109,7 +109,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #c76907a0
+# %% ../nbs/01_base.ipynb #637589ba
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -125,7 +125,7 @@ class KVCache:
         position_mask (Tensor): ``(B, max_length)`` bool, False where a slot's token has no positional part.
         padding (Tensor): ``(B, max_length)`` bool, True where a slot holds padding, never attended to.
         next_position (Tensor): ``(B,)`` int64, the position the next real token of each sample gets: one past
-            the largest position of a real token written.
+            the largest position of a real token written (0 before any).
         length (int): Number of filled slots, the same for every sample.
         steps (int): Number of calls that wrote to the cache.
     """
@@ -137,6 +137,8 @@ class KVCache:
         self.position_mask = torch.ones(batch, max_length, dtype=torch.bool, device=device)
         self.padding = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.bool, device=device)  # whether a sample has had a real token written
+        self._everyone = torch.ones(batch, dtype=torch.bool, device=device)
         self.length = self.steps = 0
         self.layer_id = id(layer)
         self.masked = self.padded = False  # whether any filled slot has a False position mask, or is padding
@@ -157,11 +159,11 @@ class KVCache:
 
     def state(self) -> tuple:
         "What a write changes, to `restore` if a call fails after writing: slots beyond `length` are ignored."
-        return self.length, self.steps, self.next_position, self.masked, self.padded, self.position_bound
+        return self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound
 
     def restore(self, state: tuple):
         "Go back to a `state()`; the slots after it are as new."
-        self.length, self.steps, self.next_position, self.masked, self.padded, self.position_bound = state
+        self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound = state
         self.position_mask[:, self.length:], self.padding[:, self.length:] = True, False
 
     def written(self, start: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -180,10 +182,16 @@ class KVCache:
         self.positions[:, start:end] = positions
         if position_mask is not None: self.position_mask[:, start:end], self.masked = position_mask, True
         if padding is not None: self.padding[:, start:end], self.padded = padding, True
-        if derived and padding is None: self.next_position = self.next_position + count  # what the general rule gives, cheaply
-        elif count:  # one past the largest position of a real token written, per sample
-            real = positions if padding is None else positions.masked_fill(padding, -1)
-            self.next_position = torch.maximum(self.next_position, real.amax(-1) + 1)
+        if derived and padding is None:  # what the general rule gives, cheaply
+            self.next_position = self.next_position + count
+            if count: self.seen = self._everyone
+        elif count:  # per sample, one past the largest position of a real token written, if any
+            lowest = torch.iinfo(torch.long).min
+            real = positions.long() if padding is None else positions.long().masked_fill(padding, lowest)
+            largest = real.amax(-1).expand_as(self.next_position)
+            grown = torch.where(self.seen, torch.maximum(self.next_position, largest + 1), largest + 1)
+            has_real = largest > lowest
+            self.next_position, self.seen = torch.where(has_real, grown, self.next_position), self.seen | has_real
         self.position_bound = self.position_bound + count if derived and self.position_bound is not None else None
         self.length, self.steps = end, self.steps + 1
 
