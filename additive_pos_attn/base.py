@@ -4,14 +4,14 @@
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_layer_dtype', 'check_positions',
            'check_position_mask', 'check_attention_masks', 'KVCache', 'PositionalAttentionBase']
 
-# %% ../nbs/01_base.ipynb #761203f2
+# %% ../nbs/01_base.ipynb #96ed65e3
 from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_enabled
+from ._compat import assert_async, autocast_enabled, is_compiling
 
 # %% ../nbs/01_base.ipynb #4d7e91bf
 def check_positive_int(name: str, value) -> int:
@@ -53,7 +53,7 @@ def check_layer_dtype(query: Tensor, dtype: torch.dtype):
     if query.dtype != dtype and not autocast_enabled(query.device.type):
         raise TypeError(f"query must have the layer's dtype {dtype} (or run under autocast), got {query.dtype}")
 
-# %% ../nbs/01_base.ipynb #cd04ab8a
+# %% ../nbs/01_base.ipynb #426810d2
 _POSITION_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
@@ -76,6 +76,9 @@ def check_positions(positions: Optional[Tensor], *, name: str, batch: int, lengt
     if positions.device != device:
         raise ValueError(f"{name} must be on the input's device {device}, got {positions.device}")
     if max_len is not None and positions.numel():
+        if is_compiling():  # values cannot be read while tracing: the check goes into the graph, and fails as loudly
+            assert_async(((positions >= 0) & (positions < max_len)).all(), f"{name} must lie in [0, max_len={max_len})")
+            return positions
         low, high = (int(v) for v in torch.aminmax(positions))
         if low < 0 or high >= max_len:
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")

@@ -1,8 +1,9 @@
-"""`torch.compile`, for every positional layer: the layer compiles into one graph on the default-position path and
-gives the eager output; with explicit positions it compiles and still gives the eager output and refuses bad
-positions (the additive layer's range check reads the positions' extremes, a data-dependent value, so Dynamo
-breaks the graph there; the relative and rotary layers have no such check and stay one graph); a compiled layer
-copies and saves as itself."""
+"""`torch.compile`, for every positional layer: the layer compiles into one graph (`fullgraph=True`) on the
+default-position path and with explicit positions, position masks, attention and padding masks, in training and
+evaluation mode, and gives the eager output; a second sequence length recompiles once; bad positions are refused
+inside the graph (the additive layer's range check, which reads the positions' values in eager mode, is an assertion
+in the graph while compiling); a compiled layer copies and saves as itself; compiled decoding does not recompile
+every step."""
 import copy, io
 from typing import Callable, NamedTuple
 
@@ -22,15 +23,17 @@ from additive_pos_attn.rotary import RoPEMultiheadAttention, rope_reference
 class Kind(NamedTuple):
     make: Callable          # device -> a float64 layer, embed_dim 16 and 4 heads
     reference: Callable     # the oracle
-    one_graph: bool         # whether explicit positions compile to one graph too
     bad_positions: Tensor   # k_positions the layer refuses for the 11 keys of `case`...
     message: str            # ...with this message
+    error: type             # ...and this error, compiled
 
 
-_WRONG_LENGTH = (True, torch.arange(10), r"k_positions must have shape \(11,\) or \(2, 11\), got \(10,\)")
+# A shape is known while tracing, so a wrong one is refused then: `fullgraph=True` reports the ValueError raised while
+# tracing as Dynamo's own error, quoting its message.
+_WRONG_LENGTH = (torch.arange(10), r"k_positions must have shape \(11,\) or \(2, 11\), got \(", Exception)
 KINDS = [pytest.param(Kind(lambda device: AdditivePosMultiheadAttention(16, 4, max_len=32, dtype=torch.float64, device=device),
-                           additive_reference, False, torch.arange(22, 33),
-                           r"k_positions must lie in \[0, max_len=32\), got values from 22 to 32"), id='additive'),
+                           additive_reference, torch.arange(22, 33), r"k_positions must lie in \[0, max_len=32\)",
+                           RuntimeError), id='additive'),
          pytest.param(Kind(lambda device: AdditiveRelMultiheadAttention(16, 4, max_distance=16, dtype=torch.float64, device=device),
                            relative_reference, *_WRONG_LENGTH), id='relative'),
          pytest.param(Kind(lambda device: RoPEMultiheadAttention(16, 4, dtype=torch.float64, device=device),
@@ -76,22 +79,41 @@ def test_default_positions_compile_to_one_graph(case):
 
 
 @pytest.mark.slow
-def test_explicit_positions_compile(case):
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_explicit_positions_and_masks_compile_to_one_graph(case, training):
+    """Explicit positions, a position mask, an attention mask and a padding mask compile with `fullgraph=True`, in
+    training and evaluation mode, and give the eager output and gradients; a bad position is refused by the graph."""
     kind, layer, x, memory = case
+    layer.train(training)
     positions = dict(q_positions=torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [0, 1, 2, 3, 4, 5, 6, 7]], device=x.device),
-                     k_positions=torch.arange(20, 31, device=x.device))
-    if kind.one_graph:
-        explanation = torch._dynamo.explain(layer)(x, memory, memory, **positions)
-        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    compiled = torch.compile(layer)
+                     k_positions=torch.arange(20, 31, device=x.device), k_position_mask=torch.arange(11, device=x.device) % 3 > 0,
+                     attn_mask=torch.rand(8, 11, device=x.device) < 0.2,
+                     key_padding_mask=torch.tensor([[False] * 11, [False] * 8 + [True] * 3], device=x.device))
+    compiled = torch.compile(layer, fullgraph=True)
     out, eager = compiled(x, memory, memory, **positions)[0], layer(x, memory, memory, **positions)[0]
     torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, kind.reference(layer, x, memory, memory, **positions)[0], rtol=1e-10, atol=1e-12)
     for grad, eager_grad in zip(_grads(layer, out), _grads(layer, eager)):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-10, atol=1e-12)
-    # The checks still run in (or between) the compiled graphs: a bad position is refused, not gathered out of bounds.
-    with pytest.raises(ValueError, match=kind.message):
+    # The checks run in the compiled graph: a bad position is refused, loudly and by name, not gathered out of bounds.
+    with pytest.raises(kind.error, match=kind.message):
         compiled(x, memory, memory, q_positions=positions['q_positions'], k_positions=kind.bad_positions.to(x.device))
+
+
+@pytest.mark.slow
+def test_a_second_length_recompiles_once(case):
+    "Explicit positions at four sequence lengths compile twice: the second length makes the length dynamic."
+    from torch._dynamo.testing import CompileCounter
+    kind, layer, _, _ = case
+    counter = CompileCounter()
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    for length in (8, 12, 16, 20):
+        x = torch.randn(2, length, 16, dtype=torch.float64, device=layer.attn.in_proj_weight.device)
+        p = torch.arange(length, device=x.device) + 3
+        torch.testing.assert_close(compiled(x, x, x, q_positions=p, k_positions=p, is_causal=True)[0],
+                                   layer(x, x, x, q_positions=p, k_positions=p, is_causal=True)[0], rtol=1e-10, atol=1e-12)
+    print(f'{type(layer).__name__}: {counter.frame_count} compilations for 4 lengths')
+    assert counter.frame_count <= 2, counter.frame_count
 
 
 @pytest.mark.slow
