@@ -3,15 +3,16 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/04_additive.ipynb #29272d13
+# %% ../nbs/04_additive.ipynb #1bff03a0
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
-from .attention import batch_first_views, cached_attention, choose_path, fused_attention, module_attention, project_heads
-from .base import KVCache, PositionalAttentionBase, check_layer_dtype, check_positive_int
+from .attention import (batch_first_views, choose_path, fused_attention, module_attention, positional_forward,
+                                         project_heads)
+from .base import KVCache, PositionalAttentionBase, check_layer_dtype, check_positive_int, mha_options
 from .positions import check_init, init_table_, positional_update, resample_table
 
 # %% ../nbs/04_additive.ipynb #28fbb38a
@@ -33,7 +34,7 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
                           f"{max_len}), or build the layer with max_len={table.shape[0]}")
 
-# %% ../nbs/04_additive.ipynb #d75f65db
+# %% ../nbs/04_additive.ipynb #8775c1ea
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -56,6 +57,8 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         init (str): Initial table: ``'zeros'`` (default; the fresh layer is exactly ``attn``), ``'normal'``
             (std 0.02) or ``'sinusoidal'`` (the original Transformer's codes, then learned).
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, passed to ``attn``; ``kdim``
+            must be ``embed_dim`` (the table's rows are added to the keys), ``vdim`` may differ.
 
     Shape:
 
@@ -84,16 +87,22 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
     def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, dropout: float = 0.0, bias: bool = True,
-                 device=None, dtype=None, batch_first: bool = True, init: str = 'zeros'):
+                 device=None, dtype=None, batch_first: bool = True, init: str = 'zeros', add_bias_kv: bool = False,
+                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
         # a table has rows: unlike the base class, the layer needs an int max_len
         super().__init__(embed_dim, num_heads, max_len=check_positive_int('max_len', max_len), batch_first=batch_first)
         self.init = check_init(init)
+        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
+        if options['kdim'] not in (None, embed_dim):
+            raise ValueError(f"kdim must be embed_dim={embed_dim} for the additive table, whose rows of width embed_dim are "
+                             f"added to the keys before their projection, got kdim={kdim} (vdim may differ)")
         factory_kwargs = {'device': device, 'dtype': dtype}
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **factory_kwargs)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options, **factory_kwargs)
         self.pos_emb = nn.Parameter(torch.empty(max_len, embed_dim, **factory_kwargs))
         init_table_(self.pos_emb, init)
         register_load_state_dict_pre_hook(self, _check_table_length)
 
+    @positional_forward  # a call with a cache decodes (cached_attention); unbatched and nested inputs are batched
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
                 q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
@@ -107,11 +116,6 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
         decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
-        if cache is not None:
-            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
-                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
-                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
-                                    average_attn_weights=average_attn_weights)
         _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)

@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_layer_dtype', 'check_positions',
-           'check_position_mask', 'check_attention_masks', 'KVCache', 'PositionalAttentionBase']
+           'check_position_mask', 'check_attention_masks', 'KVCache', 'mha_options', 'PositionalAttentionBase']
 
 # %% ../nbs/01_base.ipynb #96ed65e3
 from abc import ABC, abstractmethod
@@ -26,17 +26,18 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool): raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
-# %% ../nbs/01_base.ipynb #31ff15ec
-def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int,
-                           batch_first: bool = True) -> tuple[int, int, int]:
-    "Check `query`, `key`, `value` against `embed_dim`, batch first or sequence first; return `(B, T_q, T_k)`."
+# %% ../nbs/01_base.ipynb #30ec7217
+def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, batch_first: bool = True, *,
+                           kdim: Optional[int] = None, vdim: Optional[int] = None) -> tuple[int, int, int]:
+    "Check `query`, `key`, `value` against `embed_dim` (`kdim`, `vdim` for key and value if given), batch first or sequence first; return `(B, T_q, T_k)`."
     layout, b, t = ('(B, T, D)', 0, 1) if batch_first else ('(T, B, D)', 1, 0)
-    for name, x in (('query', query), ('key', key), ('value', value)):
+    widths = [('embed_dim', embed_dim)] + [('embed_dim', embed_dim) if d in (None, embed_dim) else (n, d) for n, d in (('kdim', kdim), ('vdim', vdim))]
+    for (name, x), (width_name, width) in zip((('query', query), ('key', key), ('value', value)), widths):
         if not isinstance(x, Tensor): raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point(): raise TypeError(f"{name} must be a floating-point Tensor, got dtype {x.dtype}")
-        if x.dim() != 3: raise ValueError(f"{name} must be 3-D {layout}, got shape {tuple(x.shape)}")
-        if x.shape[-1] != embed_dim:
-            raise ValueError(f"{name} must have last dimension embed_dim={embed_dim}, got shape {tuple(x.shape)}")
+        if x.dim() != 3: raise ValueError(f"{name} must be 3-D {layout} (or, unbatched, 2-D (T, D)), got shape {tuple(x.shape)}")
+        if x.shape[-1] != width:
+            raise ValueError(f"{name} must have last dimension {width_name}={width}, got shape {tuple(x.shape)}")
     if key.shape[b] != query.shape[b] or value.shape[b] != query.shape[b]:
         raise ValueError(f"query, key and value must share the batch size, got query {tuple(query.shape)}, "
                          f"key {tuple(key.shape)}, value {tuple(value.shape)} ({layout})")
@@ -198,14 +199,41 @@ class KVCache:
         self.position_bound = self.position_bound + count if derived and self.position_bound is not None else None
         self.length, self.steps = end, self.steps + 1
 
-# %% ../nbs/01_base.ipynb #40ff6073
+# %% ../nbs/01_base.ipynb #0995f187
+def mha_options(*, add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                vdim: Optional[int] = None) -> dict:
+    "`nn.MultiheadAttention`'s `add_bias_kv`, `add_zero_attn`, `kdim`, `vdim`, checked by name, as keyword arguments for it."
+    return dict(add_bias_kv=check_bool('add_bias_kv', add_bias_kv), add_zero_attn=check_bool('add_zero_attn', add_zero_attn),
+                kdim=None if kdim is None else check_positive_int('kdim', kdim), vdim=None if vdim is None else check_positive_int('vdim', vdim))
+
+# %% ../nbs/01_base.ipynb #4448d9a8
+_MHA_ATTRIBUTES = ('in_proj_weight', 'in_proj_bias', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight', 'bias_k', 'bias_v',
+                   'out_proj', 'add_zero_attn', 'dropout', 'kdim', 'vdim', '_qkv_same_embed_dim')
+
+def _attn_attribute(name: str) -> property:
+    "The wrapped `attn`'s attribute `name`, the same object, to read and to assign."
+    return property(lambda self: getattr(self.attn, name), lambda self, value: setattr(self.attn, name, value),
+                    doc=f"The wrapped `attn`'s `{name}` (the same object).")
+
+def _forward_is_called(module: nn.Module, args):
+    """A forward pre-hook that does nothing. Its presence keeps out the fast path of torch's `nn.TransformerEncoderLayer`,
+    which in evaluation mode computes attention from `self_attn`'s weights without calling it, dropping the positions:
+    it runs only where no module of the block has hooks (checked on torch 2.13.0)."""
+
+# %% ../nbs/01_base.ipynb #a1e0c04e
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
     Subclasses implement `forward` with the signature below and call `check_inputs` first
     (it runs every check of this module in order), so that every layer refuses the same bad inputs with
     the same messages. A layer that decodes with a cache also implements `positioned_heads` (and `pair_bias`
-    if it biases the logits) and hands a call with ``cache=`` to `cached_attention`.
+    if it biases the logits); its forward, decorated with `positional_forward`, hands a call with ``cache=`` to
+    `cached_attention`. A layer keeps its projections in an `nn.MultiheadAttention` called ``attn``, whose
+    attributes (``in_proj_weight``, ``in_proj_bias``, ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``,
+    ``bias_k``, ``bias_v``, ``out_proj``, ``add_zero_attn``, ``dropout``, ``kdim``, ``vdim``,
+    ``_qkv_same_embed_dim``) it shows as its own, the same objects, so that code written for
+    `nn.MultiheadAttention` reads and assigns them. Every layer carries a forward pre-hook that does nothing but
+    keep torch's Transformer fast paths, which would compute attention without calling the layer, out.
 
     Args:
 
@@ -233,6 +261,12 @@ class PositionalAttentionBase(nn.Module, ABC):
             raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
         self.head_dim = embed_dim // num_heads
         self.batch_first = check_bool('batch_first', batch_first)
+        self.register_forward_pre_hook(_forward_is_called)
+
+    def __setattr__(self, name: str, value):
+        "`nn.MultiheadAttention`'s attributes are the wrapped `attn`'s: set there (torch's own code assigns some)."
+        if name in _MHA_ATTRIBUTES and 'attn' in self.__dict__.get('_modules', ()): setattr(self.attn, name, value)
+        else: super().__setattr__(name, value)
 
     @abstractmethod
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
@@ -263,7 +297,8 @@ class PositionalAttentionBase(nn.Module, ABC):
                      k_position_mask=None, attn_mask=None, key_padding_mask=None, **flags) -> tuple[int, int, int]:
         "Run every shared check on the forward arguments (`flags`: the bool ones, by name); return `(B, T_q, T_k)`."
         for name, flag in flags.items(): check_bool(name, flag)
-        batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first)
+        batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first,
+                                                     kdim=getattr(self, 'kdim', None), vdim=getattr(self, 'vdim', None))
         max_len = self.max_len
         for stream, positions, mask, length in (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len)):
             if positions is None and mask is None and (max_len is None or length <= max_len): continue  # nothing to check
@@ -273,3 +308,6 @@ class PositionalAttentionBase(nn.Module, ABC):
             check_attention_masks(attn_mask, key_padding_mask, batch=batch, num_heads=self.num_heads, q_len=q_len, k_len=k_len,
                                   dtype=query.dtype, device=query.device)
         return batch, q_len, k_len
+
+for _name in _MHA_ATTRIBUTES: setattr(PositionalAttentionBase, _name, _attn_attribute(_name))
+del _name

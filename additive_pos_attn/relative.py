@@ -3,16 +3,16 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/05_relative.ipynb #5f7fe7ac
+# %% ../nbs/05_relative.ipynb #1df21af9
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
-from .attention import (_float_mask, batch_first_views, cached_attention, choose_path, fused_attention,
-                                         module_attention, project_heads)
-from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int
+from .attention import (_float_mask, batch_first_views, choose_path, fused_attention, module_attention,
+                                         positional_forward, project_heads)
+from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int, mha_options
 from .positions import relative_bias
 
 # %% ../nbs/05_relative.ipynb #b9817ed4
@@ -36,7 +36,7 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/05_relative.ipynb #1b692dc5
+# %% ../nbs/05_relative.ipynb #1ddb72c6
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add a learned bias per head, indexed by the clipped offset of positions, to its scores.
 
@@ -56,6 +56,8 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         dtype (torch.dtype, optional): Parameter factory option.
         batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         per_head (bool): If ``True`` (default), each head has its own bias; else one bias serves every head.
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, passed to ``attn``; the keys
+            these add have no position and gain no bias.
 
     Shape:
 
@@ -83,11 +85,13 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
     def __init__(self, embed_dim: int, num_heads: int, *, max_distance: int, dropout: float = 0.0, bias: bool = True,
-                 device=None, dtype=None, batch_first: bool = True, per_head: bool = True):
+                 device=None, dtype=None, batch_first: bool = True, per_head: bool = True, add_bias_kv: bool = False,
+                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
         super().__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
         self.max_distance = check_positive_int('max_distance', max_distance)
+        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
         factory_kwargs = {'device': device, 'dtype': dtype}
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **factory_kwargs)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options, **factory_kwargs)
         rows = 2 * max_distance + 1
         self.rel_bias = nn.Parameter(torch.zeros((rows, num_heads) if check_bool('per_head', per_head) else (rows,), **factory_kwargs))
 
@@ -96,6 +100,7 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         "Whether each head has its own bias (a 2-D table)."
         return self.rel_bias.dim() == 2
 
+    @positional_forward  # a call with a cache decodes (cached_attention); unbatched and nested inputs are batched
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
                 q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
@@ -109,11 +114,6 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
         decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
-        if cache is not None:
-            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
-                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
-                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
-                                    average_attn_weights=average_attn_weights)
         _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
                                             attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
                                             average_attn_weights=average_attn_weights)

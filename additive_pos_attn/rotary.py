@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'RoPEMultiheadAttention', 'pair_order']
 
-# %% ../nbs/06_rotary.ipynb #a5cf75c2
+# %% ../nbs/06_rotary.ipynb #649fa15d
 import math
 from typing import Optional
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compat import is_compiling, reset_mha_parameters
-from .attention import attend, attend_with_weights, batch_first_views, cached_attention, choose_path, project_heads
-from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype
+from .attention import attend_heads, batch_first_views, call_needed, positional_forward, project_heads
+from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, mha_options
 
 # %% ../nbs/06_rotary.ipynb #d0a77b38
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None) -> Tensor:
@@ -105,7 +105,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #e987a7dd
+# %% ../nbs/06_rotary.ipynb #062a3dd3
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -128,6 +128,8 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         rope_base (float): The base ``b`` of the frequencies. Default: ``10000.0``.
         interleaved (bool): If ``True`` (default; RoFormer), pairs are ``(x[2i], x[2i+1])``; else
             ``(x[i], x[i + d/2])`` (GPT-NeoX, Hugging Face LLaMA).
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, held by ``attn``; the keys
+            these add are not turned.
 
     Shape:
 
@@ -156,15 +158,19 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True, device=None, dtype=None,
-                 batch_first: bool = True, rope_base: float = 10000.0, interleaved: bool = True):
+                 batch_first: bool = True, rope_base: float = 10000.0, interleaved: bool = True, add_bias_kv: bool = False,
+                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
         super().__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings turn pairs of channels, so head_dim = embed_dim // num_heads must be even, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}, head_dim={self.head_dim}")
         self.rope_base = _check_rope_base(rope_base)
         self.interleaved = check_bool('interleaved', interleaved)
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, device=device, dtype=dtype)
+        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options,
+                                          device=device, dtype=dtype)
 
+    @positional_forward  # a call with a cache decodes (cached_attention); unbatched and nested inputs are batched
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
                 q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
@@ -176,24 +182,18 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
         mask, as in every layer of the package. With a ``cache`` (from `init_cache`), the call decodes: see
         `cached_attention`. Returns ``(output, weights or None)``."""
-        if cache is not None:
-            return cached_attention(self, cache, query, key, value, q_positions=q_positions, k_positions=k_positions,
-                                    q_position_mask=q_position_mask, k_position_mask=k_position_mask, attn_mask=attn_mask,
-                                    key_padding_mask=key_padding_mask, need_weights=need_weights, is_causal=is_causal,
-                                    average_attn_weights=average_attn_weights)
         self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask, attn_mask,
                           key_padding_mask, need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
         attn = self.attn
-        path = choose_path(attn, need_weights=False)
-        if path.name != 'fused':
+        reason = call_needed(attn)
+        if reason is not None:
             raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's projection and "
-                             f"its logits), so it cannot honour what needs that call: {path.reason}")
-        check_layer_dtype(query, attn.in_proj_weight.dtype)
+                             f"its logits), so it cannot honour what needs that call: {reason}")
+        check_layer_dtype(query, attn.out_proj.weight.dtype)
         if not self.batch_first: query, key, value = batch_first_views(query, key, value)
         q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
-        masks = dict(mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
-        if need_weights: out, weights = attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
-        else: out, weights = attend(attn, q, k, v, **masks), None
+        out, weights = attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                    is_causal=is_causal, need_weights=need_weights, average_attn_weights=average_attn_weights)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
     def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):

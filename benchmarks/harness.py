@@ -213,17 +213,18 @@ def clock(device, kind):
     return time.process_time if kind == 'process' else time.perf_counter
 
 
-def add_timing_args(p: argparse.ArgumentParser, quick_help='fewer, shorter rounds: a smoke run', quick_rounds=3):
+def add_timing_args(p: argparse.ArgumentParser, quick_help='fewer, shorter rounds: a smoke run', quick_rounds=3, threads=0, timer='wall'):
     """The options every benchmark script takes: how long, how many threads, which clock, which allocator, where to write.
-    `--quick` runs `quick_rounds` rounds (a script that times many implementations a case may want fewer)."""
+    `--quick` runs `quick_rounds` rounds (a script that times many implementations a case may want fewer); `threads`
+    and `timer` are the defaults of `--threads` and `--timer` (a script may default to one thread and process time)."""
     p.add_argument('--quick', action='store_true', help=quick_help)
     p.set_defaults(quick_rounds=quick_rounds)
     p.add_argument('--rounds', type=int, default=15, help=f'interleaved rounds per case (default 15; --quick: {quick_rounds})')
     p.add_argument('--min-run-time', type=float, default=0.1, help='seconds per implementation per round (default 0.1; --quick: 0.05)')
-    p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch.get_num_threads())')
-    p.add_argument('--timer', choices=['wall', 'process'], default='wall',
+    p.add_argument('--threads', type=int, default=threads, help=f'torch threads (default: {threads or "torch.get_num_threads()"})')
+    p.add_argument('--timer', choices=['wall', 'process'], default=timer,
                    help="'process' times CPU time of this process instead of wall time: steadier on a busy machine "
-                        "with --threads 1 (CPU only; it also counts the time threads spend spinning)")
+                        f"with --threads 1 (CPU only; it also counts the time threads spend spinning); default {timer}")
     p.add_argument('--malloc', choices=['steady', 'system'], default='steady',
                    help="'steady' (default) fixes glibc's malloc thresholds so that page faults do not land on one "
                         "implementation by chance; 'system' leaves the allocator as it is")

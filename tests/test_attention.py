@@ -106,15 +106,39 @@ def _with_instance_forward():
 
 @pytest.mark.parametrize('make, reason', [
     (lambda: nn.MultiheadAttention(8, 2, batch_first=True), 'no weights asked for'),
+    (lambda: nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=6, add_bias_kv=True, add_zero_attn=True), 'no weights asked for'),
     (lambda: _Subclassed(8, 2, batch_first=True), 'attn has a forward of its own'),
     (_with_instance_forward, 'attn has a forward of its own'),
-    (lambda: nn.MultiheadAttention(8, 2), 'attn is not batch first'),
-    (lambda: nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4), 'attn has separate query, key and value weights'),
-    (lambda: nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True), 'add_bias_kv=True'),
-    (lambda: nn.MultiheadAttention(8, 2, batch_first=True, add_zero_attn=True), 'add_zero_attn=True')])
+    (lambda: nn.MultiheadAttention(8, 2), 'attn is not batch first')])
 def test_choose_path_names_each_reason(make, reason):
     path = choose_path(make(), need_weights=False)
     assert reason in path.reason and path.name == ('fused' if reason == 'no weights asked for' else 'module'), path
+
+
+@pytest.mark.parametrize('options', [dict(kdim=5, vdim=7), dict(vdim=7), dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                     dict(kdim=5, vdim=7, add_bias_kv=True, add_zero_attn=True, bias=False)],
+                         ids=['kdim vdim', 'vdim', 'add_bias_kv', 'add_zero_attn', 'all, no bias'])
+def test_fused_attention_takes_every_option_of_the_module(device, options):
+    """Separate weights, key and value biases and a zero key: the direct computation gives the module's output and, with
+    `attend_heads`, its weights, under every mask and with a logit bias (padded with zeros for the extra keys)."""
+    from additive_pos_attn.attention import attend_heads
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True, dtype=DTYPE, device=device, **options)
+    with torch.no_grad():
+        for p in attn.parameters(): p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(3, 6, 16, dtype=DTYPE, device=device)
+    key = torch.randn(3, 9, options.get('kdim', 16), dtype=DTYPE, device=device)
+    value = torch.randn(3, 9, options.get('vdim', 16), dtype=DTYPE, device=device)
+    for kw in _mask_kinds(attn, 3, 6, 9, device):
+        ref_kw = {**kw, 'attn_mask': causal_mask(6, 9, device)} if kw.get('is_causal') and 'attn_mask' not in kw else kw
+        ref, ref_weights = attn(x, key, value, average_attn_weights=False, **{k: v for k, v in ref_kw.items() if k != 'is_causal'})
+        _close(fused_attention(attn, x, key, value, **kw), ref)
+        out, weights = attend_heads(attn, *project_heads(attn, x, key, value), mask_dtype=DTYPE, need_weights=True,
+                                    average_attn_weights=False, **kw)
+        _close(out, ref); _close(weights, ref_weights)
+    bias = torch.randn(4, 6, 9, dtype=DTYPE, device=device)
+    ref = attn(x, key, value, attn_mask=bias.repeat(3, 1, 1), need_weights=False)[0]
+    _close(fused_attention(attn, x, key, value, logit_bias=bias), ref)
 
 
 @pytest.mark.parametrize('register', ['register_forward_hook', 'register_forward_pre_hook', 'register_full_backward_hook',

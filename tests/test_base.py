@@ -28,7 +28,7 @@ def test_attention_inputs():
     x, mem = torch.randn(2, 5, 8), torch.randn(2, 7, 8)
     _eq(check_attention_inputs(x, x, x, 8), (2, 5, 5))
     _eq(check_attention_inputs(x, mem, mem, 8), (2, 5, 7))
-    with pytest.raises(ValueError, match=r"query must be 3-D \(B, T, D\), got shape \(5, 8\)"): check_attention_inputs(x[0], x, x, 8)
+    with pytest.raises(ValueError, match=r"query must be 3-D \(B, T, D\) \(or, unbatched, 2-D \(T, D\)\), got shape \(5, 8\)"): check_attention_inputs(x[0], x, x, 8)
     with pytest.raises(ValueError, match=r"key must have last dimension embed_dim=8, got shape \(2, 7, 4\)"):
         check_attention_inputs(x, mem[..., :4], mem, 8)
     with pytest.raises(ValueError, match=r"must share the batch size.*value \(1, 7, 8\)"): check_attention_inputs(x, mem, mem[:1], 8)

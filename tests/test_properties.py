@@ -162,9 +162,10 @@ def test_refusal_messages(device):
     layer, x, mem = random_case(device)
     t = lambda *v, **kw: torch.tensor(v, device=device, **kw)
     cases = [
-        (ValueError, r"query must be 3-D \(B, T, D\), got shape \(6, 16\)", dict(query=x[0])),
+        (ValueError, r"query is unbatched \(T, D\), so key must be 2-D too, got \(3, 9, 16\)", dict(query=x[0])),
+        (ValueError, r"query must be 3-D \(B, T, D\) \(or, unbatched, 2-D \(T, D\)\), got shape \(16,\)", dict(query=x[0, 0])),
         (ValueError, r"key must have last dimension embed_dim=16, got shape \(3, 9, 8\)", dict(key=mem[..., :8])),
-        (ValueError, r"value must be 3-D \(B, T, D\), got shape \(3, 9, 16, 1\)", dict(value=mem[..., None])),
+        (ValueError, r"value must be 3-D \(B, T, D\) \(or, unbatched, 2-D \(T, D\)\), got shape \(3, 9, 16, 1\)", dict(value=mem[..., None])),
         (ValueError, r"query, key and value must share the batch size", dict(key=mem[:2], value=mem[:2])),
         (ValueError, r"q_positions must have shape \(6,\) or \(3, 6\), got \(5,\)", dict(q_positions=t(0, 1, 2, 3, 4))),
         (ValueError, r"q_positions must have shape \(6,\) or \(3, 6\), got \(2, 6\)", dict(q_positions=torch.zeros(2, 6, dtype=torch.long, device=device))),

@@ -311,7 +311,8 @@ def test_bad_inputs_are_refused_by_the_base_checks(device):
         with pytest.raises(error, match=message): layer(x, mem, mem, **kw)
     with pytest.raises(TypeError, match=r"query must have the layer's dtype torch.float64 \(or run under autocast\), got torch.float32"):
         layer(x.float(), mem.float(), mem.float())
-    with pytest.raises(ValueError, match=r"query must be 3-D \(B, T, D\), got shape \(6, 16\)"): layer(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match=r"query must be 3-D \(B, T, D\) \(or, unbatched, 2-D \(T, D\)\), got shape \(16,\)"):
+        layer(x[0, 0], x[0, 0], x[0, 0])
 
 
 def test_what_needs_a_call_of_attn_is_refused(device):
