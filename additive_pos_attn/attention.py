@@ -223,7 +223,7 @@ def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, le
                              f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, (real if mask is None else mask if real is None else mask & real), True
 
-# %% ../nbs/03_attention.ipynb #1f9e4074
+# %% ../nbs/03_attention.ipynb #4bd7be4c
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -250,6 +250,7 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
     batch, q_len, k_len = layer.check_inputs(query, query if key is None else key, query if value is None else value, q_positions,
                                              k_positions, q_position_mask, k_position_mask, None, key_padding_mask, **flags)
     _check_cache(layer, cache, batch, query.device)
+    if key is not None: cache.check_room(k_len)
     if key is not None and key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         raise TypeError(f"with a cache, key_padding_mask must be bool (True: padding), got {_what(key_padding_mask)}")
     if not layer.batch_first: query, key, value = batch_first_views(query, key, value)

@@ -113,7 +113,7 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #637589ba
+# %% ../nbs/01_base.ipynb #639e5331
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -143,6 +143,7 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.seen = torch.zeros(batch, dtype=torch.bool, device=device)  # whether a sample has had a real token written
         self._everyone = torch.ones(batch, dtype=torch.bool, device=device)
+        self._arange = torch.arange(max_length, device=device)  # made once: each step's positions are a slice of it, shifted
         self.length = self.steps = 0
         self.layer_id = id(layer)
         self.masked = self.padded = False  # whether any filled slot has a False position mask, or is padding
@@ -156,7 +157,7 @@ class KVCache:
         position mask (None without padding). Padding (True in the bool `key_padding_mask` `(B, length)`) takes no
         place in the count, position 0 and a False mask, as `padded_positions` gives them."""
         if key_padding_mask is None:
-            return self.next_position[:, None] + torch.arange(length, device=self.next_position.device), None
+            return self.next_position[:, None] + self._arange[:length], None
         real = ~key_padding_mask
         offsets = (real.cumsum(-1) - 1).clamp_(min=0)
         return (self.next_position[:, None] + offsets).masked_fill_(key_padding_mask, 0), real
@@ -170,6 +171,12 @@ class KVCache:
         self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound = state
         self.position_mask[:, self.length:], self.padding[:, self.length:] = True, False
 
+    def check_room(self, count: int):
+        "Refuse to write `count` more tokens than the cache has room for (`ValueError` naming its size and the step)."
+        if self.length + count > self.max_length:
+            raise ValueError(f"the cache is full: it holds max_length={self.max_length} tokens, {self.length} are written, and "
+                             f"step {self.steps} writes {count} more; make the cache with a larger max_length")
+
     def written(self, start: int) -> tuple[Tensor, Optional[Tensor]]:
         "Positions `(B, T)` and position mask (or None if no slot is masked) of the slots written from `start` on."
         return self.positions[:, start:self.length], (self.position_mask[:, start:self.length] if self.masked else None)
@@ -178,9 +185,7 @@ class KVCache:
               padding: Optional[Tensor], *, derived: bool):
         "Write `T_new` heads `(B, H, T_new, d)` and their positions into the next slots; `derived`: the positions came from `next_positions`."
         start, count = self.length, keys.shape[2]
-        if start + count > self.max_length:
-            raise ValueError(f"the cache is full: it holds max_length={self.max_length} tokens, {start} are written, and "
-                             f"step {self.steps} writes {count} more; make the cache with a larger max_length")
+        self.check_room(count)
         end = start + count
         self.keys[:, :, start:end], self.values[:, :, start:end] = keys, values
         self.positions[:, start:end] = positions
@@ -220,7 +225,7 @@ def _forward_is_called(module: nn.Module, args):
     which in evaluation mode computes attention from `self_attn`'s weights without calling it, dropping the positions:
     it runs only where no module of the block has hooks (checked on torch 2.13.0)."""
 
-# %% ../nbs/01_base.ipynb #a1e0c04e
+# %% ../nbs/01_base.ipynb #3dd5756e
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -292,6 +297,29 @@ class PositionalAttentionBase(nn.Module, ABC):
                   k_len: int) -> Optional[Tensor]:
         "The logit bias `([B,] H, T_q, T_k)` the scheme adds to every pair of tokens, or `None` (the default) if it adds none."
         return None
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, **layer_kwargs) -> 'PositionalAttentionBase':
+        """A layer of this class holding a copy of `mha`'s weights, with its options (width, heads, dropout, bias, layout,
+        `kdim`, `vdim`, `add_bias_kv`, `add_zero_attn`), device, dtype, training flag and `requires_grad`; `layer_kwargs`
+        are the layer's own (`max_len`, `max_distance`, `init`, ...). With a zero table it computes what `mha` computes."""
+        if not isinstance(mha, nn.MultiheadAttention): raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        weight, other = mha.out_proj.weight, lambda d: None if d == mha.embed_dim else d
+        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.out_proj.bias is not None, batch_first=mha.batch_first,
+                    add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=other(mha.kdim), vdim=other(mha.vdim),
+                    device=weight.device, dtype=weight.dtype, **layer_kwargs)
+        layer.attn.load_state_dict(mha.state_dict())
+        for copied, p in zip(layer.attn.parameters(), mha.parameters()): copied.requires_grad_(p.requires_grad)
+        return layer.train(mha.training)
+
+    @classmethod
+    def convert(cls, module: nn.Module, **layer_kwargs) -> nn.Module:
+        """`module` with every `nn.MultiheadAttention` in it replaced by `cls.from_mha(mha, **layer_kwargs)`, in the manner of
+        `nn.SyncBatchNorm.convert_sync_batchnorm`; a module that is itself one is returned converted."""
+        if isinstance(module, nn.MultiheadAttention): return cls.from_mha(module, **layer_kwargs)
+        for name, child in module.named_children():
+            if not isinstance(child, PositionalAttentionBase): setattr(module, name, cls.convert(child, **layer_kwargs))  # a layer's attn is its own
+        return module
 
     def check_inputs(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None,
                      k_position_mask=None, attn_mask=None, key_padding_mask=None, **flags) -> tuple[int, int, int]:

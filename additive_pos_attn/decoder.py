@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['PosTransformerDecoderLayer', 'decoder_twin', 'DecoderCache']
 
-# %% ../nbs/08_decoder.ipynb #2fe4543e
+# %% ../nbs/08_decoder.ipynb #19e3cc56
 import contextlib
 from typing import Callable, Optional, Union
 
@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .base import KVCache, PositionalAttentionBase
-from .encoder import _FeedForwardBlock, _get_activation, _load_twin
+from .encoder import _FeedForwardBlock, _drop, _get_activation, _load_twin
 
-# %% ../nbs/08_decoder.ipynb #3bc284b8
+# %% ../nbs/08_decoder.ipynb #286d3179
 class PosTransformerDecoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer decoder block around two positional attention layers.
 
@@ -91,10 +91,10 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
         start = 0 if self_cache is None else self_cache.length
         x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask, self_cache)
         if self_cache is not None: tgt_positions, tgt_position_mask = self_cache.written(start)  # as the cache counted them
-        x = x + self.dropout2(self.multihead_attn(self.norm2(x), q_positions=tgt_positions, q_position_mask=tgt_position_mask,
+        x = x + _drop(self.dropout2, self.multihead_attn(self.norm2(x), q_positions=tgt_positions, q_position_mask=tgt_position_mask,
                                                   attn_mask=memory_mask, is_causal=memory_is_causal, need_weights=False,
                                                   **memory_kwargs)[0])
-        return x + self.dropout3(self._feed_forward(self.norm3(x)))
+        return x + _drop(self.dropout3, self._feed_forward(self.norm3(x)))
 
     def init_cache(self, batch_size: int, max_length: int):
         "A `DecoderCache` for `batch_size` targets of up to `max_length` tokens."

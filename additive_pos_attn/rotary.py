@@ -26,7 +26,7 @@ def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0, *, mask
     angles = positions.to(dtype)[..., None] * rope_frequencies(head_dim, base, dtype=dtype, device=positions.device)
     return angles if mask is None else angles.masked_fill(~mask[..., None], 0)
 
-# %% ../nbs/06_rotary.ipynb #ec1af6ce
+# %% ../nbs/06_rotary.ipynb #a46d2c30
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 def _turn_real(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
@@ -56,11 +56,17 @@ def rotate(x: Tensor, positions: Optional[Tensor] = None, mask: Optional[Tensor]
 
     `positions` (integer) and `mask` (bool, False: not turned) are `(T,)` or `(B, T)`; no positions: `arange(T)`.
     Pairs are `(x[2i], x[2i+1])` with `interleaved=True`, else `(x[i], x[i + d/2])`."""
+    if x.shape[-1] % 2: raise ValueError(f"rotate turns pairs of channels: x's last dimension must be even, got shape {tuple(x.shape)}")
+    return _turn(x, _head_angles(x, positions, mask, base), interleaved)
+
+def _head_angles(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], base: float) -> Tensor:
+    "The angles that turn the heads `x`: `(T, d/2)`, or `(B, 1, T, d/2)` for per-sample positions (one turn for every head)."
     length, head_dim = x.shape[-2:]
-    if head_dim % 2: raise ValueError(f"rotate turns pairs of channels: x's last dimension must be even, got shape {tuple(x.shape)}")
     if positions is None: positions = torch.arange(length, device=x.device)
     angles = rope_angles(positions, head_dim, base, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
-    if angles.dim() == 3: angles = angles.unsqueeze(1)  # (B, T, d/2) -> (B, 1, T, d/2): one turn for every head
+    return angles.unsqueeze(1) if angles.dim() == 3 else angles
+
+def _turn(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
     return _turn_complex(x, angles) if _pairs_as_complex(x, interleaved) else _turn_real(x, angles, interleaved)
 
 # %% ../nbs/06_rotary.ipynb #36e73838
@@ -105,7 +111,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #062a3dd3
+# %% ../nbs/06_rotary.ipynb #8d0253c5
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -199,8 +205,11 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
     def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
         "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys already turned."
         q, k, v = project_heads(self.attn, query, key, value)
-        turn = dict(base=self.rope_base, interleaved=self.interleaved)
-        return rotate(q, q_positions, q_position_mask, **turn), None if k is None else rotate(k, k_positions, k_position_mask, **turn), v
+        angles = _head_angles(q, q_positions, q_position_mask, self.rope_base)
+        if k is None: return _turn(q, angles, self.interleaved), None, v
+        same = q_positions is k_positions and q_position_mask is k_position_mask and q.shape[2] == k.shape[2]  # self-attention: one set of angles
+        k_angles = angles if same else _head_angles(k, k_positions, k_position_mask, self.rope_base)
+        return _turn(q, angles, self.interleaved), _turn(k, k_angles, self.interleaved), v
 
     def reset_parameters(self):
         "Re-initialise the wrapped attention as torch does (the layer has no parameters of its own)."
