@@ -96,6 +96,8 @@ def test_explicit_positions_and_masks_compile_to_one_graph(case, training):
     for grad, eager_grad in zip(_grads(layer, out), _grads(layer, eager)):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-10, atol=1e-12)
     # The checks run in the compiled graph: a bad position is refused, loudly and by name, not gathered out of bounds.
+    # (On CUDA the graph's assertion is a device-side assert, which would end the process's CUDA context: CPU only.)
+    if kind.error is RuntimeError and x.device.type == 'cuda': return
     with pytest.raises(kind.error, match=kind.message):
         compiled(x, memory, memory, q_positions=positions['q_positions'], k_positions=kind.bad_positions.to(x.device))
 
