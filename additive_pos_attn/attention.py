@@ -149,7 +149,7 @@ def attend_with_weights(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Te
     out = F.linear((weights @ v).transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
     return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
-# %% ../nbs/03_attention.ipynb #10b393df
+# %% ../nbs/03_attention.ipynb #0018250e
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
                     q_update: Optional[Tensor] = None, k_update: Optional[Tensor] = None, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
@@ -165,7 +165,10 @@ def attend_heads(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *
                  average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     "`attend`, or `attend_with_weights` for `need_weights=True`, after the keys `attn` adds itself (`append_extra_keys`)."
     if attn.bias_k is not None or attn.add_zero_attn:
-        if is_causal and attn_mask is None: attn_mask, is_causal = causal_mask(q.shape[2], k.shape[2], q.device), False
+        # the causal mask, padded, lets every query see the extra keys: the flag would not. (torch, given the mask and
+        # the hint is_causal=True, shows them with need_weights=True and hides them without: here the mask decides both.)
+        if is_causal and attn_mask is None: attn_mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        is_causal = False
         k, v, attn_mask, key_padding_mask, logit_bias = append_extra_keys(attn, k, v, attn_mask, key_padding_mask, logit_bias)
     masks = dict(mask_dtype=mask_dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=logit_bias)
     if need_weights: return attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
