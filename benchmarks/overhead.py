@@ -3,6 +3,8 @@
     python benchmarks/overhead.py                 # full run, every layer the package defines
     python benchmarks/overhead.py --quick         # smoke run (two short rounds a case), about a minute
     python benchmarks/overhead.py --layers additive relative --json benchmarks/results.json --plot benchmarks/overhead.png
+    python benchmarks/overhead.py --compiled --threads 1 --timer process --json benchmarks/compiled.json   # compiled (issue 15)
+    python benchmarks/overhead.py --compiled --quick   # compiled smoke run: the smallest shape only, about a minute
 
 The layers (`--layers`, by default every one of them the package defines: the rotary layer is skipped, with a
 line that says why, where `additive_pos_attn.rotary` cannot be imported), each built as `harness.LAYERS` says:
@@ -31,6 +33,21 @@ The goal (issue 13): every layer at most 1.10 times the floor at every CPU shape
 and more, self- and cross-attention, forward and forward plus backward (`GOAL`, `goal`; the summary lists the
 cases that miss it).
 
+`--compiled` (issue 15) times `torch.compile`d code instead, in the same shapes, cases and paired rounds: each
+layer compiled whole (`torch.compile(layer, fullgraph=True, dynamic=False)`, inductor, the default backend)
+against the floor compiled with the same settings (`floor_attention` and bare MHA, each compiled; the faster is
+the compiled floor), beside the eager floor (for what compiling gains). Besides default positions it times the
+layers of `--explicit` (default: the additive layer) with explicit per-sample positions, `(B, T)` tensors, each
+sample's `arange(T)` shifted by its own offset (`explicit_positions`). Compilation happens at the first call: every
+case starts from `torch._dynamo.reset()`, so that each shape gets a graph of its own (static shapes: no graph
+compiled for one shape serves another, and no graph is made dynamic by a second shape), and each compiled
+callable is called twice before the clock starts (the first call compiles the forward and, in training, the
+backward; its time is kept as `layer_compile_s`, `mha_compile_s`, `floor_compile_s`: compilation, from inductor's
+on-disk cache where warm, and one call). Its output is then checked against the eager one, and the timing
+runs under `torch._dynamo.config.error_on_recompile`, so that a recompile during timing fails the run instead of
+being timed. The goal: every compiled layer at most 1.03 times the compiled floor (`GOAL_COMPILED`). Saved bytes
+are not counted for compiled code (AOT autograd decides what it saves).
+
 The harness (timing, floor, saved bytes, the layers' options) is `benchmarks/harness.py`, shared with `paths.py`
 (which fast paths earn their place) and `compare.py` (a git revision of the layer against the working tree's).
 
@@ -55,13 +72,13 @@ autograd saves, leaving out the storages of parameters (autograd saves the weigh
 anyway). Inputs are counted when saved (every implementation saves its input). Views count their whole
 storage once. The figure does not depend on machine noise.
 """
-import argparse, importlib, json, sys
+import argparse, importlib, json, sys, time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (CPU_SHAPES, LAYERS, MODES, add_timing_args, baselines, clock, floor_of, header, layer_call, log, machine,
+from harness import (CPU_SHAPES, LAYERS, MODES, add_timing_args, baselines, clock, floor_attention, floor_of, header, layer_call, log, machine,
                      make_inputs, make_layer, markdown, paired_quartiles, paired_ratio, progress, quartiles_text, saved_bytes,
                      setup, shape_text, text_table, time_case, timed)
 
@@ -69,6 +86,7 @@ PACKAGE = 'additive_pos_attn'
 CUDA_SHAPES = [(16, 2048, 1024, 16)]
 BASELINES = ('mha', 'floor')
 GOAL, GOAL_LONG, LONG = 1.10, 1.05, 512  # issue 13: at most 1.10 times the floor at every shape, 1.05 at T of 512 and more
+GOAL_COMPILED = 1.03  # issue 15: a compiled layer at most 1.03 times the compiled floor, every shape and case
 
 
 def goal(T):
@@ -152,10 +170,11 @@ def run(args):
     for device in devices:
         shapes, dtype = (CPU_SHAPES, torch.float32) if device == 'cpu' else (CUDA_SHAPES, torch.bfloat16)
         if args.shapes: shapes = [shapes[i] for i in args.shapes]
+        elif args.compiled and args.quick: shapes = shapes[:1]  # compiling is slow: the smoke run compiles the smallest shape only
         plan += [(device, dtype, shape, attention, mode) for shape in shapes for attention in ('self', 'cross') for mode in MODES]
+    if args.compiled: return run_compiled(args, classes, opts, plan)
     rows = []
-    describe = lambda c: f'{c[0]} {str(c[1]).replace("torch.", "")} (B, T, D, H)={c[2]} {c[3]} {c[4]}'
-    for device, dtype, shape, attention, mode in progress(plan, describe):
+    for device, dtype, shape, attention, mode in progress(plan, describe_case):
         layers, (x, mem), stmts = make_case(classes, shape, attention, mode, device, dtype)
         times = time_case(stmts, rounds=opts['rounds'], min_run_time=opts['min_run_time'], num_threads=opts['num_threads'],
                           timer=clock(device, args.timer))
@@ -168,9 +187,16 @@ def run(args):
     return dict(meta=meta, rows=rows)
 
 
+def describe_case(case):
+    "A case of the plan, for the progress lines."
+    device, dtype, shape, attention, mode = case
+    return f'{device} {str(dtype).replace("torch.", "")} (B, T, D, H)={shape} {attention} {mode}'
+
+
 def argv_of(args):
     "The options that change what is measured, to print the command that reproduces a run."
     out = ['--quick'] if args.quick else []
+    if args.compiled: out += ['--compiled'] + (['--explicit', *args.explicit] if args.explicit != ['additive'] else [])
     if args.device != 'all': out += ['--device', args.device]
     if args.layers: out += ['--layers', *args.layers]
     if args.threads: out += ['--threads', str(args.threads)]
@@ -325,14 +351,186 @@ def plot(rows, path):
     figure(rows).savefig(path, dpi=120)
 
 
+# The compiled benchmark (`--compiled`, issue 15): each layer compiled against the floor compiled alike.
+
+EXPLICIT = '+explicit'  # the suffix of a compiled implementation called with explicit positions
+
+
+def explicit_positions(x, mem=None, seed=2):
+    """Explicit per-sample positions for `x` (and `mem`): `(B, T)` integer tensors, each sample's `arange(T)` shifted
+    by its own offset in `[0, T]` (under the additive layer's `max_len=2T`). Self-attention: one tensor for queries and
+    keys (as a caller passes it); cross-attention: the memory's drawn apart. A dict of `q_positions` and `k_positions`."""
+    B, T = x.shape[:2]
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    draw = lambda length: (torch.randint(0, T + 1, (B, 1), generator=g) + torch.arange(length)).to(x.device)
+    q = draw(T)
+    return dict(q_positions=q, k_positions=q if mem is None else draw(mem.shape[1]))
+
+
+def compile_fn(f):
+    "`torch.compile` with the benchmark's settings, the same for the layers and the floor: default backend, one graph, static shapes."
+    return torch.compile(f, fullgraph=True, dynamic=False)
+
+
+def compiled_implementations(layers, x, mem, explicit=()):
+    """The compiled callables of a case, each returning the output: every layer (default positions), the layers of
+    `explicit` with `explicit_positions` (`'<layer>+explicit'`), bare MHA and the floor, each compiled by `compile_fn`;
+    and the eager floor (`'eager_floor'`). Also the eager callables computing the same (for the check), by the same names."""
+    kv = x if mem is None else mem
+    attn = first(layers).attn
+    positions = explicit_positions(x, mem)
+    compiled, eager = {}, {}
+    for name, layer in layers.items():
+        c = compile_fn(layer)
+        compiled[name], eager[name] = (lambda c=c: c(x, kv, kv)[0]), layer_call(layer, x, mem)
+    for name in explicit:
+        c = compile_fn(layers[name])
+        compiled[name + EXPLICIT] = lambda c=c: c(x, kv, kv, **positions)[0]
+        eager[name + EXPLICIT] = lambda layer=layers[name]: layer(x, kv, kv, **positions)[0]
+    mha, floor = compile_fn(attn), compile_fn(floor_attention)
+    compiled['mha'], compiled['floor'] = (lambda: mha(x, kv, kv, need_weights=False)[0]), (lambda: floor(attn, x, kv, kv))
+    eager.update(baselines(attn, x, mem))
+    compiled['eager_floor'] = eager['eager_floor'] = eager['floor']
+    return compiled, eager
+
+
+def warm_up(stmts, compiled, eager, grad):
+    """Compile: call every statement twice (the first call compiles the forward and, in training, the backward),
+    then check each compiled output against the eager one (float32: to 1e-4). Returns the first calls' seconds."""
+    first_call = {}
+    for name, stmt in stmts.items():
+        start = time.perf_counter()
+        stmt()
+        first_call[name] = time.perf_counter() - start
+        stmt()
+    with torch.set_grad_enabled(grad is not None):  # the grad mode the graph was compiled for: no recompile
+        for name in compiled:
+            got, want = compiled[name]().detach(), eager[name]().detach()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f'{name}: compiled output differs from eager: {m}')
+    return first_call
+
+
+def run_compiled(args, classes, opts, plan):
+    "The compiled run (`--compiled`): one fresh compilation of every implementation per case, timed as `run` times eager code."
+    import torch._dynamo
+    explicit = [name for name in args.explicit if name in classes]
+    rows = []
+    for device, dtype, shape, attention, mode in progress(plan, describe_case):
+        torch._dynamo.reset()  # a graph of its own for each case: no graph of another shape is reused or made dynamic
+        layers = {name: layer.train(mode != 'forward') for name, layer in make_layers(classes, shape, device, dtype).items()}
+        x, mem, grad = make_inputs(shape, attention, mode, device, dtype)
+        compiled, eager = compiled_implementations(layers, x, mem, explicit)
+        stmts = timed(compiled, grad)
+        first_call = warm_up(stmts, compiled, eager, grad)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile while the clock runs fails the run
+            times = time_case(stmts, rounds=opts['rounds'], min_run_time=opts['min_run_time'], num_threads=opts['num_threads'],
+                              timer=clock(device, args.timer))
+        floor = floor_of(times)  # the compiled floor: the faster of compiled MHA and the compiled floor
+        common = dict(device=device, dtype=str(dtype).replace('torch.', ''), B=shape[0], T=shape[1], D=shape[2], H=shape[3],
+                      attention=attention, mode=mode, rounds=opts['rounds'], compiled=True, floor=floor,
+                      **{f'{n}_ms': times[n][0] * 1e3 for n in (*BASELINES, 'eager_floor')},
+                      **{f'{n}_compile_s': first_call[n] for n in BASELINES},
+                      blocks=min(t[2] for t in times.values()), mha_vs_floor=paired_ratio(times, 'mha', floor),
+                      floor_vs_eager=paired_ratio(times, floor, 'eager_floor'),
+                      floor_vs_eager_quartiles=paired_quartiles(times, floor, 'eager_floor'))
+        for name in [n for n in compiled if n not in (*BASELINES, 'eager_floor')]:
+            rows.append(dict(layer=name.removesuffix(EXPLICIT), positions='explicit' if name.endswith(EXPLICIT) else 'default', **common,
+                             layer_ms=times[name][0] * 1e3, layer_iqr_ms=times[name][1] * 1e3, layer_compile_s=first_call[name],
+                             layer_vs_floor=paired_ratio(times, name, floor), layer_vs_floor_quartiles=paired_quartiles(times, name, floor),
+                             layer_vs_eager_floor=paired_ratio(times, name, 'eager_floor')))
+        del layers, x, mem, stmts, compiled, eager
+    torch._dynamo.reset()
+    command = ' '.join(['python benchmarks/overhead.py'] + argv_of(args))
+    meta = dict(machine(opts['num_threads'], command, args.timer, args.quick), malloc=opts['malloc'], layers=list(classes),
+                explicit=explicit, compile=dict(backend='inductor', fullgraph=True, dynamic=False), goal=GOAL_COMPILED)
+    return dict(meta=meta, rows=rows)
+
+
+def variant_of(row):
+    "The layer of a compiled row and its positions, as the tables name it."
+    return row['layer'] + (', explicit positions' if row.get('positions') == 'explicit' else '')
+
+
+def variants(rows):
+    "The layers and positions of a compiled run's rows, as `variant_of` names them: in the order of `LAYERS`, default positions first."
+    ordered = sorted(rows, key=lambda r: (list(LAYERS).index(r['layer']), r.get('positions') == 'explicit'))
+    return list(dict.fromkeys(map(variant_of, ordered)))
+
+
+COMPILED_HEAD = ['layer', 'device', '(B, T, D, H)', 'attention', 'mode', 'layer ms', 'floor ms', 'floor', 'layer / floor',
+                 'middle half of rounds', 'eager floor ms', 'compiled floor / eager floor', 'layer / eager floor', 'first call s']
+
+
+def compiled_cells(rows):
+    "One row of cells per case and layer of a compiled run (times in ms; the floor is the compiled one)."
+    return [[variant_of(r), r['device'], shape_text(r), r['attention'], r['mode'], f'{r["layer_ms"]:.3f}', f'{r[r["floor"] + "_ms"]:.3f}',
+             r['floor'], f'{r["layer_vs_floor"]:.3f}', quartiles_text(r['layer_vs_floor_quartiles']), f'{r["eager_floor_ms"]:.3f}',
+             f'{r["floor_vs_eager"]:.3f}', f'{r["layer_vs_eager_floor"]:.3f}', f'{r["layer_compile_s"]:.1f}'] for r in rows]
+
+
+def compiled_table(rows, as_markdown=False):
+    "Every row of a compiled run, as a text table or Markdown."
+    return markdown(COMPILED_HEAD, compiled_cells(rows), left=5) if as_markdown else text_table(COMPILED_HEAD, compiled_cells(rows))
+
+
+COMPILED_GRID_HEAD = ['layer', 'device', '(B, T, D, H)', 'self fwd', 'self fwd+bwd', 'cross fwd', 'cross fwd+bwd',
+                      'compiled floor / eager floor: self fwd', 'self fwd+bwd', f'goal met (<= {GOAL_COMPILED:.2f})']
+
+
+def compiled_grid(rows, as_markdown=False):
+    """Ratios of each compiled layer to the compiled floor per shape (self, cross; forward, forward plus backward),
+    what compiling gains on the floor (self-attention), and whether the goal is met."""
+    cases = {}
+    for r in rows: cases.setdefault((variant_of(r), r['device'], shape_text(r)), {})[r['attention'], r['mode']] = r
+    order = lambda key: (key[0][0].split(',')[0] not in LAYERS or list(LAYERS).index(key[0][0].split(',')[0]), ', explicit' in key[0][0])
+    out = []
+    for (name, device, shape), sel in sorted(cases.items(), key=order):
+        ratio = lambda key, kind: f'{sel[kind][key]:.3f}' if kind in sel else ''
+        out.append([name, device, shape, *[ratio('layer_vs_floor', k) for k in KINDS], *[ratio('floor_vs_eager', ('self', m)) for m in MODES],
+                    'yes' if all(r['layer_vs_floor'] <= GOAL_COMPILED for r in sel.values()) else 'no'])
+    return markdown(COMPILED_GRID_HEAD, out, left=3) if as_markdown else text_table(COMPILED_GRID_HEAD, out)
+
+
+def compiled_misses(rows):
+    "The rows of a compiled run whose layer costs more than `GOAL_COMPILED` times the compiled floor."
+    return [r for r in rows if r['layer_vs_floor'] > GOAL_COMPILED]
+
+
+def compiled_summary(rows):
+    "Closing lines of a compiled run per layer and positions: the worst ratio, and the goal met or the cases that miss it."
+    lines = []
+    for name in variants(rows):
+        sel = [r for r in rows if variant_of(r) == name]
+        w, bad = max(sel, key=lambda r: r['layer_vs_floor']), compiled_misses(sel)
+        lines.append(f'{name}: worst ratio to the compiled floor {w["layer_vs_floor"]:.3f} ({_where(w, "attention", "mode")}, '
+                     f'middle half of the rounds {quartiles_text(w["layer_vs_floor_quartiles"])})')
+        lines.append(f'{name}: goal (at most {GOAL_COMPILED:.2f} times the compiled floor) ' +
+                     (f'met at all {len(sel)} cases' if not bad else f'missed at {len(bad)} of {len(sel)} cases: ' +
+                      '; '.join(f'{shape_text(r)} {r["attention"]} {r["mode"]} {r["layer_vs_floor"]:.3f}' for r in bad)))
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_timing_args(p, quick_help='two short rounds a case: a smoke run of about a minute', quick_rounds=2)
     p.add_argument('--device', choices=['all', 'cpu', 'cuda'], default='all', help='where to run (default: cpu, and cuda when present)')
     p.add_argument('--layers', nargs='+', choices=list(LAYERS), help='the layers to time (default: every one the package defines)')
     p.add_argument('--plot', metavar='PATH', help='write a plot of the ratio to the floor against T to PATH')
+    p.add_argument('--compiled', action='store_true',
+                   help='time each layer compiled (torch.compile, fullgraph, inductor) against the compiled floor '
+                        '(goal: at most 1.03); with --quick the smallest shape only')
+    p.add_argument('--explicit', nargs='*', choices=list(LAYERS), default=['additive'],
+                   help='with --compiled: the layers also timed with explicit per-sample positions (default: additive; none: no layer)')
     args = p.parse_args(argv)
+    if args.compiled and args.plot: p.error('--plot draws the eager run only')
     results = run(args)
+    if args.compiled:
+        print(header(results['meta']))
+        print(compiled_table(results['rows']))
+        print(compiled_grid(results['rows']))
+        if args.json: Path(args.json).write_text(json.dumps(results, indent=1))
+        print(compiled_summary(results['rows']))
+        return results
     print(header(results['meta']))
     print(table(results['rows']))
     print(grid(results['rows']))
