@@ -5,7 +5,7 @@ __all__ = ['module_attention', 'split_heads', 'project_heads', 'append_extra_key
            'fused_attention', 'attend_heads', 'Path', 'call_needed', 'choose_path', 'batch_first_views',
            'cached_attention', 'positional_forward']
 
-# %% ../nbs/03_attention.ipynb #913428cb
+# %% ../nbs/03_attention.ipynb #ab3f31c0
 import functools
 from typing import NamedTuple, Optional
 
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._compat import assert_async, has_hooks, is_compiling, packed_in_projection
-from .base import KVCache, check_attention_masks
+from ._compat import assert_async, autocast_enabled, has_hooks, is_compiling, packed_in_projection
+from .base import (KVCache, check_attention_inputs, check_attention_masks, check_bool, check_layer_dtype,
+                                   check_position_mask, check_positions)
 from .positions import causal_mask
 
 # %% ../nbs/03_attention.ipynb #5f930a79
@@ -201,15 +202,26 @@ def batch_first_views(query: Tensor, key: Tensor, value: Tensor):
     k = q if key is query else None if key is None else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else None if value is None else value.transpose(0, 1))
 
-# %% ../nbs/03_attention.ipynb #59f9c55c
+# %% ../nbs/03_attention.ipynb #3085f801
 def _what(x) -> str: return 'None' if x is None else f"a {type(x).__name__}" if not isinstance(x, Tensor) else f"a {x.dtype} Tensor"
 
-def _check_cache(layer, cache, batch: int, device: torch.device):
-    "`cache` is a `KVCache` that `layer` made, for `batch` sequences on `device`."
+def _check_cache(layer, cache, batch: int, query: Tensor):
+    "`cache` is a `KVCache` that `layer` made, for `batch` sequences on the query's device, in its dtype (any under autocast)."
     if not isinstance(cache, KVCache): raise TypeError(f"cache must be a KVCache made by the layer's init_cache, got {_what(cache)}")
     if cache.layer_id != id(layer): raise ValueError("cache was made by another layer: each layer decodes with a cache of its own init_cache")
     if cache.batch_size != batch: raise ValueError(f"cache holds {cache.batch_size} sequences, got a batch of {batch}")
-    if cache.keys.device != device: raise ValueError(f"cache is on {cache.keys.device}, got inputs on {device}")
+    if cache.keys.device != query.device: raise ValueError(f"cache is on {cache.keys.device}, got inputs on {query.device}")
+    check_layer_dtype(query, layer.attn.out_proj.weight.dtype)
+    if cache.keys.dtype != query.dtype and not autocast_enabled(query.device.type):
+        raise TypeError(f"cache holds keys in {cache.keys.dtype}, got a query in {query.dtype}: make the cache with dtype={query.dtype}")
+
+def _check_queries(layer, query: Tensor, q_positions, q_position_mask, flags: dict) -> tuple[int, int]:
+    "The checks of `check_inputs` for queries alone (a call that attends to the cache as it is); `(B, T_q)`."
+    for name, flag in flags.items(): check_bool(name, flag)
+    batch, q_len, _ = check_attention_inputs(query, query, query, layer.embed_dim, layer.batch_first)
+    check_positions(q_positions, name='q_positions', batch=batch, length=q_len, max_len=layer.max_len, device=query.device)
+    check_position_mask(q_position_mask, name='q_position_mask', positions=q_positions, batch=batch, length=q_len, device=query.device)
+    return batch, q_len
 
 def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, length: int):
     "The new keys' `(positions, mask, derived)`: as given, or counted on by the cache, refused past the layer's table."
@@ -226,7 +238,7 @@ def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, le
                              f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, (real if mask is None else mask if real is None else mask & real), True
 
-# %% ../nbs/03_attention.ipynb #4bd7be4c
+# %% ../nbs/03_attention.ipynb #a5f2ecc3
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -239,8 +251,7 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
     ``q_positions``. ``key_padding_mask`` (bool, ``(B, T_new)``) marks new keys that are padding, for good;
     ``attn_mask`` covers every key attended to, cached and new; without it, ``is_causal=True`` lets new query ``i``
     see the keys up to the ``i``-th new one. Returns ``(output, weights or None)`` as the layer's forward does."""
-    attn, reason = layer.attn, call_needed(layer.attn)
-    if reason is None and (attn.bias_k is not None or attn.add_zero_attn): reason = 'add_bias_kv or add_zero_attn keys stay last in attn, after every key'
+    reason = call_needed(layer.attn)
     if reason is not None:
         raise ValueError(f"{type(layer).__name__} attends with a cache without calling its attn, so it cannot honour what needs that call: {reason}")
     flags = dict(need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
@@ -250,9 +261,13 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
             if arg is not None: raise ValueError(f"{name} describes new keys, but key is None: the cache keeps its keys' positions and padding")
     if key is not query and q_positions is None:
         raise ValueError("with a cache, q_positions is required when query is not key: the cache counts the keys' positions, not the queries'")
-    batch, q_len, k_len = layer.check_inputs(query, query if key is None else key, query if value is None else value, q_positions,
-                                             k_positions, q_position_mask, k_position_mask, None, key_padding_mask, **flags)
-    _check_cache(layer, cache, batch, query.device)
+    if is_causal and key is not query and attn_mask is None:
+        raise ValueError("with a cache, is_causal=True is for self-attention (query is key), where the new queries are the last "
+                         "keys; for cross-attention pass attn_mask")
+    if key is None: (batch, q_len), k_len = _check_queries(layer, query, q_positions, q_position_mask, flags), 0
+    else: batch, q_len, k_len = layer.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
+                                                    None, key_padding_mask, **flags)
+    _check_cache(layer, cache, batch, query)
     if key is not None: cache.check_room(k_len)
     if key is not None and key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         raise TypeError(f"with a cache, key_padding_mask must be bool (True: padding), got {_what(key_padding_mask)}")
@@ -272,14 +287,12 @@ def _attend_cache(layer, cache: KVCache, q: Tensor, dtype, q_positions, q_positi
                   is_causal: bool, average_attn_weights: bool) -> tuple[Tensor, Optional[Tensor]]:
     "Attention of the query heads `q` to every filled slot of `cache`, `(B, T_q, D)`, and the weights if asked."
     q_len, n = q.shape[2], cache.length
-    if attn_mask is None and is_causal and q_len > 1: attn_mask = torch.ones(q_len, n, dtype=torch.bool, device=q.device).triu(n - q_len + 1)  # queries are the last q_len keys
+    if attn_mask is None and is_causal and q_len > 1: attn_mask = causal_mask(q_len, n, q.device, queries_last=True)
     bias = layer.pair_bias(q_positions, cache.positions[:, :n], q_position_mask, cache.position_mask[:, :n] if cache.masked else None,
                            q_len=q_len, k_len=n)
-    masks = dict(mask_dtype=dtype, attn_mask=attn_mask, key_padding_mask=cache.padding[:, :n] if cache.padded else None,
-                 logit_bias=None if bias is None else bias.to(dtype))
-    keys, values = cache.keys[:, :, :n], cache.values[:, :, :n]
-    if need_weights: return attend_with_weights(layer.attn, q, keys, values, average_attn_weights=average_attn_weights, **masks)
-    return attend(layer.attn, q, keys, values, **masks), None
+    return attend_heads(layer.attn, q, cache.keys[:, :, :n], cache.values[:, :, :n], mask_dtype=dtype, attn_mask=attn_mask,
+                        key_padding_mask=cache.padding[:, :n] if cache.padded else None, logit_bias=None if bias is None else bias.to(dtype),
+                        need_weights=need_weights, average_attn_weights=average_attn_weights)
 
 # %% ../nbs/03_attention.ipynb #90edb63b
 def positional_forward(forward):

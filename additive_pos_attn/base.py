@@ -211,7 +211,7 @@ def mha_options(*, add_bias_kv: bool = False, add_zero_attn: bool = False, kdim:
     return dict(add_bias_kv=check_bool('add_bias_kv', add_bias_kv), add_zero_attn=check_bool('add_zero_attn', add_zero_attn),
                 kdim=None if kdim is None else check_positive_int('kdim', kdim), vdim=None if vdim is None else check_positive_int('vdim', vdim))
 
-# %% ../nbs/01_base.ipynb #4448d9a8
+# %% ../nbs/01_base.ipynb #6c2e9fe7
 _MHA_ATTRIBUTES = ('in_proj_weight', 'in_proj_bias', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight', 'bias_k', 'bias_v',
                    'out_proj', 'add_zero_attn', 'dropout', 'kdim', 'vdim', '_qkv_same_embed_dim')
 
@@ -223,9 +223,10 @@ def _attn_attribute(name: str) -> property:
 def _forward_is_called(module: nn.Module, args):
     """A forward pre-hook that does nothing. Its presence keeps out the fast path of torch's `nn.TransformerEncoderLayer`,
     which in evaluation mode computes attention from `self_attn`'s weights without calling it, dropping the positions:
-    it runs only where no module of the block has hooks (checked on torch 2.13.0)."""
+    it runs only where no module of the block has hooks (since pytorch/pytorch#128413 was fixed in 2024, hence the
+    package's torch>=2.5; checked on torch 2.13.0)."""
 
-# %% ../nbs/01_base.ipynb #3dd5756e
+# %% ../nbs/01_base.ipynb #a2693d3c
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -270,7 +271,7 @@ class PositionalAttentionBase(nn.Module, ABC):
 
     def __setattr__(self, name: str, value):
         "`nn.MultiheadAttention`'s attributes are the wrapped `attn`'s: set there (torch's own code assigns some)."
-        if name in _MHA_ATTRIBUTES and 'attn' in self.__dict__.get('_modules', ()): setattr(self.attn, name, value)
+        if name in _MHA_ATTRIBUTES and isinstance(getattr(self, 'attn', None), nn.Module): setattr(self.attn, name, value)
         else: super().__setattr__(name, value)
 
     @abstractmethod

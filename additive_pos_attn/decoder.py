@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import KVCache, PositionalAttentionBase
 from .encoder import _FeedForwardBlock, _drop, _get_activation, _load_twin
 
-# %% ../nbs/08_decoder.ipynb #286d3179
+# %% ../nbs/08_decoder.ipynb #b1b74b83
 class PosTransformerDecoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer decoder block around two positional attention layers.
 
@@ -75,6 +75,7 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
         With a ``cache`` (from `init_cache`), ``tgt`` holds the new target tokens: the self-attention decodes with
         its cache, which counts the target's positions, and the cross-attention projects the memory on the first
         call only; later calls must pass the same ``memory`` and memory arguments."""
+        self._check_stream('tgt', tgt); self._check_stream('memory', memory)
         if cache is not None and not isinstance(cache, DecoderCache):
             raise TypeError(f"cache must be a DecoderCache made by the block's init_cache, got {type(cache).__name__}")
         memory_kwargs = dict(key=memory, value=memory, k_positions=memory_positions, k_position_mask=memory_position_mask,
@@ -100,7 +101,7 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
         "A `DecoderCache` for `batch_size` targets of up to `max_length` tokens."
         return DecoderCache(self, batch_size, max_length)
 
-# %% ../nbs/08_decoder.ipynb #a93ddce4
+# %% ../nbs/08_decoder.ipynb #a237d28b
 def decoder_twin(block: PosTransformerDecoderLayer) -> nn.TransformerDecoderLayer:
     "An `nn.TransformerDecoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle (see `torch_twin`)."
     weight = block.linear1.weight
@@ -108,7 +109,7 @@ def decoder_twin(block: PosTransformerDecoderLayer) -> nn.TransformerDecoderLaye
                                       activation=block.activation, layer_norm_eps=block.norm1.eps, norm_first=True,
                                       batch_first=block.batch_first, bias=block.linear1.bias is not None, device=weight.device,
                                       dtype=weight.dtype)
-    return _load_twin(twin, block, ('self_attn', 'multihead_attn'))
+    return _load_twin(twin, block, ('self_attn', 'multihead_attn'), 'decoder_twin')
 
 # %% ../nbs/08_decoder.ipynb #ef420e0a
 class DecoderCache:

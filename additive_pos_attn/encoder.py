@@ -25,7 +25,7 @@ def _get_activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Calla
     if activation == 'gelu': return F.gelu
     raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
 
-# %% ../nbs/07_encoder.ipynb #4b0dab42
+# %% ../nbs/07_encoder.ipynb #3ecbcdcc
 def _drop(dropout: nn.Dropout, x: Tensor) -> Tensor:
     "`dropout(x)`, but `x` itself, without the module call, where dropout does nothing (evaluation mode, p = 0): a call costs 2 µs, measured in decoding."
     return dropout(x) if dropout.training and dropout.p > 0 else x
@@ -41,6 +41,12 @@ class _FeedForwardBlock(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(_drop(self.dropout, self.activation(self.linear1(x))))
 
+    def _check_stream(self, name: str, x):
+        "A block's input stream is a `(B, T, D)` (or `(T, B, D)`) Tensor of the block's width."
+        if not isinstance(x, Tensor): raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{name} must be {'(B, T, D)' if self.batch_first else '(T, B, D)'} with D=d_model={self.d_model}, got {tuple(x.shape)}")
+
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, positions, position_mask, cache=None) -> Tensor:
         "`self_attn` of `x` with itself, one set of positions for queries and keys, then `dropout1`."
         x = self.self_attn(x, x, x, q_positions=positions, k_positions=positions, q_position_mask=position_mask,
@@ -48,7 +54,7 @@ class _FeedForwardBlock(nn.Module):
                            need_weights=False, is_causal=is_causal, cache=cache)[0]
         return _drop(self.dropout1, x)
 
-# %% ../nbs/07_encoder.ipynb #1ca27a0f
+# %% ../nbs/07_encoder.ipynb #d912f147
 class PosTransformerEncoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer encoder block around a positional attention layer.
 
@@ -124,11 +130,7 @@ class PosTransformerEncoderLayer(_FeedForwardBlock):
         query's and the key's positions and position mask. With a ``cache`` (from `init_cache`), ``src`` holds
         the new tokens of a decoder-only model, and the attention decodes (see `cached_attention`).
         """
-        if not isinstance(src, Tensor): raise TypeError(f"src must be a Tensor, got {type(src).__name__}")
-        if src.dim() != 3 or src.shape[-1] != self.d_model:
-            shape = tuple(src.shape)
-            layout = '(B, T, D)' if self.batch_first else '(T, B, D)'
-            raise ValueError(f"src must be {layout} with D=d_model={self.d_model}, got {shape}")
+        self._check_stream('src', src)
         x = src
         x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, positions, position_mask, cache)
         return x + self._ff_block(self.norm2(x))
@@ -211,7 +213,7 @@ def random_block(embed_dim: int = 16, num_heads: int = 4, dim_feedforward: int =
         block.self_attn = other
     return block.eval()
 
-# %% ../nbs/07_encoder.ipynb #4aa4c0d9
+# %% ../nbs/07_encoder.ipynb #10ba459a
 def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     """An `nn.TransformerEncoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle.
 
@@ -226,11 +228,11 @@ def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
                                       dtype=weight.dtype)
     return _load_twin(twin, block, ('self_attn',))
 
-def _load_twin(twin: nn.Module, block: nn.Module, attentions: tuple) -> nn.Module:
+def _load_twin(twin: nn.Module, block: nn.Module, attentions: tuple, caller: str = 'torch_twin') -> nn.Module:
     "`twin` holding `block`'s weights but for the positional parameters of its `attentions`, which must be zero; in evaluation mode."
     positional = {f'{a}.{name}': p for a in attentions for name, p in positional_parameters(getattr(block, a)).items()}
     nonzero = [name for name, p in positional.items() if p.detach().any()]
-    if nonzero: raise ValueError(f"torch_twin leaves out the positional parameters, so they must be zero: {', '.join(nonzero)} is not")
+    if nonzero: raise ValueError(f"{caller} leaves out the positional parameters, so they must be zero: {', '.join(nonzero)} is not")
     state = block.state_dict()
     for a in attentions: state = {k.replace(f'{a}.attn.', f'{a}.'): v for k, v in state.items() if k not in positional}
     twin.load_state_dict(state)

@@ -20,10 +20,11 @@ def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Option
     if mask is not None: rows = rows.masked_fill(~mask.unsqueeze(-1), 0)
     return rows
 
-# %% ../nbs/02_positions.ipynb #85dc6762
-def causal_mask(q_len: int, k_len: int, device=None) -> Tensor:
-    "Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`."
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
+# %% ../nbs/02_positions.ipynb #9485b15c
+def causal_mask(q_len: int, k_len: int, device=None, *, queries_last: bool = False) -> Tensor:
+    """Bool `(T_q, T_k)` mask, True where query token `i` may not see key token `j > i`; with `queries_last` the queries
+    are the last `T_q` keys, as when decoding with a cache, and query `i` sees the keys up to `i + T_k - T_q`."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1 + (k_len - q_len if queries_last else 0))
 
 # %% ../nbs/02_positions.ipynb #2e582172
 def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],

@@ -589,3 +589,62 @@ def test_refused_decoder_calls_leave_both_caches_as_they_were(device, kind):
         block(token, memory, cache=cache.self_attn, **memory_kwargs)
     out += _decode(lambda x, **kw: step(x, memory=memory, **memory_kwargs, **kw), tgt[:, 2:], (1, 1))  # the refusals left no trace
     _close(torch.cat(out, dim=1), block(tgt, memory, tgt_is_causal=True, **memory_kwargs))
+
+
+# Options of the wrapped module, dtypes, and causal cross-attention: found in review
+
+def _with_options(kind, device, **options):
+    "A layer of `kind` with `nn.MultiheadAttention` options, every parameter drawn (positional ones from N(0, 1))."
+    torch.manual_seed(3)
+    layer = positional_attention(kind, D, H, max_len=MAX_LEN, dtype=DTYPE, device=device, **options)
+    with torch.no_grad():
+        for p in layer.parameters(): p.normal_()
+    return layer.eval()
+
+
+@KINDS
+@pytest.mark.parametrize('options', [dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True)],
+                         ids=['add_bias_kv', 'add_zero_attn', 'both'])
+def test_extra_keys_decode_as_recomputed(device, kind, options):
+    "The keys of add_bias_kv and add_zero_attn follow every cached key, seen by every query, as in the whole sequence."
+    layer = _with_options(kind, device, **options)
+    x = torch.randn(2, 6, D, dtype=DTYPE, device=device)
+    cache = layer.init_cache(batch_size=2, max_length=6)
+    results = _decode(_self_attend(layer, cache, need_weights=True), x, (3, 1, 2))
+    _close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x)[0])
+
+
+@KINDS
+def test_cross_attention_with_kdim_vdim_decodes(device, kind):
+    "A cross-attention layer with keys and values of other widths writes the memory once and attends to it at every step."
+    options = dict(vdim=6) if kind == 'additive' else dict(kdim=5, vdim=6)
+    layer = _with_options(kind, device, **options)
+    x = torch.randn(2, 4, D, dtype=DTYPE, device=device)
+    memory = torch.randn(2, 7, options.get('kdim', D), dtype=DTYPE, device=device)
+    values = torch.randn(2, 7, 6, dtype=DTYPE, device=device)
+    cache, positions = layer.init_cache(batch_size=2, max_length=7), torch.arange(4, device=device) + 2
+    first = layer(x[:, :2], memory, values, cache=cache, q_positions=positions[:2])[0]
+    later = [layer(x[:, t:t + 1], None, None, cache=cache, q_positions=positions[t:t + 1])[0] for t in (2, 3)]
+    _close(torch.cat([first, *later], dim=1), layer(x, memory, values, q_positions=positions)[0])
+
+
+def test_caches_and_queries_of_another_dtype_are_refused(device):
+    "A query or a cache in another dtype than the layer's is refused by name, before anything is written."
+    layer = _layer('rotary', device)
+    x = torch.randn(2, 3, D, dtype=DTYPE, device=device)
+    cache = layer.init_cache(batch_size=2, max_length=6, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"cache holds keys in torch.float32, got a query in torch.float64: make the cache with dtype=torch.float64"):
+        layer(x, x, x, cache=cache)
+    assert (cache.length, cache.steps) == (0, 0)
+    with pytest.raises(TypeError, match=r"query must have the layer's dtype torch.float64 \(or run under autocast\), got torch.float32"):
+        xf = x.float(); layer(xf, xf, xf, cache=layer.init_cache(batch_size=2, max_length=6))
+
+
+def test_causal_cross_attention_with_a_cache_is_refused(device):
+    "New queries are the last keys only in self-attention: a causal cross-attention with a cache needs its mask given."
+    layer = _layer('relative', device)
+    x, memory = torch.randn(2, 3, D, dtype=DTYPE, device=device), torch.randn(2, 5, D, dtype=DTYPE, device=device)
+    cache = layer.init_cache(batch_size=2, max_length=5)
+    with pytest.raises(ValueError, match=r"with a cache, is_causal=True is for self-attention \(query is key\)"):
+        layer(x, memory, memory, cache=cache, q_positions=torch.arange(3, device=device), is_causal=True)
+    assert cache.length == 0
