@@ -2,7 +2,8 @@
 
 # %% auto #0
 __all__ = ['check_positive_int', 'check_bool', 'check_attention_inputs', 'check_layer_dtype', 'check_positions',
-           'check_position_mask', 'check_attention_masks', 'KVCache', 'mha_options', 'PositionalAttentionBase']
+           'check_position_mask', 'check_attention_masks', 'counted_positions', 'KVCache', 'mha_options',
+           'PositionalAttentionBase']
 
 # %% ../nbs/01_base.ipynb #96ed65e3
 from abc import ABC, abstractmethod
@@ -113,7 +114,16 @@ def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optiona
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_base.ipynb #639e5331
+# %% ../nbs/01_base.ipynb #5864fd0b
+def counted_positions(key_padding_mask: Tensor, start: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Positions `(B, T)` that count each sample's real tokens (False in the bool `key_padding_mask`) from `start`
+    (`(B,)`; default 0), padding at position 0, and the position mask `~key_padding_mask`: `padded_positions` and a
+    cache's `next_positions` both count so."""
+    real = ~key_padding_mask
+    counted = (real.cumsum(-1) - 1).clamp_(min=0)
+    if start is not None: counted = counted + start[:, None]
+    return counted.masked_fill_(key_padding_mask, 0), real
+
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -158,9 +168,7 @@ class KVCache:
         place in the count, position 0 and a False mask, as `padded_positions` gives them."""
         if key_padding_mask is None:
             return self.next_position[:, None] + self._arange[:length], None
-        real = ~key_padding_mask
-        offsets = (real.cumsum(-1) - 1).clamp_(min=0)
-        return (self.next_position[:, None] + offsets).masked_fill_(key_padding_mask, 0), real
+        return counted_positions(key_padding_mask, self.next_position)
 
     def state(self) -> tuple:
         "What a write changes, to `restore` if a call fails after writing: slots beyond `length` are ignored."

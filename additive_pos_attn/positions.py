@@ -4,14 +4,14 @@
 __all__ = ['positional_update', 'causal_mask', 'relative_bias', 'padded_positions', 'sinusoidal_table', 'check_init',
            'init_table_', 'resample_table']
 
-# %% ../nbs/02_positions.ipynb #2fd6ed6e
+# %% ../nbs/02_positions.ipynb #42b8d169
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import _POSITION_DTYPES, check_positive_int
+from .base import _POSITION_DTYPES, check_positive_int, counted_positions
 
 # %% ../nbs/02_positions.ipynb #59e30512
 def positional_update(pos_emb: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], length: int) -> Tensor:
@@ -43,7 +43,7 @@ def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Opt
     k_keep = torch.ones(k_len, dtype=torch.bool, device=device) if k_mask is None else k_mask
     return torch.where((q_keep[..., :, None] & k_keep[..., None, :]).unsqueeze(-3), bias, 0.0)
 
-# %% ../nbs/02_positions.ipynb #a95bff21
+# %% ../nbs/02_positions.ipynb #01f4a01a
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
@@ -69,9 +69,7 @@ def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Opti
         raise TypeError(f"key_padding_mask must be a bool Tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
     elif key_padding_mask.dim() != 2:
         raise ValueError(f"key_padding_mask must be 2-D (B, T), got shape {tuple(key_padding_mask.shape)}")
-    position_mask = ~key_padding_mask
-    positions = (position_mask.cumsum(-1) - 1).clamp_(min=0).masked_fill_(key_padding_mask, 0)
-    return positions, position_mask
+    return counted_positions(key_padding_mask)
 
 # %% ../nbs/02_positions.ipynb #a4626b9d
 def sinusoidal_table(max_len: int, dim: int, *, device=None, dtype=None) -> Tensor:
