@@ -238,7 +238,7 @@ def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, le
                              f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, (real if mask is None else mask if real is None else mask & real), True
 
-# %% ../nbs/03_attention.ipynb #a5f2ecc3
+# %% ../nbs/03_attention.ipynb #2e3de5ec
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -250,7 +250,11 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
     cache's count (`KVCache.next_positions`), and queries that are the keys share them; other queries need
     ``q_positions``. ``key_padding_mask`` (bool, ``(B, T_new)``) marks new keys that are padding, for good;
     ``attn_mask`` covers every key attended to, cached and new; without it, ``is_causal=True`` lets new query ``i``
-    see the keys up to the ``i``-th new one. Returns ``(output, weights or None)`` as the layer's forward does."""
+    see the keys up to the ``i``-th new one. Returns ``(output, weights or None)`` as the layer's forward does.
+    Refused, before anything is written: what only a call of ``attn`` honours (`call_needed`), key without value,
+    ``k_positions``/``k_position_mask``/``key_padding_mask`` with ``key=None``, a float ``key_padding_mask``, queries
+    that are not the keys without ``q_positions``, ``is_causal=True`` in cross-attention without ``attn_mask``, and a
+    cache that is full, another layer's, or of another batch, device or dtype."""
     reason = call_needed(layer.attn)
     if reason is not None:
         raise ValueError(f"{type(layer).__name__} attends with a cache without calling its attn, so it cannot honour what needs that call: {reason}")

@@ -234,7 +234,7 @@ def _forward_is_called(module: nn.Module, args):
     it runs only where no module of the block has hooks (since pytorch/pytorch#128413 was fixed in 2024, hence the
     package's torch>=2.5; checked on torch 2.13.0)."""
 
-# %% ../nbs/01_base.ipynb #a2693d3c
+# %% ../nbs/01_base.ipynb #1e171d43
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -311,7 +311,7 @@ class PositionalAttentionBase(nn.Module, ABC):
     def from_mha(cls, mha: nn.MultiheadAttention, **layer_kwargs) -> 'PositionalAttentionBase':
         """A layer of this class holding a copy of `mha`'s weights, with its options (width, heads, dropout, bias, layout,
         `kdim`, `vdim`, `add_bias_kv`, `add_zero_attn`), device, dtype, training flag and `requires_grad`; `layer_kwargs`
-        are the layer's own (`max_len`, `max_distance`, `init`, ...). With a zero table it computes what `mha` computes."""
+        are the layer's own (`max_len`, `max_distance`, `init`, ...). With a zero table (additive, relative) it computes what `mha` computes."""
         if not isinstance(mha, nn.MultiheadAttention): raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
         weight, other = mha.out_proj.weight, lambda d: None if d == mha.embed_dim else d
         layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.out_proj.bias is not None, batch_first=mha.batch_first,

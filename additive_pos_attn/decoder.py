@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import KVCache, PositionalAttentionBase
 from .encoder import _FeedForwardBlock, _drop, _get_activation, _load_twin
 
-# %% ../nbs/08_decoder.ipynb #b1b74b83
+# %% ../nbs/08_decoder.ipynb #7aa1b1b3
 class PosTransformerDecoderLayer(_FeedForwardBlock):
     r"""Pre-norm Transformer decoder block around two positional attention layers.
 
@@ -74,7 +74,8 @@ class PosTransformerDecoderLayer(_FeedForwardBlock):
 
         With a ``cache`` (from `init_cache`), ``tgt`` holds the new target tokens: the self-attention decodes with
         its cache, which counts the target's positions, and the cross-attention projects the memory on the first
-        call only; later calls must pass the same ``memory`` and memory arguments."""
+        call only; later calls must pass the same ``memory`` and memory arguments (the same tensor objects). With a
+        cache, ``memory_is_causal=True`` needs its ``memory_mask``."""
         self._check_stream('tgt', tgt); self._check_stream('memory', memory)
         if cache is not None and not isinstance(cache, DecoderCache):
             raise TypeError(f"cache must be a DecoderCache made by the block's init_cache, got {type(cache).__name__}")

@@ -69,7 +69,7 @@ def _head_angles(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor],
 def _turn(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
     return _turn_complex(x, angles) if _pairs_as_complex(x, interleaved) else _turn_real(x, angles, interleaved)
 
-# %% ../nbs/06_rotary.ipynb #36e73838
+# %% ../nbs/06_rotary.ipynb #3313d107
 def _turn_as_complex(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], *, base: float, interleaved: bool) -> Tensor:
     "The heads `x` `(B, H, T, d)` with each pair, as a complex number, times `exp(i·m·p·θ)`; in float64."
     length, d = x.shape[-2:]
@@ -85,8 +85,10 @@ def _turn_as_complex(x: Tensor, positions: Optional[Tensor], mask: Optional[Tens
 def rope_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None, k_positions=None,
                    q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None,
                    need_weights: bool = False, average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    "The definition, slowly, in float64, for batch-first inputs: `(output, weights or None)` of `layer`; a test oracle."
+    "The definition, slowly, in float64, for batch-first inputs: `(output, weights or None)` of `layer`; a test oracle (packed projections, no extra keys)."
     heads, d, attn = layer.num_heads, layer.head_dim, layer.attn
+    if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+        raise ValueError("rope_reference knows a packed projection without add_bias_kv or add_zero_attn; the layer has kdim, vdim or extra keys")
     weights_in = attn.in_proj_weight.double().chunk(3)
     biases_in = [0] * 3 if attn.in_proj_bias is None else attn.in_proj_bias.double().chunk(3)
     def project(x, i):  # (B, T, D) -> the heads (B, H, T, d) of W_q, W_k or W_v (i = 0, 1, 2)
@@ -111,7 +113,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #8d0253c5
+# %% ../nbs/06_rotary.ipynb #79dd984c
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -120,7 +122,8 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
     $$s_{ij} = \frac{1}{\sqrt{d_h}} \big(R(p_i)\, W_q^h x_i\big)^\top \big(R(p_j)\, W_k^h y_j\big) = \frac{1}{\sqrt{d_h}} (W_q^h x_i)^\top R(p_j - p_i)\, W_k^h y_j,$$
 
     (biases included in the projections), so the logits depend on the offset $p_j - p_i$ only. Where every
-    position is the same, or every position mask is False, this is exactly ordinary multi-head attention.
+    position is the same, or every position mask is False, this is exactly ordinary multi-head attention. (The keys
+    of ``add_bias_kv`` are not turned, so with them the logits of those keys depend on the query's position.)
 
     Args:
 
