@@ -3,16 +3,16 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/04_additive.ipynb #1bff03a0
+# %% ../nbs/04_additive.ipynb #eb4d09f3
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
-from .attention import (batch_first_views, choose_path, fused_attention, module_attention, positional_forward,
+from .attention import (choose_path, fused_attention, module_attention, positional_forward,
                                          project_heads)
-from .base import KVCache, PositionalAttentionBase, check_layer_dtype, check_positive_int, mha_options
+from .base import KVCache, PositionalAttentionBase, check_positive_int, mha_options
 from .positions import check_init, init_table_, positional_update, resample_table
 
 # %% ../nbs/04_additive.ipynb #28fbb38a
@@ -34,7 +34,7 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
                           f"{max_len}), or build the layer with max_len={table.shape[0]}")
 
-# %% ../nbs/04_additive.ipynb #8775c1ea
+# %% ../nbs/04_additive.ipynb #8a933677
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
@@ -116,20 +116,15 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
         decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
-        _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
-                                            attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
-                                            average_attn_weights=average_attn_weights)
-        attn, table = self.attn, self.pos_emb  # each module attribute costs a lookup: fetched once
-        check_layer_dtype(query, table.dtype)
-        if not self.batch_first: query, key, value = batch_first_views(query, key, value)
-        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, q_len, k_len)
+        attn = self.attn  # checked and batch first (positional_forward); each module attribute costs a lookup: fetched once
+        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, query.shape[1], key.shape[1])
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
             out, weights = fused_attention(attn, query, key, value, q_update, k_update, **masks), None
         else:
             out, weights = module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
                                             average_attn_weights=average_attn_weights, **masks)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
+        return out, weights
 
     def _updates(self, q_positions, k_positions, q_position_mask, k_position_mask, q_len: int, k_len: Optional[int]):
         "The rows added to the queries and to the keys (computed once when they share positions; `k_len=None`: no keys)."

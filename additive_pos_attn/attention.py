@@ -298,16 +298,30 @@ def _attend_cache(layer, cache: KVCache, q: Tensor, dtype, q_positions, q_positi
                         key_padding_mask=cache.padding[:, :n] if cache.padded else None, logit_bias=None if bias is None else bias.to(dtype),
                         need_weights=need_weights, average_attn_weights=average_attn_weights)
 
-# %% ../nbs/03_attention.ipynb #90edb63b
+# %% ../nbs/03_attention.ipynb #2b97f467
 def positional_forward(forward):
-    "Decorate a layer's `forward(self, query, key, value, *, ..., cache=None)`: cached, unbatched and nested calls reach it as batched ones."
+    """Decorate a layer's `forward(self, query, key, value, *, ..., cache=None)`: it is called after every shared check
+    (`check_inputs`, the layer's dtype) with batch-first inputs, and cached, unbatched and nested calls reach it as batched ones."""
+    batched = functools.partial(_checked_call, forward)
     @functools.wraps(forward)
     def wrapper(self, query, key, value, *, cache: Optional[KVCache] = None, **kwargs):
         if cache is not None: return cached_attention(self, cache, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.is_nested: return _nested_call(forward, self, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.dim() == 2: return _unbatched_call(forward, self, query, key, value, **kwargs)
-        return forward(self, query, key, value, **kwargs)
+        if isinstance(query, Tensor) and query.is_nested: return _nested_call(batched, self, query, key, value, **kwargs)
+        if isinstance(query, Tensor) and query.dim() == 2: return _unbatched_call(batched, self, query, key, value, **kwargs)
+        return batched(self, query, key, value, **kwargs)
     return wrapper
+
+_FLAGS = ('need_weights', 'is_causal', 'average_attn_weights')
+
+def _checked_call(forward, layer, query, key, value, **kwargs):
+    "`forward` of batch-first views of the inputs after every shared check, its output in the layer's layout."
+    get = kwargs.get
+    layer.check_inputs(query, key, value, get('q_positions'), get('k_positions'), get('q_position_mask'), get('k_position_mask'),
+                       get('attn_mask'), get('key_padding_mask'), **{name: kwargs[name] for name in _FLAGS if name in kwargs})
+    check_layer_dtype(query, layer.attn.out_proj.weight.dtype)
+    if layer.batch_first: return forward(layer, query, key, value, **kwargs)
+    out, weights = forward(layer, *batch_first_views(query, key, value), **kwargs)
+    return out.transpose(0, 1), weights
 
 def _unbatched_call(forward, layer, query, key, value, *, key_padding_mask=None, **kwargs):
     "`(T, D)` inputs as a batch of one; the output `(T_q, D)`, the weights without their batch dimension."

@@ -234,13 +234,13 @@ def _forward_is_called(module: nn.Module, args):
     it runs only where no module of the block has hooks (since pytorch/pytorch#128413 was fixed in 2024, hence the
     package's torch>=2.5; checked on torch 2.13.0)."""
 
-# %% ../nbs/01_base.ipynb #1e171d43
+# %% ../nbs/01_base.ipynb #16b1101e
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
-    Subclasses implement `forward` with the signature below and call `check_inputs` first
-    (it runs every check of this module in order), so that every layer refuses the same bad inputs with
-    the same messages. A layer that decodes with a cache also implements `positioned_heads` (and `pair_bias`
+    Subclasses implement `forward` with the signature below, decorated with `positional_forward`, which calls
+    `check_inputs` first (it runs every check of this module in order) and hands it batch-first inputs, so that
+    every layer refuses the same bad inputs with the same messages. A layer that decodes with a cache also implements `positioned_heads` (and `pair_bias`
     if it biases the logits); its forward, decorated with `positional_forward`, hands a call with ``cache=`` to
     `cached_attention`. A layer keeps its projections in an `nn.MultiheadAttention` called ``attn``, whose
     attributes (``in_proj_weight``, ``in_proj_bias``, ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``,

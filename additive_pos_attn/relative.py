@@ -3,16 +3,16 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/05_relative.ipynb #1df21af9
+# %% ../nbs/05_relative.ipynb #714af0e3
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
-from .attention import (_float_mask, batch_first_views, choose_path, fused_attention, module_attention,
+from .attention import (_float_mask, choose_path, fused_attention, module_attention,
                                          positional_forward, project_heads)
-from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, check_positive_int, mha_options
+from .base import KVCache, PositionalAttentionBase, check_bool, check_positive_int, mha_options
 from .positions import relative_bias
 
 # %% ../nbs/05_relative.ipynb #b9817ed4
@@ -36,7 +36,7 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/05_relative.ipynb #1ddb72c6
+# %% ../nbs/05_relative.ipynb #0a311d62
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add a learned bias per head, indexed by the clipped offset of positions, to its scores.
 
@@ -114,20 +114,16 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
         decodes: see `cached_attention`. Returns ``(output, weights or None)``.
         """
-        _, q_len, k_len = self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
-                                            attn_mask, key_padding_mask, need_weights=need_weights, is_causal=is_causal,
-                                            average_attn_weights=average_attn_weights)
-        attn, table = self.attn, self.rel_bias
-        check_layer_dtype(query, table.dtype)
-        if not self.batch_first: query, key, value = batch_first_views(query, key, value)
-        bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len).to(query.dtype)
+        attn = self.attn  # checked and batch first (positional_forward)
+        bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
+                              k_len=key.shape[1]).to(query.dtype)
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
             out, weights = fused_attention(attn, query, key, value, **masks), None
         else:
             out, weights = module_attention(attn, query, key, value, need_weights=need_weights,
                                             average_attn_weights=average_attn_weights, **masks)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
+        return out, weights
 
     def pair_bias(self, q_positions, k_positions, q_position_mask=None, k_position_mask=None, *, q_len: int, k_len: int) -> Tensor:
         "The learned bias of every pair's clipped offset, `(H, T_q, T_k)` or, with per-sample positions, `(B, H, T_q, T_k)`."

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'RoPEMultiheadAttention', 'pair_order']
 
-# %% ../nbs/06_rotary.ipynb #649fa15d
+# %% ../nbs/06_rotary.ipynb #ccf27c1c
 import math
 from typing import Optional
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compat import is_compiling, reset_mha_parameters
-from .attention import attend_heads, batch_first_views, call_needed, positional_forward, project_heads
-from .base import KVCache, PositionalAttentionBase, check_bool, check_layer_dtype, mha_options
+from .attention import attend_heads, call_needed, positional_forward, project_heads
+from .base import KVCache, PositionalAttentionBase, check_bool, mha_options
 
 # %% ../nbs/06_rotary.ipynb #d0a77b38
 def rope_frequencies(head_dim: int, base: float = 10000.0, *, dtype=torch.float32, device=None) -> Tensor:
@@ -113,7 +113,7 @@ def _check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/06_rotary.ipynb #79dd984c
+# %% ../nbs/06_rotary.ipynb #8a7c57f0
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
@@ -191,19 +191,15 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
         mask, as in every layer of the package. With a ``cache`` (from `init_cache`), the call decodes: see
         `cached_attention`. Returns ``(output, weights or None)``."""
-        self.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask, attn_mask,
-                          key_padding_mask, need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
-        attn = self.attn
+        attn = self.attn  # checked and batch first (positional_forward)
         reason = call_needed(attn)
         if reason is not None:
             raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's projection and "
                              f"its logits), so it cannot honour what needs that call: {reason}")
-        check_layer_dtype(query, attn.out_proj.weight.dtype)
-        if not self.batch_first: query, key, value = batch_first_views(query, key, value)
         q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
         out, weights = attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     is_causal=is_causal, need_weights=need_weights, average_attn_weights=average_attn_weights)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
+        return out, weights
 
     def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
         "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys already turned."
