@@ -3,11 +3,10 @@
 # %% auto #0
 __all__ = ['PosTransformerDecoderLayer', 'decoder_twin', 'DecoderCache']
 
-# %% ../nbs/08_decoder.ipynb #19e3cc56
+# %% ../nbs/08_decoder.ipynb #ccaf3e9b
 import contextlib
 from typing import Callable, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .base import KVCache, PositionalAttentionBase

@@ -3,14 +3,14 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/05_relative.ipynb #714af0e3
+# %% ../nbs/05_relative.ipynb #a7fe72b6
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
-from .attention import (_float_mask, choose_path, fused_attention, module_attention,
+from .attention import (choose_path, fused_attention, module_attention,
                                          positional_forward, project_heads)
 from .base import KVCache, PositionalAttentionBase, check_bool, check_positive_int, mha_options
 from .positions import relative_bias
