@@ -3,18 +3,21 @@ __version__ = "0.1.0"
 
 # %% auto #0
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
-           'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'padded_positions',
-           'resample_table', 'sinusoidal_table']
+           'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer',
+           'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table', 'sinusoidal_table']
 
-# %% ../nbs/index.ipynb #d94ce059
-from .base import KVCache, PositionalAttentionBase
-from .positions import padded_positions, resample_table, sinusoidal_table
+# %% ../nbs/index.ipynb #dca16b32
+from .base import PositionalAttentionBase
+from .cache import KVCache
+from .positions import causal_mask, padded_positions, resample_table, sinusoidal_table
 from .additive import AdditivePosMultiheadAttention
 from .relative import AdditiveRelMultiheadAttention
 from .rotary import RoPEMultiheadAttention
+from .blocks import ATTENTION_KINDS, positional_attention
 from .encoder import PosTransformerEncoderLayer
 from .decoder import DecoderCache, PosTransformerDecoderLayer
 
-_all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
-         'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'padded_positions',
-         'resample_table', 'sinusoidal_table']
+_all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention',
+         'RoPEMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer',
+         'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table',
+         'sinusoidal_table']

@@ -2,20 +2,16 @@
 
 # %% auto #0
 __all__ = ['module_attention', 'split_heads', 'project_heads', 'append_extra_keys', 'sdpa_mask', 'attend', 'attend_with_weights',
-           'fused_attention', 'attend_heads', 'Path', 'call_needed', 'choose_path', 'batch_first_views',
-           'cached_attention', 'positional_forward']
+           'fused_attention', 'attend_heads', 'Path', 'call_needed', 'choose_path']
 
-# %% ../nbs/03_attention.ipynb #ab3f31c0
-import functools
+# %% ../nbs/03_attention.ipynb #44446bec
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._compat import assert_async, autocast_enabled, has_hooks, is_compiling, packed_in_projection
-from .base import (KVCache, check_attention_inputs, check_attention_masks, check_bool, check_layer_dtype,
-                                   check_position_mask, check_positions)
+from ._compat import has_hooks, packed_in_projection
 from .positions import causal_mask
 
 # %% ../nbs/03_attention.ipynb #5f930a79
@@ -53,35 +49,44 @@ def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/03_attention.ipynb #0a68d284
+# %% ../nbs/03_attention.ipynb #8976941b
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                   q_update: Optional[Tensor] = None, k_update: Optional[Tensor] = None):
-    "Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included; `key=None`: `(q, None, None)`."
-    dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
+    """Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included;
+    `key=None`: `(q, None, None)`."""
     if not packed_in_projection(attn): return _project_apart(attn, query, key, value, q_update, k_update)
+    dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, _bias_for(attn.in_proj_bias, query), attn.num_heads
     if key is None:  # queries only (a cache holds the keys)
         query = query if q_update is None else query + q_update
         return split_heads(F.linear(query, weight[:dim], None if bias is None else bias[:dim]), heads), None, None
     one_input = query is key and key is value and q_update is k_update  # self-attention, queries and keys shifted alike
-    if one_input and q_update is None: return split_heads(F.linear(query, weight, bias), heads, 3)  # no shift: one product
+    if one_input and q_update is None: return split_heads(F.linear(query, weight, bias), heads, 3)  # one product
     # split, not slices: in backward one split gathers its gradients, where each slice would zero-fill a copy
     sizes = [2 * dim, dim] if one_input else [dim, dim, dim]
-    weights, biases = weight.split_with_sizes(sizes), (None,) * len(sizes) if bias is None else bias.split_with_sizes(sizes)
+    weights = weight.split_with_sizes(sizes)
+    biases = (None,) * len(sizes) if bias is None else bias.split_with_sizes(sizes)
     v = split_heads(F.linear(value, weights[-1], biases[-1]), heads)
     if q_update is not None: query = query + q_update
     if one_input: return (*split_heads(F.linear(query, weights[0], biases[0]), heads, 2), v)
     if k_update is not None: key = key + k_update
-    return split_heads(F.linear(query, weights[0], biases[0]), heads), split_heads(F.linear(key, weights[1], biases[1]), heads), v
+    q, k = F.linear(query, weights[0], biases[0]), F.linear(key, weights[1], biases[1])
+    return split_heads(q, heads), split_heads(k, heads), v
+
+def _bias_for(bias: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    "A projection bias in the input's dtype: `nn.MultiheadAttention` takes a bias of another dtype (half, say) too."
+    return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 def _project_apart(attn, query, key, value, q_update=None, k_update=None):
-    "`project_heads` for an `attn` with three weights, `q_proj_weight`, `k_proj_weight` (`kdim` wide), `v_proj_weight` (`vdim` wide)."
-    biases = (None,) * 3 if attn.in_proj_bias is None else attn.in_proj_bias.chunk(3)
+    "`project_heads` for an `attn` with three weights: `q_proj_weight`, `k_proj_weight` (`kdim` wide), `v_proj_weight`."
+    bias = _bias_for(attn.in_proj_bias, query)
+    biases = (None,) * 3 if bias is None else bias.chunk(3)
     shifted = lambda x, update: x if update is None else x + update
     q = split_heads(F.linear(shifted(query, q_update), attn.q_proj_weight, biases[0]), attn.num_heads)
     if key is None: return q, None, None
     k = split_heads(F.linear(shifted(key, k_update), attn.k_proj_weight, biases[1]), attn.num_heads)
     return q, k, split_heads(F.linear(value, attn.v_proj_weight, biases[2]), attn.num_heads)
 
+# %% ../nbs/03_attention.ipynb #aa1c987c
 def append_extra_keys(attn: nn.MultiheadAttention, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       key_padding_mask: Optional[Tensor] = None, logit_bias: Optional[Tensor] = None):
     """The heads `k`, `v` `(B, H, T_k, d_h)` followed by `attn`'s `bias_k`, `bias_v` (``add_bias_kv=True``) and by a
@@ -194,155 +199,3 @@ def choose_path(attn: nn.MultiheadAttention, *, need_weights: bool) -> Path:
     if reason is not None: return Path('module', reason)
     if not attn.batch_first: return Path('module', 'attn is not batch first')
     return Path('fused', 'no weights asked for and nothing on attn that the direct computation would skip')
-
-# %% ../nbs/03_attention.ipynb #0f147171
-def batch_first_views(query: Tensor, key: Tensor, value: Tensor):
-    "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention), `None` stays `None`."
-    q = query.transpose(0, 1)
-    k = q if key is query else None if key is None else key.transpose(0, 1)
-    return q, k, (k if value is key else q if value is query else None if value is None else value.transpose(0, 1))
-
-# %% ../nbs/03_attention.ipynb #3085f801
-def _what(x) -> str: return 'None' if x is None else f"a {type(x).__name__}" if not isinstance(x, Tensor) else f"a {x.dtype} Tensor"
-
-def _check_cache(layer, cache, batch: int, query: Tensor):
-    "`cache` is a `KVCache` that `layer` made, for `batch` sequences on the query's device, in its dtype (any under autocast)."
-    if not isinstance(cache, KVCache): raise TypeError(f"cache must be a KVCache made by the layer's init_cache, got {_what(cache)}")
-    if cache.layer_id != id(layer): raise ValueError("cache was made by another layer: each layer decodes with a cache of its own init_cache")
-    if cache.batch_size != batch: raise ValueError(f"cache holds {cache.batch_size} sequences, got a batch of {batch}")
-    if cache.keys.device != query.device: raise ValueError(f"cache is on {cache.keys.device}, got inputs on {query.device}")
-    check_layer_dtype(query, layer.attn.out_proj.weight.dtype)
-    if cache.keys.dtype != query.dtype and not autocast_enabled(query.device.type):
-        raise TypeError(f"cache holds keys in {cache.keys.dtype}, got a query in {query.dtype}: make the cache with dtype={query.dtype}")
-
-def _check_queries(layer, query: Tensor, q_positions, q_position_mask, flags: dict) -> tuple[int, int]:
-    "The checks of `check_inputs` for queries alone (a call that attends to the cache as it is); `(B, T_q)`."
-    for name, flag in flags.items(): check_bool(name, flag)
-    batch, q_len, _ = check_attention_inputs(query, query, query, layer.embed_dim, layer.batch_first)
-    check_positions(q_positions, name='q_positions', batch=batch, length=q_len, max_len=layer.max_len, device=query.device)
-    check_position_mask(q_position_mask, name='q_position_mask', positions=q_positions, batch=batch, length=q_len, device=query.device)
-    return batch, q_len
-
-def _step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, length: int):
-    "The new keys' `(positions, mask, derived)`: as given, or counted on by the cache, refused past the layer's table."
-    if positions is not None: return positions, mask, False
-    positions, real = cache.next_positions(length, key_padding_mask)
-    bound, max_len = cache.position_bound, layer.max_len
-    if max_len is not None and length and (bound is None or bound + length > max_len):  # read the values only when they may be too large
-        if is_compiling():  # no values while tracing: the check goes into the graph
-            assert_async((positions < max_len).all(), f"decoding gives positions past the layer's table of max_len={max_len} positions")
-            return positions, (real if mask is None else mask if real is None else mask & real), True
-        high = int(positions.max())
-        if high >= max_len:
-            raise ValueError(f"decoding step {cache.steps} would give positions up to {high}, past the layer's table of "
-                             f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
-    return positions, (real if mask is None else mask if real is None else mask & real), True
-
-# %% ../nbs/03_attention.ipynb #2e3de5ec
-def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
-                     q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
-                     key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
-                     average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """One decoding call of `layer`: write the new `key` and `value` into `cache`, then attend from `query` to all it holds.
-
-    ``key`` and ``value`` are the new tokens (in self-attention ``query`` itself), or both ``None`` to attend to the
-    cache as it is (cross-attention after the call that wrote the memory). New keys without ``k_positions`` take the
-    cache's count (`KVCache.next_positions`), and queries that are the keys share them; other queries need
-    ``q_positions``. ``key_padding_mask`` (bool, ``(B, T_new)``) marks new keys that are padding, for good;
-    ``attn_mask`` covers every key attended to, cached and new; without it, ``is_causal=True`` lets new query ``i``
-    see the keys up to the ``i``-th new one. Returns ``(output, weights or None)`` as the layer's forward does.
-    Refused, before anything is written: what only a call of ``attn`` honours (`call_needed`), key without value,
-    ``k_positions``/``k_position_mask``/``key_padding_mask`` with ``key=None``, a float ``key_padding_mask``, queries
-    that are not the keys without ``q_positions``, ``is_causal=True`` in cross-attention without ``attn_mask``, and a
-    cache that is full, another layer's, or of another batch, device or dtype."""
-    reason = call_needed(layer.attn)
-    if reason is not None:
-        raise ValueError(f"{type(layer).__name__} attends with a cache without calling its attn, so it cannot honour what needs that call: {reason}")
-    flags = dict(need_weights=need_weights, is_causal=is_causal, average_attn_weights=average_attn_weights)
-    if (key is None) != (value is None): raise ValueError(f"with a cache, key and value are both new tokens or both None, got key {_what(key)}, value {_what(value)}")
-    if key is None:
-        for name, arg in (('k_positions', k_positions), ('k_position_mask', k_position_mask), ('key_padding_mask', key_padding_mask)):
-            if arg is not None: raise ValueError(f"{name} describes new keys, but key is None: the cache keeps its keys' positions and padding")
-    if key is not query and q_positions is None:
-        raise ValueError("with a cache, q_positions is required when query is not key: the cache counts the keys' positions, not the queries'")
-    if is_causal and key is not query and attn_mask is None:
-        raise ValueError("with a cache, is_causal=True is for self-attention (query is key), where the new queries are the last "
-                         "keys; for cross-attention pass attn_mask")
-    if key is None: (batch, q_len), k_len = _check_queries(layer, query, q_positions, q_position_mask, flags), 0
-    else: batch, q_len, k_len = layer.check_inputs(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask,
-                                                    None, key_padding_mask, **flags)
-    _check_cache(layer, cache, batch, query)
-    if key is not None: cache.check_room(k_len)
-    if key is not None and key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"with a cache, key_padding_mask must be bool (True: padding), got {_what(key_padding_mask)}")
-    if not layer.batch_first: query, key, value = batch_first_views(query, key, value)
-    if key is not None:
-        k_positions, k_position_mask, derived = _step_positions(layer, cache, k_positions, k_position_mask, key_padding_mask, k_len)
-        if key is query and q_positions is None: q_positions, q_position_mask = k_positions, (k_position_mask if q_position_mask is None else q_position_mask)
-    if attn_mask is not None:  # checked before anything is written: a refused call leaves the cache as it was
-        check_attention_masks(attn_mask, None, batch=batch, num_heads=layer.num_heads, q_len=q_len, dtype=query.dtype,
-                              k_len=cache.length + (0 if key is None else k_len), device=query.device)
-    q, k, v = layer.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
-    if key is not None: cache.write(k, v, k_positions, k_position_mask, key_padding_mask, derived=derived)
-    out, weights = _attend_cache(layer, cache, q, query.dtype, q_positions, q_position_mask, attn_mask, **flags)
-    return (out if layer.batch_first else out.transpose(0, 1)), weights
-
-def _attend_cache(layer, cache: KVCache, q: Tensor, dtype, q_positions, q_position_mask, attn_mask, *, need_weights: bool,
-                  is_causal: bool, average_attn_weights: bool) -> tuple[Tensor, Optional[Tensor]]:
-    "Attention of the query heads `q` to every filled slot of `cache`, `(B, T_q, D)`, and the weights if asked."
-    q_len, n = q.shape[2], cache.length
-    if attn_mask is None and is_causal and q_len > 1: attn_mask = causal_mask(q_len, n, q.device, queries_last=True)
-    bias = layer.pair_bias(q_positions, cache.positions[:, :n], q_position_mask, cache.position_mask[:, :n] if cache.masked else None,
-                           q_len=q_len, k_len=n)
-    return attend_heads(layer.attn, q, cache.keys[:, :, :n], cache.values[:, :, :n], mask_dtype=dtype, attn_mask=attn_mask,
-                        key_padding_mask=cache.padding[:, :n] if cache.padded else None, logit_bias=None if bias is None else bias.to(dtype),
-                        need_weights=need_weights, average_attn_weights=average_attn_weights)
-
-# %% ../nbs/03_attention.ipynb #2b97f467
-def positional_forward(forward):
-    """Decorate a layer's `forward(self, query, key, value, *, ..., cache=None)`: it is called after every shared check
-    (`check_inputs`, the layer's dtype) with batch-first inputs, and cached, unbatched and nested calls reach it as batched ones."""
-    batched = functools.partial(_checked_call, forward)
-    @functools.wraps(forward)
-    def wrapper(self, query, key, value, *, cache: Optional[KVCache] = None, **kwargs):
-        if cache is not None: return cached_attention(self, cache, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.is_nested: return _nested_call(batched, self, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.dim() == 2: return _unbatched_call(batched, self, query, key, value, **kwargs)
-        return batched(self, query, key, value, **kwargs)
-    return wrapper
-
-_FLAGS = ('need_weights', 'is_causal', 'average_attn_weights')
-
-def _checked_call(forward, layer, query, key, value, **kwargs):
-    "`forward` of batch-first views of the inputs after every shared check, its output in the layer's layout."
-    get = kwargs.get
-    layer.check_inputs(query, key, value, get('q_positions'), get('k_positions'), get('q_position_mask'), get('k_position_mask'),
-                       get('attn_mask'), get('key_padding_mask'), **{name: kwargs[name] for name in _FLAGS if name in kwargs})
-    check_layer_dtype(query, layer.attn.out_proj.weight.dtype)
-    if layer.batch_first: return forward(layer, query, key, value, **kwargs)
-    out, weights = forward(layer, *batch_first_views(query, key, value), **kwargs)
-    return out.transpose(0, 1), weights
-
-def _unbatched_call(forward, layer, query, key, value, *, key_padding_mask=None, **kwargs):
-    "`(T, D)` inputs as a batch of one; the output `(T_q, D)`, the weights without their batch dimension."
-    for name, x in (('key', key), ('value', value)):
-        if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"query is unbatched (T, D), so {name} must be 2-D too, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    dim = 0 if layer.batch_first else 1
-    q = query.unsqueeze(dim)
-    k = q if key is query else key.unsqueeze(dim)
-    v = k if value is key else q if value is query else value.unsqueeze(dim)
-    if isinstance(key_padding_mask, Tensor) and key_padding_mask.dim() == 1: key_padding_mask = key_padding_mask[None]
-    out, weights = forward(layer, q, k, v, key_padding_mask=key_padding_mask, **kwargs)
-    return out.squeeze(dim), None if weights is None else weights.squeeze(0)
-
-def _nested_call(forward, layer, query, key, value, *, key_padding_mask=None, attn_mask=None, **kwargs):
-    "Self-attention over a nested batch of sequences: padded on the right, attended with the padding masked, nested again."
-    if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None or not layer.batch_first:
-        raise ValueError("a nested tensor is taken for batch-first self-attention (query is key is value) without masks, "
-                         "as torch's encoder passes it; pad it (to_padded_tensor) and pass a key_padding_mask instead")
-    lengths = [t.shape[0] for t in query.unbind()]
-    x = query.to_padded_tensor(0.0)
-    padding = torch.arange(x.shape[1], device=x.device) >= torch.tensor(lengths, device=x.device)[:, None]
-    out, weights = forward(layer, x, x, x, key_padding_mask=padding, **kwargs)
-    return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out.unbind(), lengths)]), weights

@@ -64,7 +64,8 @@ GOAL_FLOOR, GOAL_SPEEDUP, SPEEDUP_AT = 1.10, 10.0, 512  # issue 14: cache <= 1.1
 def make_stack(kind, max_len, *, d_model=D_MODEL, heads=HEADS, ffn=FFN, blocks=BLOCKS, seed=0):
     """`blocks` seeded `PosTransformerEncoderLayer`s around `positional_attention(kind, ...)`, dropout 0, eval mode; the
     table random (`harness.LAYERS`), as a trained layer's might be."""
-    from additive_pos_attn.encoder import PosTransformerEncoderLayer, positional_attention
+    from additive_pos_attn.encoder import PosTransformerEncoderLayer
+    from additive_pos_attn.blocks import positional_attention
     spec, stack = LAYERS[kind], []
     for i in range(blocks):
         torch.manual_seed(seed + i)
@@ -193,7 +194,7 @@ def positions_off(stack):
     """A copy of `stack` that computes the floor's model, and the keyword arguments its calls need: tables zeroed;
     a layer without a table (rotary) gets every position mask False instead."""
     import copy
-    from additive_pos_attn.encoder import positional_parameters
+    from additive_pos_attn.blocks import positional_parameters
     stack, masked = copy.deepcopy(stack), False
     for block in stack:
         params = positional_parameters(block.self_attn)

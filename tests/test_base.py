@@ -4,8 +4,9 @@ import pytest
 import torch
 from fastcore.test import test_eq as _eq  # under another name, or pytest collects it
 
-from additive_pos_attn.base import (PositionalAttentionBase, check_attention_inputs, check_attention_masks, check_bool,
-                                    check_position_mask, check_positions, check_positive_int)
+from additive_pos_attn.base import PositionalAttentionBase
+from additive_pos_attn.checks import (check_attention_inputs, check_attention_masks, check_bool, check_position_mask,
+                                      check_positions, check_positive_int)
 
 cpu = torch.device('cpu')
 

@@ -6,7 +6,8 @@ import functools
 import pytest
 import torch
 
-from additive_pos_attn.comparison import accuracy_by_length, accuracy_table, lookback_batch, stretch_tables, train_schemes
+from additive_pos_attn.comparison import (accuracy_by_length, accuracy_table, lookback_batch, stretch_tables,
+                                          train_schemes)
 from additive_pos_attn.demo import ToyModel
 
 

@@ -12,8 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from additive_pos_attn.decoder import PosTransformerDecoderLayer, decoder_twin
-from additive_pos_attn.encoder import ATTENTION_KINDS, positional_attention, positional_parameters, random_block
+from additive_pos_attn.decoder import PosTransformerDecoderLayer
+from additive_pos_attn.testing import decoder_twin
+from additive_pos_attn.blocks import ATTENTION_KINDS, positional_attention, positional_parameters
+from additive_pos_attn.testing import random_block
 from additive_pos_attn.positions import causal_mask, padded_positions
 from additive_pos_attn.rotary import rotate
 from strategies import DTYPE, SETTINGS

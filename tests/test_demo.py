@@ -241,7 +241,7 @@ def test_generate_with_caches_is_recomputation(attention, device):
     "Greedy decoding with caches gives the tokens and, in float64, the logits of recomputing the output at every step."
     import torch
     from additive_pos_attn.demo import ToySeq2Seq, generate, reversal_batch
-    from additive_pos_attn.encoder import positional_parameters
+    from additive_pos_attn.blocks import positional_parameters
     torch.manual_seed(0)
     model = ToySeq2Seq(attention=attention, num_layers=2).double().to(device).eval()
     with torch.no_grad():  # positions that matter, as after training

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from additive_pos_attn import AdditivePosMultiheadAttention, AdditiveRelMultiheadAttention, RoPEMultiheadAttention
-from additive_pos_attn.encoder import positional_parameters
+from additive_pos_attn.blocks import positional_parameters
 from additive_pos_attn.positions import causal_mask
 from cases import DTYPE, mask_kinds
 

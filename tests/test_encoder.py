@@ -15,8 +15,9 @@ from torch import nn
 from additive_pos_attn import AdditivePosMultiheadAttention, PosTransformerEncoderLayer
 from additive_pos_attn.additive import additive_reference
 from additive_pos_attn.base import PositionalAttentionBase
-from additive_pos_attn.encoder import (ATTENTION_KINDS, encoder_reference, positional_attention, positional_parameters,
-                                       random_block, torch_twin)
+from additive_pos_attn.blocks import ATTENTION_KINDS, positional_attention, positional_parameters
+from additive_pos_attn.encoder import encoder_reference
+from additive_pos_attn.testing import random_block, torch_twin
 from additive_pos_attn.positions import causal_mask
 
 DTYPE = torch.float64

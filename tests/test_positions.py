@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from additive_pos_attn.positions import (causal_mask, init_table_, padded_positions, positional_update, relative_bias,
-                                         resample_table, sinusoidal_table)
+from additive_pos_attn.positions import (causal_mask, init_table_, padded_positions, positional_update,
+                                         relative_bias, resample_table, sinusoidal_table)
 
 
 def test_positional_update_matches_indexing():

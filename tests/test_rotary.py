@@ -14,8 +14,8 @@ from torch import nn
 
 from additive_pos_attn.attention import choose_path, project_heads
 from additive_pos_attn.positions import causal_mask
-from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles, rope_reference,
-                                      rotate)
+from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles,
+                                      rope_reference, rotate)
 
 DTYPE = torch.float64
 # Positions stay within ±1000 where the oracle is held to 1e-12: an angle near 10^4 radians carries ~1e-12 of float64

@@ -5,7 +5,7 @@ Cells that `nbdev_test` would skip here (those flagged with one of `tst_flags` i
 cleaned with `nbdev_clean`.
 
     python tools/execute_notebooks.py                       # every notebook in nbs/
-    python tools/execute_notebooks.py nbs/04_additive.ipynb # some of them
+    python tools/execute_notebooks.py nbs/06_additive.ipynb # some of them
 """
 import argparse, sys, time
 from pathlib import Path
