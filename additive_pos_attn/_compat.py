@@ -44,9 +44,10 @@ def has_hooks(module: nn.Module) -> bool:
     registry = nn.modules.module
     return any(getattr(module, name) for name in _HOOKS) or any(getattr(registry, '_global' + name) for name in _HOOKS)
 
-# %% ../nbs/18_compat.ipynb #b002a790
+# %% ../nbs/18_compat.ipynb #ac66e444
 def packed_in_projection(attn: nn.MultiheadAttention) -> bool:
-    "Whether `attn` keeps one packed `in_proj_weight` rather than `q_proj_weight`, `k_proj_weight`, `v_proj_weight`: `attn._qkv_same_embed_dim` (checked on torch 2.13.0)."
+    """Whether `attn` keeps one packed `in_proj_weight` rather than `q_proj_weight`, `k_proj_weight`,
+    `v_proj_weight`: `attn._qkv_same_embed_dim` (checked on torch 2.13.0)."""
     return attn._qkv_same_embed_dim
 
 def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:

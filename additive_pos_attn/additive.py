@@ -3,10 +3,11 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/06_additive.ipynb #8e5671ec
+# %% ../nbs/06_additive.ipynb #7954577f
 from typing import Optional
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
@@ -16,141 +17,125 @@ from .cache import KVCache
 from .checks import check_positive_int, mha_options
 from .positions import check_init, init_table_, positional_update, resample_table
 
-# %% ../nbs/06_additive.ipynb #28fbb38a
-def additive_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *,
-                       q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
+# %% ../nbs/06_additive.ipynb #51c9a9a9
+def additive_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None,
+                       k_positions=None, q_position_mask=None, k_position_mask=None, **attn_kwargs):
     "The definition, slowly: `layer.attn(q + m_q·E[p_q], k + m_k·E[p_k], v)` with plain indexing; a test oracle."
     def shifted(x, positions, mask):
         positions = torch.arange(x.shape[1], device=x.device) if positions is None else positions.long()
         mask = torch.ones(x.shape[1], device=x.device) if mask is None else mask.to(x.dtype)
         return x + mask[..., None] * layer.pos_emb[positions]
-    return layer.attn(shifted(query, q_positions, q_position_mask), shifted(key, k_positions, k_position_mask), value, **attn_kwargs)
+    q, k = shifted(query, q_positions, q_position_mask), shifted(key, k_positions, k_position_mask)
+    return layer.attn(q, k, value, **attn_kwargs)
 
-# %% ../nbs/06_additive.ipynb #b330bc68
-def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+# %% ../nbs/06_additive.ipynb #3a1867e6
+def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
     "Before loading: a checkpoint whose table has another length is an error that says how to resample it."
     table, max_len = state_dict.get(prefix + 'pos_emb'), layer.max_len
     if isinstance(table, Tensor) and table.dim() == 2 and table.shape[0] != max_len:
+        key = f"state_dict['{prefix}pos_emb']"
         error_msgs.append(f"pos_emb has max_len={table.shape[0]} rows in the checkpoint but max_len={max_len} in this "
-                          f"layer: resample it first, state_dict['{prefix}pos_emb'] = resample_table(state_dict['{prefix}pos_emb'], "
-                          f"{max_len}), or build the layer with max_len={table.shape[0]}")
+                          f"layer: resample it first, {key} = resample_table({key}, {max_len}), or build the layer "
+                          f"with max_len={table.shape[0]}")
 
-# %% ../nbs/06_additive.ipynb #26babd30
+# %% ../nbs/06_additive.ipynb #4c27c5ea
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
-    r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
+    r"""Wrap `torch.nn.MultiheadAttention` and add a learned table of absolute positions to Q/K only:
 
-    A learned table maps coordinates to an additive update of the query and key streams,
-
-    $$\mathbf{q}' = \mathbf{q} + E_\theta(\mathbf{P}_Q), \qquad \mathbf{k}' = \mathbf{k} + E_\theta(\mathbf{P}_K), \qquad \mathbf{v}' = \mathbf{v}.$$
-
-    The values are never position-modulated. When $E_\theta$ is zero (as at initialisation), this is
-    exactly ordinary multi-head attention.
+    $$q' = q + E_\theta(P_Q), \qquad k' = k + E_\theta(P_K), \qquad v' = v.$$
 
     Args:
 
-        embed_dim (int): Model width ``D``.
-        num_heads (int): Number of attention heads; must divide ``embed_dim``.
-        max_len (int): Maximum supported position plus one: positions lie in ``[0, max_len)``.
-        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
-        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
-        device (torch.device, optional): Parameter factory option.
-        dtype (torch.dtype, optional): Parameter factory option.
-        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
-        init (str): Initial table: ``'zeros'`` (default; the fresh layer is exactly ``attn``), ``'normal'``
-            (std 0.02) or ``'sinusoidal'`` (the original Transformer's codes, then learned).
-        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, passed to ``attn``; ``kdim``
-            must be ``embed_dim`` (the table's rows are added to the keys), ``vdim`` may differ.
-
+        max_len (int): Positions lie in ``[0, max_len)``, one row of the table for each.
+        init (str): The initial table: ``'zeros'`` (default; exactly ``attn``), ``'normal'`` or ``'sinusoidal'``.
+        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default, ``kdim=embed_dim`` only.
     Shape:
 
-        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
-        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``.
-        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions; with default
-          positions ``(T,)`` or ``(B, T)``.
-        - Returns: output ``(B, T_q, D)`` (``(T_q, B, D)`` with ``batch_first=False``) and, with ``need_weights=True``, weights ``(B, T_q, T_k)``
-          (``(B, H, T_q, T_k)`` with ``average_attn_weights=False``), else ``None``.
-
+        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, position masks bool alike.
     Attributes:
 
-        pos_emb (Parameter): Learnable table with shape ``(max_len, D)`` storing the absolute positional embeddings.
-        attn (nn.MultiheadAttention): Internal `torch.nn.MultiheadAttention` backend, ``batch_first=True``.
-        embed_dim (int): Model width ``D``.
-        num_heads (int): Number of attention heads.
-        max_len (int): Number of rows of ``pos_emb``.
-        init (str): The initial table's name, used by `reset_parameters`.
-
+        pos_emb (Parameter): The table, ``(max_len, D)``. attn (nn.MultiheadAttention): The wrapped attention.
     Example::
 
-        >>> layer = AdditivePosMultiheadAttention(64, 4, max_len=128)
-        >>> x = torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)
-        >>> out.shape
-        torch.Size([2, 10, 64])
-    """
-    def __init__(self, embed_dim: int, num_heads: int, *, max_len: int, dropout: float = 0.0, bias: bool = True,
-                 device=None, dtype=None, batch_first: bool = True, init: str = 'zeros', add_bias_kv: bool = False,
-                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
-        # a table has rows: unlike the base class, the layer needs an int max_len
-        super().__init__(embed_dim, num_heads, max_len=check_positive_int('max_len', max_len), batch_first=batch_first)
-        self.init = check_init(init)
-        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
-        if options['kdim'] not in (None, embed_dim):
-            raise ValueError(f"kdim must be embed_dim={embed_dim} for the additive table, whose rows of width embed_dim are "
-                             f"added to the keys before their projection, got kdim={kdim} (vdim may differ)")
-        factory_kwargs = {'device': device, 'dtype': dtype}
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options, **factory_kwargs)
-        self.pos_emb = nn.Parameter(torch.empty(max_len, embed_dim, **factory_kwargs))
-        init_table_(self.pos_emb, init)
-        register_load_state_dict_pre_hook(self, _check_table_length)
-
+        >>> layer, x = AdditivePosMultiheadAttention(64, 4, max_len=128), torch.randn(2, 10, 64)
+        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
     @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
-                q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-                q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, is_causal: bool = False,
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
+                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
+                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
                 average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Add the positional update to query and key before attention; the values pass through unchanged.
 
-        ``attn_mask``, ``key_padding_mask``, ``need_weights``, ``average_attn_weights`` and ``is_causal`` mean
-        what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
-        ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
-        decodes: see `cached_attention`. Returns ``(output, weights or None)``.
-        """
-        attn = self.attn  # checked and batch first (positional_forward); each module attribute costs a lookup: fetched once
-        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, query.shape[1], key.shape[1])
+        Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+        builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+        attn = self.attn  # checked and batch first (positional_forward); an attribute lookup, done once
+        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask,
+                                           query.shape[1], key.shape[1])
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
-            out, weights = fused_attention(attn, query, key, value, q_update, k_update, **masks), None
-        else:
-            out, weights = module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
-                                            average_attn_weights=average_attn_weights, **masks)
-        return out, weights
+            return fused_attention(attn, query, key, value, q_update, k_update, **masks), None
+        return module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
+                                average_attn_weights=average_attn_weights, **masks)
 
-    def _updates(self, q_positions, k_positions, q_position_mask, k_position_mask, q_len: int, k_len: Optional[int]):
-        "The rows added to the queries and to the keys (computed once when they share positions; `k_len=None`: no keys)."
-        q_update = positional_update(self.pos_emb, q_positions, q_position_mask, q_len)
-        if k_len is None: return q_update, None
-        same = q_positions is k_positions and q_position_mask is k_position_mask and q_len == k_len
-        return q_update, (q_update if same else positional_update(self.pos_emb, k_positions, k_position_mask, k_len))
+# %% ../nbs/06_additive.ipynb #b21d2daf
+@patch
+def __init__(self: AdditivePosMultiheadAttention, embed_dim: int, num_heads: int, *, max_len: int,
+             dropout: float = 0.0, bias: bool = True, device=None, dtype=None, batch_first: bool = True,
+             init: str = 'zeros', add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+             vdim: Optional[int] = None):
+    # super() names the class: a method defined outside the class body has no implicit __class__
+    super(AdditivePosMultiheadAttention, self).__init__(embed_dim, num_heads, batch_first=batch_first,
+                                                        max_len=check_positive_int('max_len', max_len))
+    self.init = check_init(init)
+    options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
+    if options['kdim'] not in (None, embed_dim):
+        raise ValueError(f"kdim must be embed_dim={embed_dim} for the additive table, whose rows of width embed_dim "
+                         f"are added to the keys before their projection, got kdim={kdim} (vdim may differ)")
+    factory_kwargs = {'device': device, 'dtype': dtype}
+    self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options,
+                                      **factory_kwargs)
+    self.pos_emb = nn.Parameter(torch.empty(max_len, embed_dim, **factory_kwargs))
+    init_table_(self.pos_emb, init)
+    register_load_state_dict_pre_hook(self, _check_table_length)
 
-    def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
-        "The heads of `W_q(query + E[p_q])`, `W_k(key + E[p_k])`, `W_v value`: a cache keeps keys with their shift inside."
-        k_len = None if key is None else key.shape[1]
-        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, query.shape[1], k_len)
-        return project_heads(self.attn, query, key, value, q_update, k_update)
+@patch
+def extra_repr(self: AdditivePosMultiheadAttention) -> str:
+    batch_first = '' if self.batch_first else ', batch_first=False'
+    init = '' if self.init == 'zeros' else f", init='{self.init}'"
+    return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{batch_first}{init}"
 
-    def reset_parameters(self):
-        "Re-initialise the wrapped attention as torch does and the table as `init` says."
-        reset_mha_parameters(self.attn)
-        init_table_(self.pos_emb, self.init)
+# %% ../nbs/06_additive.ipynb #0c54391b
+@patch
+def _updates(self: AdditivePosMultiheadAttention, q_positions, k_positions, q_position_mask, k_position_mask,
+             q_len: int, k_len: Optional[int]):
+    "The rows added to the queries and to the keys (computed once when they share positions; `k_len=None`: no keys)."
+    q_update = positional_update(self.pos_emb, q_positions, q_position_mask, q_len)
+    if k_len is None: return q_update, None
+    same = q_positions is k_positions and q_position_mask is k_position_mask and q_len == k_len
+    return q_update, (q_update if same else positional_update(self.pos_emb, k_positions, k_position_mask, k_len))
 
-    def resize_pos_emb(self, new_len: int):
-        "Resample the table to `new_len` rows in place (see `resample_table`); `max_len` follows. Rebuild optimisers after."
-        table = resample_table(self.pos_emb, new_len)
-        self.pos_emb = nn.Parameter(table, requires_grad=self.pos_emb.requires_grad)
-        self.max_len = new_len
+# %% ../nbs/06_additive.ipynb #dd9f2e2b
+@patch
+def reset_parameters(self: AdditivePosMultiheadAttention):
+    "Re-initialise the wrapped attention as torch does and the table as `init` says."
+    reset_mha_parameters(self.attn)
+    init_table_(self.pos_emb, self.init)
 
-    def extra_repr(self) -> str:
-        extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.init == 'zeros' else f", init='{self.init}'")
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{extra}"
+@patch
+def resize_pos_emb(self: AdditivePosMultiheadAttention, new_len: int):
+    "Resample the table to `new_len` rows in place (see `resample_table`); `max_len` follows. Rebuild optimisers after."
+    table = resample_table(self.pos_emb, new_len)
+    self.pos_emb = nn.Parameter(table, requires_grad=self.pos_emb.requires_grad)
+    self.max_len = new_len
+
+# %% ../nbs/06_additive.ipynb #2a008d4e
+@patch
+def positioned_heads(self: AdditivePosMultiheadAttention, query, key, value, q_positions=None, k_positions=None,
+                     q_position_mask=None, k_position_mask=None):
+    "The heads of `W_q(query + E[p_q])`, `W_k(key + E[p_k])`, `W_v value`: a cache keeps keys with their shift inside."
+    k_len = None if key is None else key.shape[1]
+    q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask, query.shape[1],
+                                       k_len)
+    return project_heads(self.attn, query, key, value, q_update, k_update)

@@ -14,14 +14,16 @@ from torch import Tensor, nn
 from ._compat import has_hooks, packed_in_projection
 from .positions import causal_mask
 
-# %% ../nbs/03_attention.ipynb #5f930a79
+# %% ../nbs/03_attention.ipynb #981b4405
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    "A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for `dtype=bool`, as it is."
+    """A bool mask as 0 / -inf in the float `dtype` (torch's canonical mask); a float mask, or any mask for
+    `dtype=bool`, as it is."""
     if mask is None or mask.dtype != torch.bool or dtype == torch.bool: return mask
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float('-inf'))
 
 def _bias_as_mask(logit_bias: Tensor, attn_mask: Optional[Tensor], *, batch: int, dtype: torch.dtype) -> Tensor:
-    "A logit bias `([B,] H, T_q, T_k)` plus `attn_mask` (`(T_q, T_k)` or `(B·H, T_q, T_k)`) as one float `(B·H, T_q, T_k)` mask."
+    """A logit bias `([B,] H, T_q, T_k)` plus `attn_mask` (`(T_q, T_k)` or `(B·H, T_q, T_k)`) as one float
+    `(B·H, T_q, T_k)` mask."""
     heads, q_len, k_len = logit_bias.shape[-3:]
     mask = logit_bias.expand(batch, heads, q_len, k_len)
     if attn_mask is not None:
@@ -35,27 +37,31 @@ def module_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, va
                      logit_bias: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     "`attn(query, key, value, ...)`, where `is_causal=True` without an `attn_mask` stands for the causal mask."
     if is_causal and attn_mask is None:
-        attn_mask = _float_mask(causal_mask(query.shape[1], key.shape[1], query.device), getattr(key_padding_mask, 'dtype', torch.bool))
+        attn_mask = _float_mask(causal_mask(query.shape[1], key.shape[1], query.device),
+                                getattr(key_padding_mask, 'dtype', torch.bool))
     if logit_bias is not None:  # the one way into attn's scores: a float (B·H, T_q, T_k) attn_mask
-        attn_mask, key_padding_mask = _bias_as_mask(logit_bias, attn_mask, batch=query.shape[0], dtype=query.dtype), _float_mask(key_padding_mask, query.dtype)
+        attn_mask = _bias_as_mask(logit_bias, attn_mask, batch=query.shape[0], dtype=query.dtype)
+        key_padding_mask = _float_mask(key_padding_mask, query.dtype)
         is_causal = False  # the causal mask is in attn_mask now: torch would drop attn_mask for its own causal kernel
     return attn(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 average_attn_weights=average_attn_weights, is_causal=is_causal)
 
-# %% ../nbs/03_attention.ipynb #6e0763a1
+# %% ../nbs/03_attention.ipynb #9312068d
 def split_heads(x: Tensor, num_heads: int, parts: int = 1):
     "View `(B, T, parts·D)` as `parts` tensors `(B, H, T, D/H)` (one tensor when `parts == 1`)."
     batch, length, width = x.shape  # explicit sizes, no -1: T may be 0
-    heads = [h.transpose(1, 2) for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
+    heads = [h.transpose(1, 2)
+             for h in x.view(batch, length, parts, num_heads, width // (parts * num_heads)).unbind(2)]
     return heads if parts > 1 else heads[0]
 
-# %% ../nbs/03_attention.ipynb #8976941b
+# %% ../nbs/03_attention.ipynb #84d2a9e4
 def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                   q_update: Optional[Tensor] = None, k_update: Optional[Tensor] = None):
     """Heads `(B, H, T, d_h)` of `W_q(query + q_update)`, `W_k(key + k_update)` and `W_v value`, biases included;
     `key=None`: `(q, None, None)`."""
     if not packed_in_projection(attn): return _project_apart(attn, query, key, value, q_update, k_update)
-    dim, weight, bias, heads = attn.embed_dim, attn.in_proj_weight, _bias_for(attn.in_proj_bias, query), attn.num_heads
+    dim, weight, heads = attn.embed_dim, attn.in_proj_weight, attn.num_heads
+    bias = _bias_for(attn.in_proj_bias, query)
     if key is None:  # queries only (a cache holds the keys)
         query = query if q_update is None else query + q_update
         return split_heads(F.linear(query, weight[:dim], None if bias is None else bias[:dim]), heads), None, None
@@ -72,12 +78,14 @@ def project_heads(attn: nn.MultiheadAttention, query: Tensor, key: Optional[Tens
     q, k = F.linear(query, weights[0], biases[0]), F.linear(key, weights[1], biases[1])
     return split_heads(q, heads), split_heads(k, heads), v
 
+# %% ../nbs/03_attention.ipynb #a2249e8a
 def _bias_for(bias: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     "A projection bias in the input's dtype: `nn.MultiheadAttention` takes a bias of another dtype (half, say) too."
     return bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
 
 def _project_apart(attn, query, key, value, q_update=None, k_update=None):
-    "`project_heads` for an `attn` with three weights: `q_proj_weight`, `k_proj_weight` (`kdim` wide), `v_proj_weight`."
+    """`project_heads` for an `attn` with three weights: `q_proj_weight`, `k_proj_weight` (`kdim` wide),
+    `v_proj_weight`."""
     bias = _bias_for(attn.in_proj_bias, query)
     biases = (None,) * 3 if bias is None else bias.chunk(3)
     shifted = lambda x, update: x if update is None else x + update
@@ -86,50 +94,59 @@ def _project_apart(attn, query, key, value, q_update=None, k_update=None):
     k = split_heads(F.linear(shifted(key, k_update), attn.k_proj_weight, biases[1]), attn.num_heads)
     return q, k, split_heads(F.linear(value, attn.v_proj_weight, biases[2]), attn.num_heads)
 
-# %% ../nbs/03_attention.ipynb #aa1c987c
+# %% ../nbs/03_attention.ipynb #8f6f60fa
 def append_extra_keys(attn: nn.MultiheadAttention, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       key_padding_mask: Optional[Tensor] = None, logit_bias: Optional[Tensor] = None):
-    """The heads `k`, `v` `(B, H, T_k, d_h)` followed by `attn`'s `bias_k`, `bias_v` (``add_bias_kv=True``) and by a
-    zero key and value (``add_zero_attn=True``), and the masks and logit bias padded with a column that lets every query
-    see each, unbiased, as `nn.MultiheadAttention` does; `(k, v, attn_mask, key_padding_mask, logit_bias)`."""
+    """The heads `k`, `v` `(B, H, T_k, d_h)` followed by `attn`'s `bias_k`, `bias_v` (``add_bias_kv=True``) and by
+    a zero key and value (``add_zero_attn=True``), and the masks and logit bias padded with a column that lets every
+    query see each, unbiased, as `nn.MultiheadAttention` does; `(k, v, attn_mask, key_padding_mask, logit_bias)`."""
     batch, heads, _, head_dim = k.shape
-    extras = [] if attn.bias_k is None else [(attn.bias_k.view(1, heads, 1, head_dim), attn.bias_v.view(1, heads, 1, head_dim))]
+    extras = [] if attn.bias_k is None else [(attn.bias_k.view(1, heads, 1, head_dim),
+                                              attn.bias_v.view(1, heads, 1, head_dim))]
     if attn.add_zero_attn: extras.append((k.new_zeros(1, heads, 1, head_dim), v.new_zeros(1, heads, 1, head_dim)))
     for extra_k, extra_v in extras:
-        k, v = torch.cat([k, extra_k.expand(batch, -1, -1, -1)], dim=2), torch.cat([v, extra_v.expand(batch, -1, -1, -1)], dim=2)
+        k = torch.cat([k, extra_k.expand(batch, -1, -1, -1)], dim=2)
+        v = torch.cat([v, extra_v.expand(batch, -1, -1, -1)], dim=2)
         if attn_mask is not None: attn_mask = F.pad(attn_mask, (0, 1))
         if key_padding_mask is not None: key_padding_mask = F.pad(key_padding_mask, (0, 1))
         if logit_bias is not None: logit_bias = F.pad(logit_bias, (0, 1))
     return k, v, attn_mask, key_padding_mask, logit_bias
 
-# %% ../nbs/03_attention.ipynb #8b4aebc0
+# %% ../nbs/03_attention.ipynb #6a56b0e7
 def _check_logit_bias(bias, *, batch: int, num_heads: int, q_len: int, k_len: int, dtype: torch.dtype):
-    "A logit bias is a float Tensor of the mask dtype, `(H, T_q, T_k)` or `(B, H, T_q, T_k)`; else `TypeError` or `ValueError`."
+    """A logit bias is a float Tensor of the mask dtype, `(H, T_q, T_k)` or `(B, H, T_q, T_k)`; else `TypeError` or
+    `ValueError`."""
     if not isinstance(bias, Tensor) or bias.dtype != dtype:
-        raise TypeError(f"logit_bias must be a float Tensor of the query's dtype {dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        raise TypeError(f"logit_bias must be a float Tensor of the query's dtype {dtype}, "
+                        f"got {getattr(bias, 'dtype', type(bias).__name__)}")
     shapes = [(num_heads, q_len, k_len), (batch, num_heads, q_len, k_len)]
-    if tuple(bias.shape) not in shapes: raise ValueError(f"logit_bias must have shape {shapes[0]} or {shapes[1]}, got {tuple(bias.shape)}")
+    if tuple(bias.shape) not in shapes:
+        raise ValueError(f"logit_bias must have shape {shapes[0]} or {shapes[1]}, got {tuple(bias.shape)}")
 
 def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool, *, batch: int,
               num_heads: int, q_len: int, k_len: int, dtype: torch.dtype,
               logit_bias: Optional[Tensor] = None) -> tuple[Optional[Tensor], bool]:
-    "The 4-D `(attn_mask, is_causal)` that `nn.MultiheadAttention` hands to `scaled_dot_product_attention`, plus `logit_bias`."
+    """The 4-D `(attn_mask, is_causal)` that `nn.MultiheadAttention` hands to `scaled_dot_product_attention`, plus
+    `logit_bias`."""
     sizes = dict(batch=batch, num_heads=num_heads, q_len=q_len, k_len=k_len)
     if logit_bias is not None: _check_logit_bias(logit_bias, dtype=dtype, **sizes)
     key_padding_mask = _float_mask(key_padding_mask, dtype)
     if is_causal and key_padding_mask is None and logit_bias is None: return None, True
-    if is_causal and attn_mask is None: attn_mask = causal_mask(q_len, k_len, (key_padding_mask if logit_bias is None else logit_bias).device)
+    if is_causal and attn_mask is None:
+        attn_mask = causal_mask(q_len, k_len, (key_padding_mask if logit_bias is None else logit_bias).device)
     mask = _float_mask(attn_mask, dtype)
-    if mask is not None: mask = mask.view(1, 1, q_len, k_len) if mask.dim() == 2 else mask.view(batch, num_heads, q_len, k_len)
+    if mask is not None:
+        mask = mask.view(1, 1, q_len, k_len) if mask.dim() == 2 else mask.view(batch, num_heads, q_len, k_len)
     if logit_bias is not None:
-        logit_bias = logit_bias.view(1, num_heads, q_len, k_len) if logit_bias.dim() == 3 else logit_bias  # 4-D: SDPA is slow with 3-D masks (benchmarks/masks.py)
+        # 4-D: SDPA is slow with 3-D masks (benchmarks/masks.py)
+        if logit_bias.dim() == 3: logit_bias = logit_bias.view(1, num_heads, q_len, k_len)
         mask = logit_bias if mask is None else mask + logit_bias
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.view(batch, 1, 1, k_len)
         mask = key_padding_mask if mask is None else mask + key_padding_mask
     return mask, False
 
-# %% ../nbs/03_attention.ipynb #b86cc31d
+# %% ../nbs/03_attention.ipynb #bc217db8
 def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype,
            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
            logit_bias: Optional[Tensor] = None) -> Tensor:
@@ -137,13 +154,16 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask
     batch, heads, q_len, head_dim = q.shape
     mask, causal = sdpa_mask(attn_mask, key_padding_mask, is_causal, batch=batch, num_heads=heads, q_len=q_len,
                              k_len=k.shape[2], dtype=mask_dtype, logit_bias=logit_bias)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
-    return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0,
+                                         is_causal=causal)
+    return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim),
+                    attn.out_proj.weight, attn.out_proj.bias)
 
-# %% ../nbs/03_attention.ipynb #d601bd7f
+# %% ../nbs/03_attention.ipynb #8566051e
 def attend_with_weights(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype,
-                        attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
-                        logit_bias: Optional[Tensor] = None, average_attn_weights: bool = True) -> tuple[Tensor, Tensor]:
+                        attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                        is_causal: bool = False, logit_bias: Optional[Tensor] = None,
+                        average_attn_weights: bool = True) -> tuple[Tensor, Tensor]:
     "`attend`, with the attention weights: `(B, T_q, T_k)` averaged over the heads, or `(B, H, T_q, T_k)`."
     batch, heads, q_len, head_dim = q.shape
     mask, causal = sdpa_mask(attn_mask, key_padding_mask, is_causal, batch=batch, num_heads=heads, q_len=q_len,
@@ -152,35 +172,41 @@ def attend_with_weights(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Te
     scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
     if attn.training and attn.dropout > 0: weights = F.dropout(weights, p=attn.dropout)
-    out = F.linear((weights @ v).transpose(1, 2).reshape(batch, q_len, heads * head_dim), attn.out_proj.weight, attn.out_proj.bias)
+    out = F.linear((weights @ v).transpose(1, 2).reshape(batch, q_len, heads * head_dim),
+                   attn.out_proj.weight, attn.out_proj.bias)
     return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
-# %% ../nbs/03_attention.ipynb #0018250e
+# %% ../nbs/03_attention.ipynb #730c1233
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
                     q_update: Optional[Tensor] = None, k_update: Optional[Tensor] = None, *,
                     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                     is_causal: bool = False, logit_bias: Optional[Tensor] = None) -> Tensor:
-    "`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed directly."
+    """`attn(query + q_update, key + k_update, value, need_weights=False)[0]` for batch-first inputs, computed
+    directly."""
     q, k, v = project_heads(attn, query, key, value, q_update, k_update)
     return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                         is_causal=is_causal, logit_bias=logit_bias)[0]
 
 def attend_heads(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype,
-                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
-                 logit_bias: Optional[Tensor] = None, need_weights: bool = False,
+                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                 is_causal: bool = False, logit_bias: Optional[Tensor] = None, need_weights: bool = False,
                  average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    "`attend`, or `attend_with_weights` for `need_weights=True`, after the keys `attn` adds itself (`append_extra_keys`)."
+    """`attend`, or `attend_with_weights` for `need_weights=True`, after the keys `attn` adds itself
+    (`append_extra_keys`)."""
     if attn.bias_k is not None or attn.add_zero_attn:
-        # the causal mask, padded, lets every query see the extra keys: the flag would not. (torch, given the mask and
-        # the hint is_causal=True, shows them with need_weights=True and hides them without: here the mask decides both.)
+        # the causal mask, padded, lets every query see the extra keys: the flag would not. (torch, given the mask
+        # and the hint is_causal=True, shows them with need_weights=True and hides them without: here the mask
+        # decides both.)
         if is_causal and attn_mask is None: attn_mask = causal_mask(q.shape[2], k.shape[2], q.device)
         is_causal = False
-        k, v, attn_mask, key_padding_mask, logit_bias = append_extra_keys(attn, k, v, attn_mask, key_padding_mask, logit_bias)
-    masks = dict(mask_dtype=mask_dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=logit_bias)
+        k, v, attn_mask, key_padding_mask, logit_bias = append_extra_keys(attn, k, v, attn_mask, key_padding_mask,
+                                                                          logit_bias)
+    masks = dict(mask_dtype=mask_dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                 logit_bias=logit_bias)
     if need_weights: return attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
     return attend(attn, q, k, v, **masks), None
 
-# %% ../nbs/03_attention.ipynb #86498175
+# %% ../nbs/03_attention.ipynb #981c9a49
 class Path(NamedTuple):
     "The path attention takes: 'fused' (`fused_attention`) or 'module' (`module_attention`), and why."
     name: str
@@ -189,7 +215,8 @@ class Path(NamedTuple):
 def call_needed(attn: nn.MultiheadAttention) -> Optional[str]:
     "Why only a call of `attn` computes what it would (hooks, a forward of its own), or `None`."
     if has_hooks(attn): return 'attn has hooks, which only a call of attn runs'
-    if type(attn).forward is not nn.MultiheadAttention.forward or 'forward' in vars(attn): return 'attn has a forward of its own'
+    if type(attn).forward is not nn.MultiheadAttention.forward or 'forward' in vars(attn):
+        return 'attn has a forward of its own'
     return None
 
 def choose_path(attn: nn.MultiheadAttention, *, need_weights: bool) -> Path:

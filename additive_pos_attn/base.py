@@ -17,7 +17,7 @@ from .cache import KVCache, cached_attention, check_cached_call
 from .checks import (check_attention_inputs, check_attention_masks, check_bool, check_layer_dtype,
                                       check_position_mask, check_positions, check_positive_int)
 
-# %% ../nbs/05_base.ipynb #db8d7222
+# %% ../nbs/05_base.ipynb #02f9a8b2
 class PositionalAttentionBase(nn.Module, ABC):
     r"""Abstract multi-head attention with integer positions for the query and key streams.
 
@@ -43,7 +43,8 @@ class PositionalAttentionBase(nn.Module, ABC):
         self.num_heads = check_positive_int('num_heads', num_heads)
         self.max_len = None if max_len is None else check_positive_int('max_len', max_len)
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                             f"num_heads={num_heads}")
         self.head_dim = embed_dim // num_heads
         self.batch_first = check_bool('batch_first', batch_first)
         self.register_forward_pre_hook(_forward_is_called)
@@ -55,16 +56,16 @@ class PositionalAttentionBase(nn.Module, ABC):
                 attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
                 average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        "Attend from `query` to `key`/`value` with positions (with a `cache`: to the cached keys too); `(output, weights or None)`."
+        "Attend from `query` to `key`/`value` with positions (with a `cache`: to the cached keys too)."
 
-# %% ../nbs/05_base.ipynb #498d25b2
+# %% ../nbs/05_base.ipynb #3ce66932
 def _forward_is_called(module: nn.Module, args):
-    """A forward pre-hook that does nothing. Its presence keeps out the fast path of torch's `nn.TransformerEncoderLayer`,
-    which in evaluation mode computes attention from `self_attn`'s weights without calling it, dropping the positions:
-    it runs only where no module of the block has hooks (since pytorch/pytorch#128413 was fixed in 2024, hence the
-    package's torch>=2.5; checked on torch 2.13.0)."""
+    """A forward pre-hook that does nothing. Its presence keeps out the fast path of torch's
+    `nn.TransformerEncoderLayer`, which in evaluation mode computes attention from `self_attn`'s weights without
+    calling it, dropping the positions: it runs only where no module of the block has hooks (since
+    pytorch/pytorch#128413 was fixed in 2024, hence the package's torch>=2.5; checked on torch 2.13.0)."""
 
-# %% ../nbs/05_base.ipynb #1a3b946f
+# %% ../nbs/05_base.ipynb #d6e872e6
 @patch
 def check_inputs(self: PositionalAttentionBase, query, key, value, q_positions=None, k_positions=None,
                  q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None,
@@ -77,7 +78,8 @@ def check_inputs(self: PositionalAttentionBase, query, key, value, q_positions=N
     streams = (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len))
     for stream, positions, mask, length in streams:
         if positions is None and mask is None and (max_len is None or length <= max_len): continue  # nothing to check
-        check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=max_len, device=device)
+        check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=max_len,
+                        device=device)
         check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length,
                             device=device)
     if attn_mask is not None or key_padding_mask is not None:
@@ -103,10 +105,11 @@ def __setattr__(self: PositionalAttentionBase, name: str, value):
     if name in _MHA_ATTRIBUTES and isinstance(getattr(self, 'attn', None), nn.Module): setattr(self.attn, name, value)
     else: nn.Module.__setattr__(self, name, value)
 
-# %% ../nbs/05_base.ipynb #7d0c1baa
+# %% ../nbs/05_base.ipynb #db6ad861
 @patch
 def init_cache(self: PositionalAttentionBase, batch_size: int, max_length: int, *, device=None, dtype=None) -> KVCache:
-    "An empty `KVCache` of this layer for `batch_size` sequences of up to `max_length` tokens, on the layer's device and in its dtype."
+    """An empty `KVCache` of this layer for `batch_size` sequences of up to `max_length` tokens, on the layer's device
+    and in its dtype unless given."""
     weight = next(self.parameters(), None)
     device = device if device is not None else getattr(weight, 'device', None)
     dtype = dtype if dtype is not None else getattr(weight, 'dtype', None)
@@ -123,7 +126,7 @@ def positioned_heads(self: PositionalAttentionBase, query: Tensor, key: Optional
 @patch
 def pair_bias(self: PositionalAttentionBase, q_positions, k_positions, q_position_mask=None, k_position_mask=None, *,
               q_len: int, k_len: int) -> Optional[Tensor]:
-    "The logit bias `([B,] H, T_q, T_k)` the scheme adds to every pair of tokens, or `None` (the default) if it adds none."
+    "The logit bias `([B,] H, T_q, T_k)` the scheme adds to every pair of tokens, or `None` (the default): none."
     return None
 
 # %% ../nbs/05_base.ipynb #605ed469
@@ -153,21 +156,22 @@ def convert(cls: PositionalAttentionBase, module: nn.Module, **layer_kwargs) -> 
             setattr(module, name, cls.convert(child, **layer_kwargs))
     return module
 
-# %% ../nbs/05_base.ipynb #d05c5bd0
+# %% ../nbs/05_base.ipynb #aa634a00
 def same_input(a, b) -> bool:
     "Whether `b` is `a`, or a view of the same memory with the same shape, strides, dtype and `requires_grad`."
     if a is b: return True
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or is_compiling() or a.is_nested or b.is_nested: return False
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or is_compiling(): return False
+    if a.is_nested or b.is_nested: return False
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
             and a.device == b.device and a.requires_grad == b.requires_grad)
 
 def batch_first_views(query: Tensor, key: Optional[Tensor], value: Optional[Tensor]):
-    "`(T, B, D)` inputs as `(B, T, D)` views; inputs that were one tensor stay one tensor (self-attention), `None` stays `None`."
+    "`(T, B, D)` inputs as `(B, T, D)` views; one tensor stays one tensor (self-attention), `None` stays `None`."
     q = query.transpose(0, 1)
     k = q if key is query else None if key is None else key.transpose(0, 1)
     return q, k, (k if value is key else q if value is query else None if value is None else value.transpose(0, 1))
 
-# %% ../nbs/05_base.ipynb #05acb259
+# %% ../nbs/05_base.ipynb #934287fa
 def positional_forward(forward):
     """Decorate a layer's `forward(self, query, key, value, *, ..., cache=None)`: it is called after every shared
     check (`check_inputs`, the layer's dtype) with batch-first inputs, and cached, unbatched and nested calls reach
@@ -179,9 +183,10 @@ def positional_forward(forward):
         if value is not key and value is not query:
             value = key if same_input(key, value) else query if same_input(query, value) else value
         if cache is not None: return _cached_call(self, cache, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.is_nested: return _nested_call(batched, self, query, key, value, **kwargs)
-        if isinstance(query, Tensor) and query.dim() == 2: return _unbatched_call(batched, self, query, key, value, **kwargs)
-        return batched(self, query, key, value, **kwargs)
+        if isinstance(query, Tensor) and query.is_nested: call = _nested_call
+        elif isinstance(query, Tensor) and query.dim() == 2: call = _unbatched_call
+        else: return batched(self, query, key, value, **kwargs)
+        return call(batched, self, query, key, value, **kwargs)
     return wrapper
 
 # %% ../nbs/05_base.ipynb #37929075
@@ -205,7 +210,7 @@ def _cached_call(layer, cache, query, key, value, **kwargs):
     out, weights = cached_attention(layer, cache, *batch_first_views(query, key, value), **kwargs)
     return out.transpose(0, 1), weights
 
-# %% ../nbs/05_base.ipynb #c6c2b35b
+# %% ../nbs/05_base.ipynb #877c711c
 def _unbatched_call(forward, layer, query, key, value, *, key_padding_mask=None, **kwargs):
     "`(T, D)` inputs as a batch of one; the output `(T_q, D)`, the weights without their batch dimension."
     for name, x in (('key', key), ('value', value)):
@@ -221,7 +226,7 @@ def _unbatched_call(forward, layer, query, key, value, *, key_padding_mask=None,
     return out.squeeze(dim), None if weights is None else weights.squeeze(0)
 
 def _nested_call(forward, layer, query, key, value, *, key_padding_mask=None, attn_mask=None, **kwargs):
-    "Self-attention over a nested batch of sequences: padded on the right, attended with the padding masked, nested again."
+    "Self-attention over a nested batch: padded on the right, attended with the padding masked, nested again."
     if (key is not query or value is not query or key_padding_mask is not None or attn_mask is not None
             or not layer.batch_first):
         raise ValueError("a nested tensor is taken for batch-first self-attention (query is key is value) without "

@@ -4,10 +4,9 @@
 __all__ = ['ATTENTION_KINDS', 'get_activation', 'apply_dropout', 'FeedForwardBlock', 'positional_attention',
            'positional_parameters']
 
-# %% ../nbs/09_blocks.ipynb #799ccd3f
+# %% ../nbs/09_blocks.ipynb #e8ebcafe
 from typing import Callable, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,9 +29,9 @@ def apply_dropout(dropout: nn.Dropout, x: Tensor) -> Tensor:
     "`dropout(x)`, or `x` itself without the module call where dropout does nothing (evaluation mode, or p = 0)."
     return dropout(x) if dropout.training and dropout.p > 0 else x
 
-# %% ../nbs/09_blocks.ipynb #41abb6e0
+# %% ../nbs/09_blocks.ipynb #5b2030d2
 class FeedForwardBlock(nn.Module):
-    "A block with torch's feed-forward sub-block, `linear2(dropout(activation(linear1(x))))`, and a self-attention sub-block."
+    "A block with torch's feed-forward sub-block, `linear2(dropout(activation(linear1(x))))`, and self-attention."
     def _init_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float, bias: bool, factory_kwargs: dict):
         "The linear layers and the inner dropout; the block sets `activation` last, where torch's blocks set it."
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory_kwargs)
@@ -74,7 +73,7 @@ def positional_attention(kind: str, embed_dim: int, num_heads: int, *, max_len: 
     if kind == 'rotary': return RoPEMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
     raise ValueError(f"kind must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {kind!r}")
 
-# %% ../nbs/09_blocks.ipynb #6011dbfa
+# %% ../nbs/09_blocks.ipynb #70e276cc
 def positional_parameters(layer: PositionalAttentionBase) -> dict[str, nn.Parameter]:
-    "The parameters `layer` keeps beside its wrapped `attn`, by name: its positional ones (`pos_emb`, `rel_bias`; rotary has none)."
+    "The parameters `layer` keeps beside its wrapped `attn`, by name: its positional ones (`pos_emb`, `rel_bias`)."
     return {name: p for name, p in layer.named_parameters() if not name.startswith('attn.')}

@@ -16,7 +16,7 @@ from .checks import (check_attention_inputs, check_attention_masks, check_bool, 
                                       check_position_mask, check_positions, check_positive_int)
 from .positions import causal_mask, counted_positions
 
-# %% ../nbs/04_cache.ipynb #4bde4ddd
+# %% ../nbs/04_cache.ipynb #7a047062
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -37,7 +37,8 @@ class KVCache:
         steps (int): Number of calls that wrote to the cache.
     """
     def __init__(self, layer: nn.Module, batch_size: int, max_length: int, *, device=None, dtype=None):
-        batch, self.max_length = check_positive_int('batch_size', batch_size), check_positive_int('max_length', max_length)
+        batch = check_positive_int('batch_size', batch_size)
+        self.max_length = check_positive_int('max_length', max_length)
         shape = (batch, layer.num_heads, max_length, layer.head_dim)
         self.keys, self.values = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
@@ -52,14 +53,15 @@ class KVCache:
         self.masked = self.padded = False  # whether any filled slot has a False position mask, or is padding
         self.position_bound = 0  # an upper bound of next_position, or None when explicit positions made it unknown
 
-# %% ../nbs/04_cache.ipynb #910fa44f
+# %% ../nbs/04_cache.ipynb #83f7b4a1
 @patch(as_prop=True)
 def batch_size(self: KVCache) -> int:
     "Number of sequences the cache holds."
     return self.keys.shape[0]
 
 @patch
-def next_positions(self: KVCache, length: int, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def next_positions(self: KVCache, length: int,
+                   key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Positions `(B, length)` of `length` new tokens, each sample counting on from its `next_position`, and their
     position mask (None without padding). Padding (True in the bool `key_padding_mask` `(B, length)`) takes no
     place in the count, position 0 and a False mask, as `padded_positions` gives them."""
@@ -117,20 +119,22 @@ def restore(self: KVCache, state: tuple):
     self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound = state
     self.position_mask[:, self.length:], self.padding[:, self.length:] = True, False
 
-# %% ../nbs/04_cache.ipynb #646b458a
+# %% ../nbs/04_cache.ipynb #2894dcb6
 def _what(x) -> str:
     "An argument as an error message names it: None, a Tensor by its dtype, anything else by its type."
     if x is None: return 'None'
     return f"a {x.dtype} Tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
 
 def check_cache(layer, cache, batch: int, query: Tensor):
-    "`cache` is a `KVCache` that `layer` made, for `batch` sequences on the query's device, in its dtype (any under autocast)."
+    """`cache` is a `KVCache` that `layer` made, for `batch` sequences on the query's device, in its dtype (any under
+    autocast)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache made by the layer's init_cache, got {_what(cache)}")
     if cache.layer_id != id(layer):
         raise ValueError("cache was made by another layer: each layer decodes with a cache of its own init_cache")
     if cache.batch_size != batch: raise ValueError(f"cache holds {cache.batch_size} sequences, got a batch of {batch}")
-    if cache.keys.device != query.device: raise ValueError(f"cache is on {cache.keys.device}, got inputs on {query.device}")
+    if cache.keys.device != query.device:
+        raise ValueError(f"cache is on {cache.keys.device}, got inputs on {query.device}")
     check_layer_dtype(query, layer.attn.out_proj.weight.dtype)
     if cache.keys.dtype != query.dtype and not autocast_enabled(query.device.type):
         raise TypeError(f"cache holds keys in {cache.keys.dtype}, got a query in {query.dtype}: "
@@ -146,7 +150,7 @@ def _check_queries(layer, query: Tensor, q_positions, q_position_mask, flags: di
                         device=device)
     return batch, q_len
 
-# %% ../nbs/04_cache.ipynb #e512ed4d
+# %% ../nbs/04_cache.ipynb #bbe62b41
 def _check_arguments(layer, query, key, value, q_positions, k_positions, k_position_mask, key_padding_mask, attn_mask,
                      is_causal: bool):
     "The refusals that need no sizes: what the call asks for that a cache cannot give."
@@ -161,7 +165,8 @@ def _check_arguments(layer, query, key, value, q_positions, k_positions, k_posit
         for name, arg in (('k_positions', k_positions), ('k_position_mask', k_position_mask),
                           ('key_padding_mask', key_padding_mask)):
             if arg is not None:
-                raise ValueError(f"{name} describes new keys, but key is None: the cache keeps its keys' positions and padding")
+                raise ValueError(f"{name} describes new keys, but key is None: the cache keeps its keys' positions "
+                                 "and padding")
     if key is not query and q_positions is None:
         raise ValueError("with a cache, q_positions is required when query is not key: the cache counts the keys' "
                          "positions, not the queries'")
@@ -169,7 +174,7 @@ def _check_arguments(layer, query, key, value, q_positions, k_positions, k_posit
         raise ValueError("with a cache, is_causal=True is for self-attention (query is key), where the new queries are "
                          "the last keys; for cross-attention pass attn_mask")
 
-# %% ../nbs/04_cache.ipynb #60d7f074
+# %% ../nbs/04_cache.ipynb #772fbbd1
 def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *, q_positions=None,
                       k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                       key_padding_mask=None, **flags) -> tuple[int, int, int]:
@@ -190,14 +195,14 @@ def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value:
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         raise TypeError(f"with a cache, key_padding_mask must be bool (True: padding), got {_what(key_padding_mask)}")
     if key is query and k_len > 1 and not is_causal and attn_mask is None:
-        raise ValueError(f"with a cache, self-attention that writes {k_len} tokens needs is_causal=True (each token sees "
-                         f"those before it) or an attn_mask (how the new tokens see each other), got neither")
+        raise ValueError(f"with a cache, self-attention that writes {k_len} tokens needs is_causal=True (each token "
+                         "sees those before it) or an attn_mask (how the new tokens see each other), got neither")
     if attn_mask is not None:
         check_attention_masks(attn_mask, None, batch=batch, num_heads=layer.num_heads, q_len=q_len, dtype=query.dtype,
                               k_len=cache.length + k_len, device=query.device)
     return batch, q_len, k_len
 
-# %% ../nbs/04_cache.ipynb #225401b1
+# %% ../nbs/04_cache.ipynb #9b690d71
 def step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, length: int):
     "The new keys' `(positions, mask, derived)`: as given, or counted on by the cache, refused past the layer's table."
     if positions is not None: return positions, mask, False
@@ -206,7 +211,8 @@ def step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, len
     bound, max_len = cache.position_bound, layer.max_len
     if max_len is None or not length or (bound is not None and bound + length <= max_len): return positions, mask, True
     if is_compiling():
-        assert_async((positions < max_len).all(), f"decoding gives positions past the layer's table of max_len={max_len} positions")
+        message = f"decoding gives positions past the layer's table of max_len={max_len} positions"
+        assert_async((positions < max_len).all(), message)
         return positions, mask, True
     high = int(positions.max())
     if high >= max_len:
@@ -214,7 +220,7 @@ def step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, len
                          f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, mask, True
 
-# %% ../nbs/04_cache.ipynb #4b7d7642
+# %% ../nbs/04_cache.ipynb #469c42b6
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -232,7 +238,8 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
         k_positions, k_position_mask, derived = step_positions(layer, cache, k_positions, k_position_mask,
                                                                key_padding_mask, key.shape[1])
         if key is query and q_positions is None:
-            q_positions, q_position_mask = k_positions, (k_position_mask if q_position_mask is None else q_position_mask)
+            q_positions = k_positions
+            q_position_mask = k_position_mask if q_position_mask is None else q_position_mask
     q, k, v = layer.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
     if key is not None: cache.write(k, v, k_positions, k_position_mask, key_padding_mask, derived=derived)
     q_len, n = q.shape[2], cache.length

@@ -25,24 +25,29 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool): raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
-# %% ../nbs/01_checks.ipynb #30ec7217
+# %% ../nbs/01_checks.ipynb #7d7a4fe7
 def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, batch_first: bool = True, *,
                            kdim: Optional[int] = None, vdim: Optional[int] = None) -> tuple[int, int, int]:
-    "Check `query`, `key`, `value` against `embed_dim` (`kdim`, `vdim` for key and value if given), batch first or sequence first; return `(B, T_q, T_k)`."
+    """Check `query`, `key`, `value` against `embed_dim` (`kdim`, `vdim` for key and value if given),
+    batch first or sequence first; return `(B, T_q, T_k)`."""
     layout, b, t = ('(B, T, D)', 0, 1) if batch_first else ('(T, B, D)', 1, 0)
-    widths = [('embed_dim', embed_dim)] + [('embed_dim', embed_dim) if d in (None, embed_dim) else (n, d) for n, d in (('kdim', kdim), ('vdim', vdim))]
+    widths = [('embed_dim', embed_dim)] + [('embed_dim', embed_dim) if d in (None, embed_dim) else (n, d)
+                                           for n, d in (('kdim', kdim), ('vdim', vdim))]
     for (name, x), (width_name, width) in zip((('query', query), ('key', key), ('value', value)), widths):
         if not isinstance(x, Tensor): raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if not x.is_floating_point(): raise TypeError(f"{name} must be a floating-point Tensor, got dtype {x.dtype}")
-        if x.dim() != 3: raise ValueError(f"{name} must be 3-D {layout} (or, unbatched, 2-D (T, D)), got shape {tuple(x.shape)}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D {layout} (or, unbatched, 2-D (T, D)), got shape {tuple(x.shape)}")
         if x.shape[-1] != width:
             raise ValueError(f"{name} must have last dimension {width_name}={width}, got shape {tuple(x.shape)}")
     if key.shape[b] != query.shape[b] or value.shape[b] != query.shape[b]:
         raise ValueError(f"query, key and value must share the batch size, got query {tuple(query.shape)}, "
                          f"key {tuple(key.shape)}, value {tuple(value.shape)} ({layout})")
     if value.shape[t] != key.shape[t]:
-        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)}, value {tuple(value.shape)} ({layout})")
-    if key.dtype != query.dtype or value.dtype != query.dtype or key.device != query.device or value.device != query.device:
+        raise ValueError(f"key and value must have the same length, got key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)} ({layout})")
+    if (key.dtype != query.dtype or value.dtype != query.dtype
+            or key.device != query.device or value.device != query.device):
         raise TypeError(f"query, key and value must share dtype and device, got query {query.dtype} on {query.device}, "
                         f"key {key.dtype} on {key.device}, value {value.dtype} on {value.device}")
     return query.shape[b], query.shape[t], key.shape[t]
@@ -53,7 +58,7 @@ def check_layer_dtype(query: Tensor, dtype: torch.dtype):
     if query.dtype != dtype and not autocast_enabled(query.device.type):
         raise TypeError(f"query must have the layer's dtype {dtype} (or run under autocast), got {query.dtype}")
 
-# %% ../nbs/01_checks.ipynb #cc4f2f49
+# %% ../nbs/01_checks.ipynb #7236c11b
 POSITION_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
@@ -63,58 +68,67 @@ def _check_stream_shape(name: str, x: Tensor, batch: int, length: int):
 
 def check_positions(positions: Optional[Tensor], *, name: str, batch: int, length: int, max_len: Optional[int],
                     device: torch.device) -> Optional[Tensor]:
-    "Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`; `max_len=None`: any integers."
+    """Validate `positions` for a stream of `length` tokens; `None` stands for `arange(length)`;
+    `max_len=None`: any integers."""
     if positions is None:
         if max_len is not None and length > max_len:
             raise ValueError(f"sequence length for {name} is {length}, which exceeds max_len={max_len}; "
                              f"pass {name} or build the layer with a larger max_len")
         return None
-    if not isinstance(positions, Tensor): raise TypeError(f"{name} must be an integer Tensor, got {type(positions).__name__}")
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"{name} must be an integer Tensor, got {type(positions).__name__}")
     if positions.dtype not in POSITION_DTYPES:
-        raise TypeError(f"{name} must be an integer Tensor (int64, int32, int16, int8 or uint8), got dtype {positions.dtype}")
+        raise TypeError(f"{name} must be an integer Tensor (int64, int32, int16, int8 or uint8), "
+                        f"got dtype {positions.dtype}")
     _check_stream_shape(name, positions, batch, length)
     if positions.device != device:
         raise ValueError(f"{name} must be on the input's device {device}, got {positions.device}")
     if max_len is not None and positions.numel():
         if is_compiling():  # values cannot be read while tracing: the check goes into the graph, and fails as loudly
-            assert_async(((positions >= 0) & (positions < max_len)).all(), f"{name} must lie in [0, max_len={max_len})")
+            assert_async(((positions >= 0) & (positions < max_len)).all(),
+                         f"{name} must lie in [0, max_len={max_len})")
             return positions
         low, high = (int(v) for v in torch.aminmax(positions))
         if low < 0 or high >= max_len:
             raise ValueError(f"{name} must lie in [0, max_len={max_len}), got values from {low} to {high}")
     return positions
 
-# %% ../nbs/01_checks.ipynb #f567c2bb
-def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int, length: int,
-                        device: torch.device) -> Optional[Tensor]:
+# %% ../nbs/01_checks.ipynb #3040fd74
+def check_position_mask(mask: Optional[Tensor], *, name: str, positions: Optional[Tensor], batch: int,
+                        length: int, device: torch.device) -> Optional[Tensor]:
     "Validate a boolean position `mask` against its (already checked) `positions`."
     if mask is None: return None
     if not isinstance(mask, Tensor): raise TypeError(f"{name} must be a bool Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool: raise TypeError(f"{name} must be a bool Tensor, got dtype {mask.dtype}")
     if positions is not None:
         if mask.shape != positions.shape:
-            raise ValueError(f"{name} must have the shape of its positions {tuple(positions.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(f"{name} must have the shape of its positions {tuple(positions.shape)}, "
+                             f"got {tuple(mask.shape)}")
     else: _check_stream_shape(name, mask, batch, length)
     if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
     return mask
 
-# %% ../nbs/01_checks.ipynb #15bb5eb6
-def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int, num_heads: int,
-                          q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
+# %% ../nbs/01_checks.ipynb #de0aa3c4
+def check_attention_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], *, batch: int,
+                          num_heads: int, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device):
     "Validate torch's `attn_mask` and `key_padding_mask` for a `(B, T_q, T_k)` attention."
     shapes = {'attn_mask': [(q_len, k_len), (batch * num_heads, q_len, k_len)], 'key_padding_mask': [(batch, k_len)]}
     for name, mask in (('attn_mask', attn_mask), ('key_padding_mask', key_padding_mask)):
         if mask is None: continue
-        if not isinstance(mask, Tensor): raise TypeError(f"{name} must be a bool or float Tensor, got {type(mask).__name__}")
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{name} must be a bool or float Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype != dtype:
             raise TypeError(f"{name} must be bool or of the query's dtype {dtype}, got dtype {mask.dtype}")
         if tuple(mask.shape) not in shapes[name]:
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes[name]))}, got {tuple(mask.shape)}")
         if mask.device != device: raise ValueError(f"{name} must be on the input's device {device}, got {mask.device}")
 
-# %% ../nbs/01_checks.ipynb #0995f187
+# %% ../nbs/01_checks.ipynb #9084df70
 def mha_options(*, add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                 vdim: Optional[int] = None) -> dict:
-    "`nn.MultiheadAttention`'s `add_bias_kv`, `add_zero_attn`, `kdim`, `vdim`, checked by name, as keyword arguments for it."
-    return dict(add_bias_kv=check_bool('add_bias_kv', add_bias_kv), add_zero_attn=check_bool('add_zero_attn', add_zero_attn),
-                kdim=None if kdim is None else check_positive_int('kdim', kdim), vdim=None if vdim is None else check_positive_int('vdim', vdim))
+    """`nn.MultiheadAttention`'s `add_bias_kv`, `add_zero_attn`, `kdim`, `vdim`, checked by name, as keyword
+    arguments for it."""
+    return dict(add_bias_kv=check_bool('add_bias_kv', add_bias_kv),
+                add_zero_attn=check_bool('add_zero_attn', add_zero_attn),
+                kdim=None if kdim is None else check_positive_int('kdim', kdim),
+                vdim=None if vdim is None else check_positive_int('vdim', vdim))

@@ -3,106 +3,121 @@
 # %% auto #0
 __all__ = ['PosTransformerDecoderLayer', 'DecoderCache']
 
-# %% ../nbs/11_decoder.ipynb #7c1a731a
+# %% ../nbs/11_decoder.ipynb #43ff6c4c
 import contextlib
 from typing import Callable, Optional, Union
 
+import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .base import PositionalAttentionBase
 from .blocks import FeedForwardBlock, apply_dropout, get_activation
 from .cache import KVCache
 
-# %% ../nbs/11_decoder.ipynb #2f6ae609
+# %% ../nbs/11_decoder.ipynb #36e8e342
 class PosTransformerDecoderLayer(FeedForwardBlock):
     r"""Pre-norm Transformer decoder block around two positional attention layers.
 
     Args:
-
-        self_attention (PositionalAttentionBase): The target's self-attention; its ``embed_dim`` is the block's width ``D``.
-        cross_attention (PositionalAttentionBase): The attention from the target to the memory, of the same width and layout.
+        self_attention (PositionalAttentionBase): The target's self-attention, of width ``D``.
+        cross_attention (PositionalAttentionBase): From the target to the memory, of the same width and layout.
         dim_feedforward (int): Width of the feed-forward network. Default: ``2048``.
         dropout (float): Dropout on the three residual branches and inside the feed-forward network. Default: ``0.1``.
         activation (str or callable): ``'relu'``, ``'gelu'`` or a callable. Default: ``'gelu'``.
         layer_norm_eps (float): ``eps`` of the three layer norms. Default: ``1e-5``.
         bias (bool): If ``False``, the linear layers and layer norms have no bias. Default: ``True``.
-        device (torch.device, optional): Factory option for the parameters the block creates.
-        dtype (torch.dtype, optional): Factory option for the parameters the block creates.
+        device, dtype (optional): Factory options for the parameters the block creates.
 
     Shape:
-
-        - tgt: ``(B, T, D)``; memory: ``(B, S, D)`` (``(T, B, D)`` and ``(S, B, D)`` if the attention is not batch first).
-        - tgt_positions, tgt_position_mask: ``(T,)`` or ``(B, T)``; memory_positions, memory_position_mask: ``(S,)`` or ``(B, S)``.
-        - tgt_mask: ``(T, T)`` or ``(B·H, T, T)``; memory_mask: ``(T, S)`` or ``(B·H, T, S)``; key padding masks ``(B, T)``, ``(B, S)``.
-        - Returns: the shape of ``tgt``.
+        - tgt and the output: ``(B, T, D)``, memory: ``(B, S, D)``; ``(T, B, D)``, ``(S, B, D)`` if not batch first.
+        - tgt_positions, tgt_position_mask: ``(T,)`` or ``(B, T)``; the memory's: ``(S,)`` or ``(B, S)``.
+        - tgt_mask: ``(T, T)`` or ``(B·H, T, T)``; memory_mask: ``(T, S)`` or ``(B·H, T, S)``.
+        - tgt_key_padding_mask: ``(B, T)``; memory_key_padding_mask: ``(B, S)``.
 
     Example::
 
-        >>> block = PosTransformerDecoderLayer(RoPEMultiheadAttention(64, 4), RoPEMultiheadAttention(64, 4), dim_feedforward=256)
+        >>> block = PosTransformerDecoderLayer(RoPEMultiheadAttention(64, 4), RoPEMultiheadAttention(64, 4), 256)
         >>> block(torch.randn(2, 10, 64), torch.randn(2, 7, 64), tgt_is_causal=True).shape
         torch.Size([2, 10, 64])
     """
     def __init__(self, self_attention: PositionalAttentionBase, cross_attention: PositionalAttentionBase,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, activation: Union[str, Callable[[Tensor], Tensor]] = 'gelu',
-                 layer_norm_eps: float = 1e-5, bias: bool = True, device=None, dtype=None):
+                 dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = 'gelu', layer_norm_eps: float = 1e-5,
+                 bias: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        for name, layer in (('self_attention', self_attention), ('cross_attention', cross_attention)):
-            if not isinstance(layer, PositionalAttentionBase):
-                raise TypeError(f"{name} must be a PositionalAttentionBase (e.g. AdditivePosMultiheadAttention), got {type(layer).__name__}")
-        if (cross_attention.embed_dim, cross_attention.batch_first) != (self_attention.embed_dim, self_attention.batch_first):
-            raise ValueError(f"cross_attention must have self_attention's embed_dim={self_attention.embed_dim} and batch_first="
-                             f"{self_attention.batch_first}, got {cross_attention.embed_dim} and {cross_attention.batch_first}")
+        _check_layers(self_attention, cross_attention)
         factory_kwargs, d_model = {'device': device, 'dtype': dtype}, self_attention.embed_dim
         self.self_attn, self.multihead_attn = self_attention, cross_attention
         self._init_feed_forward(d_model, dim_feedforward, dropout, bias, factory_kwargs)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
+                                              for _ in range(3))
         self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
         self.activation = get_activation(activation)  # last, as in torch
 
-    @property
-    def d_model(self) -> int: return self.self_attn.embed_dim
+# %% ../nbs/11_decoder.ipynb #c5c9cd7d
+def _check_layers(self_attention, cross_attention):
+    "Refuse a layer that is not a `PositionalAttentionBase`, or a cross-attention of another width or layout."
+    for name, layer in (('self_attention', self_attention), ('cross_attention', cross_attention)):
+        if not isinstance(layer, PositionalAttentionBase):
+            raise TypeError(f"{name} must be a PositionalAttentionBase (e.g. AdditivePosMultiheadAttention), "
+                            f"got {type(layer).__name__}")
+    width, batch_first = self_attention.embed_dim, self_attention.batch_first
+    if (cross_attention.embed_dim, cross_attention.batch_first) != (width, batch_first):
+        raise ValueError(f"cross_attention must have self_attention's embed_dim={width} and batch_first={batch_first}, "
+                         f"got {cross_attention.embed_dim} and {cross_attention.batch_first}")
 
-    @property
-    def batch_first(self) -> bool: return self.self_attn.batch_first
+@patch(as_prop=True)
+def d_model(self: PosTransformerDecoderLayer) -> int:
+    "The block's width, its attention layers' `embed_dim`."
+    return self.self_attn.embed_dim
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
-                tgt_key_padding_mask: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
-                tgt_is_causal: bool = False, memory_is_causal: bool = False, *, tgt_positions: Optional[Tensor] = None,
-                tgt_position_mask: Optional[Tensor] = None, memory_positions: Optional[Tensor] = None,
-                memory_position_mask: Optional[Tensor] = None, cache: 'Optional[DecoderCache]' = None) -> Tensor:
-        """The three sub-blocks; masks and flags mean what they mean for `torch.nn.TransformerDecoderLayer`.
+@patch(as_prop=True)
+def batch_first(self: PosTransformerDecoderLayer) -> bool:
+    "The block's layout, its attention layers': `(B, T, D)` if True, else `(T, B, D)`."
+    return self.self_attn.batch_first
 
-        With a ``cache`` (from `init_cache`), ``tgt`` holds the new target tokens: the self-attention decodes with
-        its cache, which counts the target's positions, and the cross-attention projects the memory on the first
-        call only; later calls must pass the same ``memory`` and memory arguments (the same tensor objects). With a
-        cache, ``memory_is_causal=True`` needs its ``memory_mask``."""
-        self._check_stream('tgt', tgt); self._check_stream('memory', memory)
-        if cache is not None and not isinstance(cache, DecoderCache):
-            raise TypeError(f"cache must be a DecoderCache made by the block's init_cache, got {type(cache).__name__}")
-        memory_kwargs = dict(key=memory, value=memory, k_positions=memory_positions, k_position_mask=memory_position_mask,
-                             key_padding_mask=memory_key_padding_mask)
-        if cache is None: return self._blocks(tgt, tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask,
-                                              memory_mask, memory_is_causal, memory_kwargs)
-        with cache.undone_on_error():  # a refused call leaves the cache as it was
-            memory_kwargs = cache.memory_arguments(self.multihead_attn, **memory_kwargs)
-            return self._blocks(tgt, tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask, memory_mask,
-                                memory_is_causal, memory_kwargs, cache.self_attn)
+# %% ../nbs/11_decoder.ipynb #2ef83eb2
+@patch
+def forward(self: PosTransformerDecoderLayer, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+            memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+            memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
+            memory_is_causal: bool = False, *, tgt_positions: Optional[Tensor] = None,
+            tgt_position_mask: Optional[Tensor] = None, memory_positions: Optional[Tensor] = None,
+            memory_position_mask: Optional[Tensor] = None, cache: 'Optional[DecoderCache]' = None) -> Tensor:
+    """The three sub-blocks; masks and flags mean what they mean for `torch.nn.TransformerDecoderLayer`.
 
-    def _blocks(self, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask, memory_mask,
-                memory_is_causal, memory_kwargs, self_cache=None) -> Tensor:
-        start = 0 if self_cache is None else self_cache.length
-        x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask, self_cache)
-        if self_cache is not None: tgt_positions, tgt_position_mask = self_cache.written(start)  # as the cache counted them
-        x = x + apply_dropout(self.dropout2, self.multihead_attn(self.norm2(x), q_positions=tgt_positions, q_position_mask=tgt_position_mask,
-                                                  attn_mask=memory_mask, is_causal=memory_is_causal, need_weights=False,
-                                                  **memory_kwargs)[0])
-        return x + apply_dropout(self.dropout3, self._feed_forward(self.norm3(x)))
+    With a ``cache`` (from `init_cache`), ``tgt`` holds the new target tokens: the self-attention decodes with
+    its cache, which counts the target's positions, and the cross-attention projects the memory on the first
+    call only; later calls must pass the same ``memory`` and memory arguments (the same tensor objects). With a
+    cache, ``memory_is_causal=True`` needs its ``memory_mask``."""
+    self._check_stream('tgt', tgt); self._check_stream('memory', memory)
+    if cache is not None and not isinstance(cache, DecoderCache):
+        raise TypeError(f"cache must be a DecoderCache made by the block's init_cache, got {type(cache).__name__}")
+    memory_kwargs = dict(key=memory, value=memory, k_positions=memory_positions, k_position_mask=memory_position_mask,
+                         key_padding_mask=memory_key_padding_mask)
+    target = (tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions, tgt_position_mask)
+    if cache is None: return self._blocks(tgt, *target, memory_mask, memory_is_causal, memory_kwargs)
+    with cache.undone_on_error():  # a refused call leaves the cache as it was
+        memory_kwargs = cache.memory_arguments(self.multihead_attn, **memory_kwargs)
+        return self._blocks(tgt, *target, memory_mask, memory_is_causal, memory_kwargs, cache.self_attn)
 
-    def init_cache(self, batch_size: int, max_length: int) -> 'DecoderCache':
-        "A `DecoderCache` for `batch_size` targets of up to `max_length` tokens."
-        return DecoderCache(self, batch_size, max_length)
+# %% ../nbs/11_decoder.ipynb #7c1626c3
+@patch
+def _blocks(self: PosTransformerDecoderLayer, x: Tensor, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+            tgt_positions, tgt_position_mask, memory_mask, memory_is_causal, memory_kwargs: dict,
+            self_cache: Optional[KVCache] = None) -> Tensor:
+    start = 0 if self_cache is None else self_cache.length
+    x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, tgt_positions,
+                           tgt_position_mask, self_cache)
+    if self_cache is not None: tgt_positions, tgt_position_mask = self_cache.written(start)  # as the cache counted them
+    cross = self.multihead_attn(self.norm2(x), q_positions=tgt_positions, q_position_mask=tgt_position_mask,
+                                attn_mask=memory_mask, is_causal=memory_is_causal, need_weights=False,
+                                **memory_kwargs)[0]
+    x = x + apply_dropout(self.dropout2, cross)
+    return x + apply_dropout(self.dropout3, self._feed_forward(self.norm3(x)))
 
-# %% ../nbs/11_decoder.ipynb #ef420e0a
+# %% ../nbs/11_decoder.ipynb #f1fb4b86
 class DecoderCache:
     """What a `PosTransformerDecoderLayer` keeps while decoding: its self-attention's `KVCache`, `self_attn`, and
     the memory's keys and values, `memory`, a `KVCache` of the cross-attention that the first call fills."""
@@ -123,14 +138,24 @@ class DecoderCache:
             self.self_attn.restore(saved)
             raise
 
-    def memory_arguments(self, layer: PositionalAttentionBase, *, key, value, k_positions, k_position_mask, key_padding_mask) -> dict:
-        "The cross-attention's key arguments: the memory, written to a new cache, on the first call; after that, none (the cache has them)."
+    def memory_arguments(self, layer: PositionalAttentionBase, *, key, value, k_positions, k_position_mask,
+                         key_padding_mask) -> dict:
+        """The cross-attention's key arguments: the memory, written to a new cache, on the first call; after that,
+        none (the cache has them)."""
         inputs = (key, value, k_positions, k_position_mask, key_padding_mask)
         if self.memory is None:
-            self.memory, self._memory_inputs = layer.init_cache(self.self_attn.batch_size, key.shape[1 if layer.batch_first else 0]), inputs
+            length = key.shape[1 if layer.batch_first else 0]
+            self.memory, self._memory_inputs = layer.init_cache(self.self_attn.batch_size, length), inputs
             return dict(key=key, value=value, k_positions=k_positions, k_position_mask=k_position_mask,
                         key_padding_mask=key_padding_mask, cache=self.memory)
         if any(a is not b for a, b in zip(inputs, self._memory_inputs)):
             raise ValueError("the cache holds the memory of its first call, projected once: pass the same memory, "
-                             "memory_key_padding_mask, memory_positions and memory_position_mask to every call, or start a new cache")
+                             "memory_key_padding_mask, memory_positions and memory_position_mask to every call, "
+                             "or start a new cache")
         return dict(key=None, value=None, cache=self.memory)
+
+# %% ../nbs/11_decoder.ipynb #14696280
+@patch
+def init_cache(self: PosTransformerDecoderLayer, batch_size: int, max_length: int) -> DecoderCache:
+    "A `DecoderCache` for `batch_size` targets of up to `max_length` tokens."
+    return DecoderCache(self, batch_size, max_length)

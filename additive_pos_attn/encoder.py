@@ -3,11 +3,12 @@
 # %% auto #0
 __all__ = ['PosTransformerEncoderLayer', 'encoder_reference']
 
-# %% ../nbs/10_encoder.ipynb #84172d29
+# %% ../nbs/10_encoder.ipynb #f42131c7
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .additive import AdditivePosMultiheadAttention, additive_reference
@@ -17,37 +18,25 @@ from .cache import KVCache
 from .relative import AdditiveRelMultiheadAttention, relative_reference
 from .rotary import RoPEMultiheadAttention, rope_reference
 
-# %% ../nbs/10_encoder.ipynb #2dd3a10a
+# %% ../nbs/10_encoder.ipynb #2a42dd60
 class PosTransformerEncoderLayer(FeedForwardBlock):
     r"""Pre-norm Transformer encoder block around a positional attention layer.
 
     $$x \leftarrow x + \mathrm{Dropout}(\mathrm{Attn}(\mathrm{LN}_1(x))), \qquad
     x \leftarrow x + \mathrm{Dropout}(W_2\,\mathrm{Dropout}(\sigma(W_1\,\mathrm{LN}_2(x)))).$$
 
-    The attention is self-attention: the query, key and value are all ``LN_1(x)``, so one set of
-    ``positions`` and one ``position_mask`` serve as both the query's and the key's.
-
     Args:
-
-        attention (PositionalAttentionBase): The attention layer, e.g. `AdditivePosMultiheadAttention`;
-            its ``embed_dim`` is the block's width ``D``. Its own dropout acts on the attention weights.
+        attention (PositionalAttentionBase): The self-attention, e.g. `AdditivePosMultiheadAttention`, of width ``D``.
         dim_feedforward (int): Width of the feed-forward network. Default: ``2048``.
         dropout (float): Dropout on both residual branches and inside the feed-forward network. Default: ``0.1``.
         activation (str or callable): ``'relu'``, ``'gelu'`` or a callable. Default: ``'gelu'``.
         layer_norm_eps (float): ``eps`` of both layer norms. Default: ``1e-5``.
         bias (bool): If ``False``, the linear layers and layer norms have no bias. Default: ``True``.
-        device (torch.device, optional): Factory option for the parameters the block creates.
-        dtype (torch.dtype, optional): Factory option for the parameters the block creates.
-
-    The block has the attention's layout: batch first unless the attention was built with
-    ``batch_first=False``, in which case ``src`` and the output are ``(T, B, D)``.
+        device, dtype (optional): Factory options for the parameters the block creates.
 
     Shape:
-
-        - src: ``(B, T, D)``, or ``(T, B, D)`` if the attention is not batch first.
-        - positions: integer ``(T,)`` or ``(B, T)``; position_mask: bool, ``(T,)`` or ``(B, T)``.
-        - src_mask: ``(T, T)`` or ``(B·H, T, T)``; src_key_padding_mask: ``(B, T)``.
-        - Returns: the shape of ``src``.
+        - src and the output: ``(B, T, D)``, or ``(T, B, D)`` if not batch first; src_key_padding_mask: ``(B, T)``.
+        - src_mask: ``(T, T)`` or ``(B·H, T, T)``; positions (integer), position_mask (bool): ``(T,)`` or ``(B, T)``.
 
     Example::
 
@@ -57,55 +46,61 @@ class PosTransformerEncoderLayer(FeedForwardBlock):
     """
     def __init__(self, attention: PositionalAttentionBase, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: Union[str, Callable[[Tensor], Tensor]] = 'gelu', layer_norm_eps: float = 1e-5,
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not isinstance(attention, PositionalAttentionBase):
             raise TypeError(f"attention must be a PositionalAttentionBase (e.g. AdditivePosMultiheadAttention), "
                             f"got {type(attention).__name__}")
-        factory_kwargs = {'device': device, 'dtype': dtype}
-        d_model = attention.embed_dim
+        factory_kwargs, d_model = {'device': device, 'dtype': dtype}, attention.embed_dim
         self.self_attn = attention
         self._init_feed_forward(d_model, dim_feedforward, dropout, bias, factory_kwargs)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory_kwargs)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.activation = get_activation(activation)  # last, as in torch: a module activation's parameters come last
 
-    @property
-    def d_model(self) -> int:
-        "The block's width, the attention's `embed_dim`."
-        return self.self_attn.embed_dim
+# %% ../nbs/10_encoder.ipynb #7a5b6512
+@patch(as_prop=True)
+def d_model(self: PosTransformerEncoderLayer) -> int:
+    "The block's width, the attention's `embed_dim`."
+    return self.self_attn.embed_dim
 
-    @property
-    def batch_first(self) -> bool:
-        "The block's layout, the attention's: `(B, T, D)` if True, else `(T, B, D)`."
-        return getattr(self.self_attn, 'batch_first', True)
+@patch(as_prop=True)
+def batch_first(self: PosTransformerEncoderLayer) -> bool:
+    "The block's layout, the attention's: `(B, T, D)` if True, else `(T, B, D)`."
+    return getattr(self.self_attn, 'batch_first', True)
 
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: bool = False, *, positions: Optional[Tensor] = None,
-                position_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
-        """Run the attention and the feed-forward sub-blocks, each pre-normed and added to the residual stream.
+# %% ../nbs/10_encoder.ipynb #8b309c2b
+@patch
+def forward(self: PosTransformerEncoderLayer, src: Tensor, src_mask: Optional[Tensor] = None,
+            src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, *,
+            positions: Optional[Tensor] = None, position_mask: Optional[Tensor] = None,
+            cache: Optional[KVCache] = None) -> Tensor:
+    """Run the attention and the feed-forward sub-blocks, each pre-normed and added to the residual stream.
 
-        ``src_mask``, ``src_key_padding_mask`` and ``is_causal`` mean what they mean for
-        `torch.nn.TransformerEncoderLayer` and reach the attention as ``attn_mask``,
-        ``key_padding_mask`` and ``is_causal``; ``positions`` and ``position_mask`` reach it as both the
-        query's and the key's positions and position mask. With a ``cache`` (from `init_cache`), ``src`` holds
-        the new tokens of a decoder-only model, and the attention decodes (see `cached_attention`).
-        """
-        self._check_stream('src', src)
-        x = src
-        x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, positions, position_mask, cache)
-        return x + self._ff_block(self.norm2(x))
+    ``src_mask``, ``src_key_padding_mask`` and ``is_causal`` mean what they mean for
+    `torch.nn.TransformerEncoderLayer` and reach the attention as ``attn_mask``,
+    ``key_padding_mask`` and ``is_causal``; ``positions`` and ``position_mask`` reach it as both the
+    query's and the key's positions and position mask. With a ``cache`` (from `init_cache`), ``src`` holds
+    the new tokens of a decoder-only model, and the attention decodes (see `cached_attention`).
+    """
+    self._check_stream('src', src)
+    x = src
+    x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal, positions, position_mask, cache)
+    return x + self._ff_block(self.norm2(x))
 
-    def init_cache(self, batch_size: int, max_length: int, **kwargs) -> KVCache:
-        "The attention's cache (`PositionalAttentionBase.init_cache`), for decoding with the block in a decoder-only model."
-        return self.self_attn.init_cache(batch_size, max_length, **kwargs)
+@patch
+def _ff_block(self: PosTransformerEncoderLayer, x: Tensor) -> Tensor:
+    return apply_dropout(self.dropout2, self._feed_forward(x))
 
-    def _ff_block(self, x: Tensor) -> Tensor:
-        return apply_dropout(self.dropout2, self._feed_forward(x))
+# %% ../nbs/10_encoder.ipynb #ba97b464
+@patch
+def init_cache(self: PosTransformerEncoderLayer, batch_size: int, max_length: int, *,
+               device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> KVCache:
+    "The attention's cache (`PositionalAttentionBase.init_cache`), for decoding with the block in a decoder-only model."
+    return self.self_attn.init_cache(batch_size, max_length, device=device, dtype=dtype)
 
-# %% ../nbs/10_encoder.ipynb #a7e91382
+# %% ../nbs/10_encoder.ipynb #c486fb3a
 _REFERENCES = {AdditivePosMultiheadAttention: additive_reference, AdditiveRelMultiheadAttention: relative_reference,
                RoPEMultiheadAttention: rope_reference}
 
@@ -118,17 +113,17 @@ def _reference_of(layer: PositionalAttentionBase) -> Callable:
 def encoder_reference(block: PosTransformerEncoderLayer, x: Tensor, positions: Optional[Tensor] = None,
                       position_mask: Optional[Tensor] = None, *, attention_reference: Optional[Callable] = None,
                       **attn_kwargs) -> Tensor:
-    """The pre-norm block, slowly: functional calls on `block`'s weights, the attention's oracle for the attention; a test oracle.
+    """The pre-norm block, slowly: functional calls on `block`'s weights, its scheme's oracle for the attention.
 
     For a batch-first block without dropout (or in evaluation mode). ``attention_reference(layer, query, key, value,
     **kwargs)`` returns ``(output, ...)``; by default it is the oracle of the attention's class, `additive_reference`,
     `relative_reference` or `rope_reference`. ``positions`` and ``position_mask`` serve the query and the key;
-    ``attn_kwargs`` go to the attention as they are.
+    ``attn_kwargs`` go to the attention as they are. A test oracle.
     """
     reference = attention_reference or _reference_of(block.self_attn)
     ln = lambda norm, t: F.layer_norm(t, (t.shape[-1],), norm.weight, norm.bias, norm.eps)
     h = ln(block.norm1, x)
     x = x + reference(block.self_attn, h, h, h, q_positions=positions, k_positions=positions,
                       q_position_mask=position_mask, k_position_mask=position_mask, **attn_kwargs)[0]
-    h = ln(block.norm2, x)
-    return x + F.linear(block.activation(F.linear(h, block.linear1.weight, block.linear1.bias)), block.linear2.weight, block.linear2.bias)
+    h = block.activation(F.linear(ln(block.norm2, x), block.linear1.weight, block.linear1.bias))
+    return x + F.linear(h, block.linear2.weight, block.linear2.bias)

@@ -26,18 +26,21 @@ def causal_mask(q_len: int, k_len: int, device=None, *, queries_last: bool = Fal
     are the last `T_q` keys, as when decoding with a cache, and query `i` sees the keys up to `i + T_k - T_q`."""
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1 + (k_len - q_len if queries_last else 0))
 
-# %% ../nbs/02_positions.ipynb #2e582172
+# %% ../nbs/02_positions.ipynb #7d752074
 def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
                   q_mask: Optional[Tensor] = None, k_mask: Optional[Tensor] = None, *, q_len: int, k_len: int,
                   max_distance: int, num_heads: int) -> Tensor:
-    "Logit bias `table[clip(p_q - p_k) + max_distance]`, `(H, T_q, T_k)` (or `(B, H, T_q, T_k)` per sample), zero where a mask is False."
+    """Logit bias `table[clip(p_q - p_k) + max_distance]`, `(H, T_q, T_k)` (or `(B, H, T_q, T_k)` per sample),
+    zero where a mask is False."""
     device = table.device
     q = torch.arange(q_len, device=device) if q_positions is None else q_positions.long()
     k = torch.arange(k_len, device=device) if k_positions is None else k_positions.long()
     index = (q[..., :, None] - k[..., None, :]).clamp_(-max_distance, max_distance) + max_distance  # ([B,] T_q, T_k)
     if table.dim() == 1: bias = table[index].unsqueeze(-3).expand(*index.shape[:-2], num_heads, *index.shape[-2:])
-    elif torch.is_grad_enabled() and table.requires_grad: bias = table.T[:, index].movedim(0, -3)  # its backward: 2x faster
-    else: bias = F.embedding(index, table).movedim(-1, -3).contiguous()  # without gradient: 2.8x faster at T=512
+    # a per-head table, by one of two gathers of the same values: indexing while the table learns, as its backward is
+    # the cheaper; else one embedding lookup, the cheaper forward (measured in benchmarks/NOTES.md)
+    elif torch.is_grad_enabled() and table.requires_grad: bias = table.T[:, index].movedim(0, -3)
+    else: bias = F.embedding(index, table).movedim(-1, -3).contiguous()
     if q_mask is None and k_mask is None: return bias
     q_keep = torch.ones(q_len, dtype=torch.bool, device=device) if q_mask is None else q_mask
     k_keep = torch.ones(k_len, dtype=torch.bool, device=device) if k_mask is None else k_mask
@@ -53,7 +56,7 @@ def counted_positions(key_padding_mask: Tensor, start: Optional[Tensor] = None) 
     if start is not None: counted = counted + start[:, None]
     return counted.masked_fill_(key_padding_mask, 0), real
 
-# %% ../nbs/02_positions.ipynb #710c4dc0
+# %% ../nbs/02_positions.ipynb #96b018df
 def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                      seq_len: Optional[int] = None, left: bool = True) -> tuple[Tensor, Tensor]:
     """Per-sample `(positions, position_mask)`, both `(B, T)`, for a padded batch.
@@ -67,16 +70,19 @@ def padded_positions(key_padding_mask: Optional[Tensor] = None, *, lengths: Opti
                          f"{'both' if lengths is not None else 'neither'}")
     if lengths is not None:
         if not isinstance(lengths, Tensor) or lengths.dtype not in POSITION_DTYPES:
-            raise TypeError(f"lengths must be an integer Tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
+            raise TypeError(f"lengths must be an integer Tensor, "
+                            f"got {getattr(lengths, 'dtype', type(lengths).__name__)}")
         if lengths.dim() != 1: raise ValueError(f"lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
         if seq_len is None: raise TypeError("seq_len is required with lengths: the padded length T")
         seq_len = check_positive_int('seq_len', seq_len)
         if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > seq_len):
-            raise ValueError(f"lengths must lie in [0, seq_len={seq_len}], got values from {int(lengths.min())} to {int(lengths.max())}")
+            raise ValueError(f"lengths must lie in [0, seq_len={seq_len}], "
+                             f"got values from {int(lengths.min())} to {int(lengths.max())}")
         columns = torch.arange(seq_len, device=lengths.device)
         key_padding_mask = columns < (seq_len - lengths)[:, None] if left else columns >= lengths[:, None]
     elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be a bool Tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        raise TypeError(f"key_padding_mask must be a bool Tensor, "
+                        f"got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
     elif key_padding_mask.dim() != 2:
         raise ValueError(f"key_padding_mask must be 2-D (B, T), got shape {tuple(key_padding_mask.shape)}")
     return counted_positions(key_padding_mask)

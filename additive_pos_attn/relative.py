@@ -3,10 +3,11 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/07_relative.ipynb #dcbcb52a
+# %% ../nbs/07_relative.ipynb #76ffda56
 from typing import Optional
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
@@ -16,10 +17,11 @@ from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
 from .positions import relative_bias
 
-# %% ../nbs/07_relative.ipynb #b9817ed4
-def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None, k_positions=None,
-                       q_position_mask=None, k_position_mask=None, attn_mask=None, **attn_kwargs):
-    "The definition, slowly: `layer.attn` with `rel_bias[clip(p_i - p_j) + m, h]` added to head h's score of each pair, by loops; a test oracle."
+# %% ../nbs/07_relative.ipynb #d25b029e
+def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None,
+                       k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None, **attn_kwargs):
+    """The definition, slowly: `layer.attn` with `rel_bias[clip(p_i - p_j) + m, h]` added to head h's score of each
+    pair, by loops; a test oracle."""
     (batch, q_len, _), k_len, heads, m = query.shape, key.shape[1], layer.num_heads, layer.max_distance
     def stream(positions, mask, length):
         positions = torch.arange(length) if positions is None else positions.cpu().long()
@@ -33,113 +35,96 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
             for j in range(k_len):
                 if qm[b][i] and km[b][j]: bias[b, :, i, j] = table[min(m, max(-m, qp[b][i] - kp[b][j])) + m]
     if attn_mask is not None:
-        extra = attn_mask if attn_mask.is_floating_point() else torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(attn_mask, float('-inf'))
+        extra = (attn_mask if attn_mask.is_floating_point()
+                 else torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(attn_mask, float('-inf')))
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/07_relative.ipynb #36e65331
+# %% ../nbs/07_relative.ipynb #3139e61a
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
-    r"""Wrap `torch.nn.MultiheadAttention` and add a learned bias per head, indexed by the clipped offset of positions, to its scores.
+    r"""Wrap `torch.nn.MultiheadAttention` and add to its scores a learned bias per head of the clipped position offset:
 
-    $$\mathrm{score}_h(i, j) = \frac{q_{h,i} \cdot k_{h,j}}{\sqrt{d_h}} + b_h\big(\mathrm{clip}(p_i - p_j, -m, m)\big).$$
-
-    Only differences of positions matter, so positions may be any integers. When the table is zero (as at
-    initialisation), this is exactly ordinary multi-head attention.
+    $$s_h(i, j) = q_{h,i} \cdot k_{h,j} / \sqrt{d_h} + b_h\big(\mathrm{clip}(p_i - p_j, -m, m)\big).$$
 
     Args:
 
-        embed_dim (int): Model width ``D``.
-        num_heads (int): Number of attention heads; must divide ``embed_dim``.
         max_distance (int): Largest offset ``m`` with a row of its own; larger offsets share the end rows.
-        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
-        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
-        device (torch.device, optional): Parameter factory option.
-        dtype (torch.dtype, optional): Parameter factory option.
-        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         per_head (bool): If ``True`` (default), each head has its own bias; else one bias serves every head.
-        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, passed to ``attn``; the keys
-            these add have no position and gain no bias.
-
+        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default; extra keys get no bias.
     Shape:
 
-        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
-        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``; any values.
-        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions; with default
-          positions ``(T,)`` or ``(B, T)``.
-        - Returns: output ``(B, T_q, D)`` (``(T_q, B, D)`` with ``batch_first=False``) and, with ``need_weights=True``,
-          weights ``(B, T_q, T_k)`` (``(B, H, T_q, T_k)`` with ``average_attn_weights=False``), else ``None``.
-
+        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, any values; masks bool alike.
     Attributes:
 
-        rel_bias (Parameter): The learned table, ``(2 * max_distance + 1, H)`` (``(2 * max_distance + 1,)`` with
-            ``per_head=False``); row ``d + max_distance`` holds the bias of offset ``d``.
-        attn (nn.MultiheadAttention): Internal `torch.nn.MultiheadAttention` backend, ``batch_first=True``.
-        max_distance (int): The clipping offset ``m``.
-        max_len (None): No bound on positions.
-
+        rel_bias (Parameter): The table, ``(2m + 1, H)`` (``(2m + 1,)`` with ``per_head=False``), zero at first;
+            row ``d + m`` holds offset ``d``'s bias. attn (nn.MultiheadAttention): The wrapped attention.
     Example::
 
-        >>> layer = AdditiveRelMultiheadAttention(64, 4, max_distance=16)
-        >>> x = torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)
-        >>> out.shape
-        torch.Size([2, 10, 64])
-    """
-    def __init__(self, embed_dim: int, num_heads: int, *, max_distance: int, dropout: float = 0.0, bias: bool = True,
-                 device=None, dtype=None, batch_first: bool = True, per_head: bool = True, add_bias_kv: bool = False,
-                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
-        super().__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
-        self.max_distance = check_positive_int('max_distance', max_distance)
-        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
-        factory_kwargs = {'device': device, 'dtype': dtype}
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options, **factory_kwargs)
-        rows = 2 * max_distance + 1
-        self.rel_bias = nn.Parameter(torch.zeros((rows, num_heads) if check_bool('per_head', per_head) else (rows,), **factory_kwargs))
-
-    @property
-    def per_head(self) -> bool:
-        "Whether each head has its own bias (a 2-D table)."
-        return self.rel_bias.dim() == 2
-
+        >>> layer, x = AdditiveRelMultiheadAttention(64, 4, max_distance=16), torch.randn(2, 10, 64)
+        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
     @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
-                q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-                q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, is_causal: bool = False,
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
+                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
+                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
                 average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Add the relative bias of each pair's positions to the scores; queries, keys and values are the wrapped module's.
+        """Add the relative bias of each pair's positions to the scores; queries, keys and values are `attn`'s.
 
-        ``attn_mask``, ``key_padding_mask``, ``need_weights``, ``average_attn_weights`` and ``is_causal`` mean
-        what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` without an
-        ``attn_mask`` builds the causal mask instead of raising. With a ``cache`` (from `init_cache`), the call
-        decodes: see `cached_attention`. Returns ``(output, weights or None)``.
-        """
+        Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+        builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
         attn = self.attn  # checked and batch first (positional_forward)
         bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                               k_len=key.shape[1]).to(query.dtype)
         masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
         if choose_path(attn, need_weights=need_weights).name == 'fused':
-            out, weights = fused_attention(attn, query, key, value, **masks), None
-        else:
-            out, weights = module_attention(attn, query, key, value, need_weights=need_weights,
-                                            average_attn_weights=average_attn_weights, **masks)
-        return out, weights
+            return fused_attention(attn, query, key, value, **masks), None
+        return module_attention(attn, query, key, value, need_weights=need_weights,
+                                average_attn_weights=average_attn_weights, **masks)
 
-    def pair_bias(self, q_positions, k_positions, q_position_mask=None, k_position_mask=None, *, q_len: int, k_len: int) -> Tensor:
-        "The learned bias of every pair's clipped offset, `(H, T_q, T_k)` or, with per-sample positions, `(B, H, T_q, T_k)`."
-        return relative_bias(self.rel_bias, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len, k_len=k_len,
-                             max_distance=self.max_distance, num_heads=self.num_heads)
+# %% ../nbs/07_relative.ipynb #fd391998
+@patch
+def __init__(self: AdditiveRelMultiheadAttention, embed_dim: int, num_heads: int, *, max_distance: int,
+             dropout: float = 0.0, bias: bool = True, device=None, dtype=None, batch_first: bool = True,
+             per_head: bool = True, add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+             vdim: Optional[int] = None):
+    # super() names the class: a method defined outside the class body has no implicit __class__
+    super(AdditiveRelMultiheadAttention, self).__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
+    self.max_distance = check_positive_int('max_distance', max_distance)
+    options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
+    factory_kwargs = {'device': device, 'dtype': dtype}
+    self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options,
+                                      **factory_kwargs)
+    shape = (2 * max_distance + 1, num_heads) if check_bool('per_head', per_head) else (2 * max_distance + 1,)
+    self.rel_bias = nn.Parameter(torch.zeros(shape, **factory_kwargs))
 
-    def positioned_heads(self, query, key, value, *positions):
-        "The heads of `W_q query`, `W_k key`, `W_v value`: positions act on the logits only, so a cache keeps plain keys and their positions."
-        return project_heads(self.attn, query, key, value)
+@patch(as_prop=True)
+def per_head(self: AdditiveRelMultiheadAttention) -> bool:
+    "Whether each head has its own bias (a 2-D table)."
+    return self.rel_bias.dim() == 2
 
-    def reset_parameters(self):
-        "Re-initialise the wrapped attention as torch does and the table to zero."
-        reset_mha_parameters(self.attn)
-        with torch.no_grad(): self.rel_bias.zero_()
+@patch
+def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
+    extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
+    return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-    def extra_repr(self) -> str:
-        extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
+# %% ../nbs/07_relative.ipynb #d14e3632
+@patch
+def pair_bias(self: AdditiveRelMultiheadAttention, q_positions, k_positions, q_position_mask=None,
+              k_position_mask=None, *, q_len: int, k_len: int) -> Tensor:
+    "The learned bias of every pair's clipped offset, `(H, T_q, T_k)`, or `(B, H, T_q, T_k)` for per-sample positions."
+    return relative_bias(self.rel_bias, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len,
+                         k_len=k_len, max_distance=self.max_distance, num_heads=self.num_heads)
+
+# %% ../nbs/07_relative.ipynb #4eb869c7
+@patch
+def positioned_heads(self: AdditiveRelMultiheadAttention, query, key, value, *positions):
+    """The heads of `W_q query`, `W_k key`, `W_v value`: positions act on the logits only, so a cache keeps plain
+    keys and their positions."""
+    return project_heads(self.attn, query, key, value)
+
+# %% ../nbs/07_relative.ipynb #23538aa6
+@patch
+def reset_parameters(self: AdditiveRelMultiheadAttention):
+    "Re-initialise the wrapped attention as torch does and the table to zero."
+    reset_mha_parameters(self.attn)
+    with torch.no_grad(): self.rel_bias.zero_()

@@ -4,11 +4,12 @@
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'check_rope_base', 'RoPEMultiheadAttention',
            'pair_order']
 
-# %% ../nbs/08_rotary.ipynb #d916fd5e
+# %% ../nbs/08_rotary.ipynb #69c469ff
 import math
 from typing import Optional
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ._compat import is_compiling, reset_mha_parameters
@@ -22,14 +23,15 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, *, dtype=torch.float3
     "The angles per position of the `head_dim/2` pairs, `base ** (-2i / head_dim)`, `(head_dim/2,)` in `dtype`."
     return base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / -head_dim)
 
-# %% ../nbs/08_rotary.ipynb #1703597a
+# %% ../nbs/08_rotary.ipynb #15b895bf
 def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0, *, mask: Optional[Tensor] = None,
                 dtype=torch.float32) -> Tensor:
-    "Angles `p · base ** (-2i / head_dim)` of integer `positions` `(..., T)`, `(..., T, head_dim/2)` in `dtype`; 0 where `mask` is False."
+    """Angles `p · base ** (-2i / head_dim)` of integer `positions` `(..., T)`, `(..., T, head_dim/2)` in `dtype`;
+    0 where `mask` is False."""
     angles = positions.to(dtype)[..., None] * rope_frequencies(head_dim, base, dtype=dtype, device=positions.device)
     return angles if mask is None else angles.masked_fill(~mask[..., None], 0)
 
-# %% ../nbs/08_rotary.ipynb #a46d2c30
+# %% ../nbs/08_rotary.ipynb #fc1eed1c
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 def _turn_real(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
@@ -44,6 +46,7 @@ def _turn_complex(x: Tensor, angles: Tensor) -> Tensor:
     cis = torch.polar(torch.ones_like(angles), angles).to(_COMPLEX[x.dtype])
     return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (x.shape[-1] // 2, 2))) * cis).flatten(-2)
 
+# %% ../nbs/08_rotary.ipynb #9cec71ac
 def _pairs_as_complex(x: Tensor, interleaved: bool) -> bool:
     """Whether `rotate` turns `x` by `_turn_complex`: interleaved pairs (half-split pairs are `d/2` apart, and a copy
     to bring them together costs more than it saves), float32 or float64 (no complex bfloat16, little complex32), a
@@ -53,17 +56,20 @@ def _pairs_as_complex(x: Tensor, interleaved: bool) -> bool:
     return (interleaved and x.dtype in _COMPLEX and not is_compiling() and x.stride(-1) == 1
             and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
 
+# %% ../nbs/08_rotary.ipynb #4eba0394
 def rotate(x: Tensor, positions: Optional[Tensor] = None, mask: Optional[Tensor] = None, *, base: float = 10000.0,
            interleaved: bool = True) -> Tensor:
-    """Turn each pair of channels of the heads `x` `(B, H, T, d)` (or `(T, d)`) by its token's angles (see `rope_angles`).
+    """Turn each pair of channels of the heads `x` `(B, H, T, d)` (or `(T, d)`) by its token's angles (see
+    `rope_angles`).
 
     `positions` (integer) and `mask` (bool, False: not turned) are `(T,)` or `(B, T)`; no positions: `arange(T)`.
     Pairs are `(x[2i], x[2i+1])` with `interleaved=True`, else `(x[i], x[i + d/2])`."""
-    if x.shape[-1] % 2: raise ValueError(f"rotate turns pairs of channels: x's last dimension must be even, got shape {tuple(x.shape)}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotate turns pairs of channels: x's last dimension must be even, got shape {tuple(x.shape)}")
     return _turn(x, _head_angles(x, positions, mask, base), interleaved)
 
 def _head_angles(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], base: float) -> Tensor:
-    "The angles that turn the heads `x`: `(T, d/2)`, or `(B, 1, T, d/2)` for per-sample positions (one turn for every head)."
+    "The angles that turn the heads `x`: `(T, d/2)`, or `(B, 1, T, d/2)` for per-sample positions (one for all heads)."
     length, head_dim = x.shape[-2:]
     if positions is None: positions = torch.arange(length, device=x.device)
     angles = rope_angles(positions, head_dim, base, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -72,26 +78,31 @@ def _head_angles(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor],
 def _turn(x: Tensor, angles: Tensor, interleaved: bool) -> Tensor:
     return _turn_complex(x, angles) if _pairs_as_complex(x, interleaved) else _turn_real(x, angles, interleaved)
 
-# %% ../nbs/08_rotary.ipynb #3313d107
-def _turn_as_complex(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], *, base: float, interleaved: bool) -> Tensor:
+# %% ../nbs/08_rotary.ipynb #2c7afaf6
+def _turn_as_complex(x: Tensor, positions: Optional[Tensor], mask: Optional[Tensor], *, base: float,
+                     interleaved: bool) -> Tensor:
     "The heads `x` `(B, H, T, d)` with each pair, as a complex number, times `exp(i·m·p·θ)`; in float64."
     length, d = x.shape[-2:]
     p = (torch.arange(length, device=x.device) if positions is None else positions).double()
     if mask is not None: p = p * mask
-    theta = p[..., None] * torch.exp(torch.arange(d // 2, device=x.device, dtype=torch.float64) * (-2 / d * math.log(base)))
+    i = torch.arange(d // 2, device=x.device, dtype=torch.float64)
+    theta = p[..., None] * torch.exp(i * (-2 / d * math.log(base)))
     if theta.dim() == 3: theta = theta[:, None]
     pairs = x.unflatten(-1, (d // 2, 2)) if interleaved else x.unflatten(-1, (2, d // 2)).transpose(-2, -1)
     z = torch.complex(pairs[..., 0].double(), pairs[..., 1].double()) * torch.polar(torch.ones_like(theta), theta)
     z = torch.stack((z.real, z.imag), dim=-1)
     return z.flatten(-2) if interleaved else z.transpose(-2, -1).flatten(-2)
 
+# %% ../nbs/08_rotary.ipynb #12b4088d
 def rope_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None, k_positions=None,
                    q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None,
                    need_weights: bool = False, average_attn_weights: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    "The definition, slowly, in float64, for batch-first inputs: `(output, weights or None)` of `layer`; a test oracle (packed projections, no extra keys)."
+    """The definition, slowly, in float64, for batch-first inputs: `(output, weights or None)` of `layer`; a test
+    oracle (packed projections, no extra keys)."""
     heads, d, attn = layer.num_heads, layer.head_dim, layer.attn
     if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
-        raise ValueError("rope_reference knows a packed projection without add_bias_kv or add_zero_attn; the layer has kdim, vdim or extra keys")
+        raise ValueError("rope_reference knows a packed projection without add_bias_kv or add_zero_attn; "
+                         "the layer has kdim, vdim or extra keys")
     weights_in = attn.in_proj_weight.double().chunk(3)
     biases_in = [0] * 3 if attn.in_proj_bias is None else attn.in_proj_bias.double().chunk(3)
     def project(x, i):  # (B, T, D) -> the heads (B, H, T, d) of W_q, W_k or W_v (i = 0, 1, 2)
@@ -100,8 +111,12 @@ def rope_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     q = _turn_as_complex(project(query, 0), q_positions, q_position_mask, **turn)
     k = _turn_as_complex(project(key, 1), k_positions, k_position_mask, **turn)
     logits = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, H, T_q, T_k)
-    additive = lambda m: m.double() if m.is_floating_point() else torch.zeros(m.shape, dtype=torch.float64, device=m.device).masked_fill(m, -math.inf)
-    if attn_mask is not None: logits = logits + (additive(attn_mask).unflatten(0, (-1, heads)) if attn_mask.dim() == 3 else additive(attn_mask))
+    def additive(m):  # a bool mask as -inf where True, a float mask as it is
+        if m.is_floating_point(): return m.double()
+        return torch.zeros(m.shape, dtype=torch.float64, device=m.device).masked_fill(m, -math.inf)
+    if attn_mask is not None:
+        extra = additive(attn_mask)
+        logits = logits + (extra.unflatten(0, (-1, heads)) if attn_mask.dim() == 3 else extra)
     if key_padding_mask is not None: logits = logits + additive(key_padding_mask)[:, None, None, :]
     weights = logits.softmax(dim=-1)
     out = (weights @ project(value, 2)).transpose(1, 2).flatten(-2) @ attn.out_proj.weight.double().T
@@ -116,114 +131,91 @@ def check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/08_rotary.ipynb #cbcf6251
+# %% ../nbs/08_rotary.ipynb #f2b7f9bf
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
-    Each head's query and key pairs of channels are turned by the angles $p\,\theta_i$, $\theta_i = b^{-2i/d_h}$,
-
-    $$s_{ij} = \frac{1}{\sqrt{d_h}} \big(R(p_i)\, W_q^h x_i\big)^\top \big(R(p_j)\, W_k^h y_j\big) = \frac{1}{\sqrt{d_h}} (W_q^h x_i)^\top R(p_j - p_i)\, W_k^h y_j,$$
-
-    (biases included in the projections), so the logits depend on the offset $p_j - p_i$ only. Where every
-    position is the same, or every position mask is False, this is exactly ordinary multi-head attention. (The keys
-    of ``add_bias_kv`` are not turned, so with them the logits of those keys depend on the query's position.)
+    $$s_{ij} = \frac{1}{\sqrt{d_h}} \big(R(p_i)\, W_q^h x_i\big)^\top \big(R(p_j)\, W_k^h y_j\big)
+    = \frac{1}{\sqrt{d_h}} (W_q^h x_i)^\top R(p_j - p_i)\, W_k^h y_j, \qquad \theta_i = b^{-2i/d_h}.$$
 
     Args:
 
-        embed_dim (int): Model width ``D``.
-        num_heads (int): Number of attention heads; must divide ``embed_dim``, and ``D / H`` must be even.
-        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
-        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
-        device (torch.device, optional): Parameter factory option.
-        dtype (torch.dtype, optional): Parameter factory option.
-        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         rope_base (float): The base ``b`` of the frequencies. Default: ``10000.0``.
-        interleaved (bool): If ``True`` (default; RoFormer), pairs are ``(x[2i], x[2i+1])``; else
-            ``(x[i], x[i + d/2])`` (GPT-NeoX, Hugging Face LLaMA).
-        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, held by ``attn``; the keys
-            these add are not turned.
-
+        interleaved (bool): If ``True`` (default; RoFormer), pairs are ``(x[2i], x[2i+1])``; else ``(x[i], x[i+d/2])``.
+        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default and ``D / H`` even.
     Shape:
 
-        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
-        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``; any values, negative included.
-        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions; with default
-          positions ``(T,)`` or ``(B, T)``. A token whose mask is False is not turned.
-        - Returns: output ``(B, T_q, D)`` (``(T_q, B, D)`` with ``batch_first=False``) and, with ``need_weights=True``, weights ``(B, T_q, T_k)``
-          (``(B, H, T_q, T_k)`` with ``average_attn_weights=False``), else ``None``.
-
+        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, any values; masks bool alike.
     Attributes:
 
-        attn (nn.MultiheadAttention): Holds the projections, ``batch_first=True``; never called.
-        embed_dim (int): Model width ``D``.
-        num_heads (int): Number of attention heads.
-        head_dim (int): Width of one head, even.
-        rope_base (float): The base of the frequencies.
-        interleaved (bool): The pairing convention.
-
+        attn (nn.MultiheadAttention): Holds the projections and the extra keys (which are not turned); never called.
     Example::
 
-        >>> layer = RoPEMultiheadAttention(64, 4)
-        >>> x = torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)
-        >>> out.shape
-        torch.Size([2, 10, 64])
-    """
-    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True, device=None, dtype=None,
-                 batch_first: bool = True, rope_base: float = 10000.0, interleaved: bool = True, add_bias_kv: bool = False,
-                 add_zero_attn: bool = False, kdim: Optional[int] = None, vdim: Optional[int] = None):
-        super().__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
-        if self.head_dim % 2:
-            raise ValueError(f"rotary embeddings turn pairs of channels, so head_dim = embed_dim // num_heads must be even, "
-                             f"got embed_dim={embed_dim}, num_heads={num_heads}, head_dim={self.head_dim}")
-        self.rope_base = check_rope_base(rope_base)
-        self.interleaved = check_bool('interleaved', interleaved)
-        options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options,
-                                          device=device, dtype=dtype)
-
+        >>> layer, x = RoPEMultiheadAttention(64, 4), torch.randn(2, 10, 64)
+        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
     @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
-                q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-                q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-                attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, is_causal: bool = False,
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
+                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
+                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
                 average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Turn the projected queries and keys by their positions (any integers), then attend; the values are not turned.
+        """Turn the projected queries and keys by their positions (any integers), then attend; values are not turned.
 
         The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
-        mask, as in every layer of the package. With a ``cache`` (from `init_cache`), the call decodes: see
-        `cached_attention`. Returns ``(output, weights or None)``."""
+        mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
         attn = self.attn  # checked and batch first (positional_forward)
-        reason = call_needed(attn)
-        if reason is not None:
-            raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's projection and "
-                             f"its logits), so it cannot honour what needs that call: {reason}")
+        if (reason := call_needed(attn)) is not None:
+            raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's "
+                             f"projection and its logits), so it cannot honour what needs that call: {reason}")
         q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
-        out, weights = attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                    is_causal=is_causal, need_weights=need_weights, average_attn_weights=average_attn_weights)
-        return out, weights
+        return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask,
+                            key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
+                            average_attn_weights=average_attn_weights)
 
-    def positioned_heads(self, query, key, value, q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None):
-        "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys already turned."
-        q, k, v = project_heads(self.attn, query, key, value)
-        angles = _head_angles(q, q_positions, q_position_mask, self.rope_base)
-        if k is None: return _turn(q, angles, self.interleaved), None, v
-        same = q_positions is k_positions and q_position_mask is k_position_mask and q.shape[2] == k.shape[2]  # self-attention: one set of angles
-        k_angles = angles if same else _head_angles(k, k_positions, k_position_mask, self.rope_base)
-        return _turn(q, angles, self.interleaved), _turn(k, k_angles, self.interleaved), v
+# %% ../nbs/08_rotary.ipynb #de28ae3b
+@patch
+def __init__(self: RoPEMultiheadAttention, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
+             device=None, dtype=None, batch_first: bool = True, rope_base: float = 10000.0, interleaved: bool = True,
+             add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+             vdim: Optional[int] = None):
+    # super() names the class: a method defined outside the class body has no implicit __class__
+    super(RoPEMultiheadAttention, self).__init__(embed_dim, num_heads, max_len=None, batch_first=batch_first)
+    if self.head_dim % 2:
+        raise ValueError(f"rotary embeddings turn pairs of channels, so head_dim = embed_dim // num_heads must be "
+                         f"even, got embed_dim={embed_dim}, num_heads={num_heads}, head_dim={self.head_dim}")
+    self.rope_base = check_rope_base(rope_base)
+    self.interleaved = check_bool('interleaved', interleaved)
+    options = mha_options(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim)
+    self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=True, **options,
+                                      device=device, dtype=dtype)
 
-    def reset_parameters(self):
-        "Re-initialise the wrapped attention as torch does (the layer has no parameters of its own)."
-        reset_mha_parameters(self.attn)
+@patch
+def reset_parameters(self: RoPEMultiheadAttention):
+    "Re-initialise the wrapped attention as torch does (the layer has no parameters of its own)."
+    reset_mha_parameters(self.attn)
 
-    def extra_repr(self) -> str:
-        extra = ('' if self.interleaved else ', interleaved=False') + ('' if self.batch_first else ', batch_first=False')
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rope_base={self.rope_base}{extra}"
+@patch
+def extra_repr(self: RoPEMultiheadAttention) -> str:
+    extra = ('' if self.interleaved else ', interleaved=False') + ('' if self.batch_first else ', batch_first=False')
+    return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rope_base={self.rope_base}{extra}"
 
-# %% ../nbs/08_rotary.ipynb #17aea9bf
+# %% ../nbs/08_rotary.ipynb #e5d6a0c7
+@patch
+def positioned_heads(self: RoPEMultiheadAttention, query, key, value, q_positions=None, k_positions=None,
+                     q_position_mask=None, k_position_mask=None):
+    "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys turned."
+    q, k, v = project_heads(self.attn, query, key, value)
+    angles = _head_angles(q, q_positions, q_position_mask, self.rope_base)
+    if k is None: return _turn(q, angles, self.interleaved), None, v
+    # self-attention: one set of angles
+    same = q_positions is k_positions and q_position_mask is k_position_mask and q.shape[2] == k.shape[2]
+    k_angles = angles if same else _head_angles(k, k_positions, k_position_mask, self.rope_base)
+    return _turn(q, angles, self.interleaved), _turn(k, k_angles, self.interleaved), v
+
+# %% ../nbs/08_rotary.ipynb #ae24f2e7
 def pair_order(head_dim: int, num_heads: int = 1) -> Tensor:
-    "Order of the `num_heads · head_dim` query (or key) rows that takes half-split pairs to interleaved ones: `[0, d/2, 1, d/2 + 1, ...]` per head."
+    """Order of the `num_heads · head_dim` query (or key) rows that takes half-split pairs to interleaved ones:
+    `[0, d/2, 1, d/2 + 1, ...]` per head."""
     half = torch.arange(head_dim // 2)
     one_head = torch.stack((half, half + head_dim // 2), dim=-1).flatten()
     return (torch.arange(num_heads)[:, None] * head_dim + one_head).flatten()

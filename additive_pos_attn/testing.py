@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['random_layer', 'random_case', 'example_call', 'same_results', 'random_block', 'torch_twin', 'decoder_twin']
 
-# %% ../nbs/17_testing.ipynb #dcd58a32
-from typing import Callable, Union
+# %% ../nbs/17_testing.ipynb #b2081ea1
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +14,10 @@ from .blocks import positional_attention, positional_parameters
 from .decoder import PosTransformerDecoderLayer
 from .encoder import PosTransformerEncoderLayer
 
-# %% ../nbs/17_testing.ipynb #5ab310f8
-def random_layer(embed_dim: int = 16, num_heads: int = 4, *, max_len: int = 20, seed: int = 0, device=None,
-                 dtype=torch.float64, bias: bool = True, batch_first: bool = True) -> AdditivePosMultiheadAttention:
+# %% ../nbs/17_testing.ipynb #c4112702
+def random_layer(embed_dim: int = 16, num_heads: int = 4, *, max_len: int = 20, seed: int = 0,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float64, bias: bool = True,
+                 batch_first: bool = True) -> AdditivePosMultiheadAttention:
     """A seeded `AdditivePosMultiheadAttention` with every parameter moved off its initial value, as after training.
 
     The global generator is seeded with ``seed`` before the layer is built. The table is drawn from N(0, 1);
@@ -32,16 +33,16 @@ def random_layer(embed_dim: int = 16, num_heads: int = 4, *, max_len: int = 20, 
             else: p.add_(torch.randn_like(p) * 0.3)
     return layer
 
-# %% ../nbs/17_testing.ipynb #f67f7423
-def random_case(device=None, B: int = 3, Tq: int = 6, Tk: int = 9, D: int = 16, H: int = 4, max_len: int = 20,
-                seed: int = 0, dtype=torch.float64) -> tuple:
+# %% ../nbs/17_testing.ipynb #813fe46c
+def random_case(device: Optional[torch.device] = None, B: int = 3, Tq: int = 6, Tk: int = 9, D: int = 16, H: int = 4,
+                max_len: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple:
     "`random_layer(D, H)` and inputs `x` `(B, Tq, D)` and `mem` `(B, Tk, D)`, drawn after it from the same seed."
     layer = random_layer(D, H, max_len=max_len, seed=seed, device=device, dtype=dtype)
     x, mem = (torch.randn(B, T, D, dtype=dtype, device=device) for T in (Tq, Tk))
     return layer, x, mem
 
-# %% ../nbs/17_testing.ipynb #c0044efb
-def example_call(device=None, dtype=torch.float64) -> tuple:
+# %% ../nbs/17_testing.ipynb #4758ad82
+def example_call(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float64) -> tuple:
     """Cross-attention with per-sample query positions, spread key positions, a position mask and padding.
 
     Returns ``(x, memory, kwargs)`` for ``layer(x, memory, memory, **kwargs)``, with ``need_weights=True``; the
@@ -59,18 +60,22 @@ def same_results(a, b) -> bool:
     "Whether the tensors of two results, such as a layer's `(output, weights)`, are equal to the last bit."
     return all(torch.equal(t, u) for t, u in zip(a, b))
 
-# %% ../nbs/17_testing.ipynb #ad07f67b
+# %% ../nbs/17_testing.ipynb #7d238829
 def random_block(embed_dim: int = 16, num_heads: int = 4, dim_feedforward: int = 24, *, attention: str = 'additive',
-                 max_len: int = 20, seed: int = 0, activation: Union[str, Callable[[Tensor], Tensor]] = 'gelu', device=None,
-                 dtype=torch.float64) -> PosTransformerEncoderLayer:
-    """A seeded block around a layer of the scheme `attention` (see `positional_attention`), without dropout, in evaluation mode; a test fixture.
+                 max_len: int = 20, seed: int = 0, activation: Union[str, Callable[[Tensor], Tensor]] = 'gelu',
+                 device: Optional[torch.device] = None,
+                 dtype: torch.dtype = torch.float64) -> PosTransformerEncoderLayer:
+    """A seeded block around a layer of the scheme `attention` (see `positional_attention`), without dropout, in
+    evaluation mode; a test fixture.
 
     For ``'additive'`` the layer is `random_layer(embed_dim, num_heads)`; another scheme's layer has its projections and
     draws its own positional parameters from N(0, 1). The layer norms' weights and biases are drawn from N(0, 1); the
-    linear layers keep torch's initial values. One seed gives the same block, but for the positional parameters, whatever the scheme.
+    linear layers keep torch's initial values. One seed gives the same block, but for the positional parameters,
+    whatever the scheme.
     """
     layer = random_layer(embed_dim, num_heads, max_len=max_len, seed=seed, device=device, dtype=dtype)
-    block = PosTransformerEncoderLayer(layer, dim_feedforward, dropout=0.0, activation=activation, device=device, dtype=dtype)
+    block = PosTransformerEncoderLayer(layer, dim_feedforward, dropout=0.0, activation=activation, device=device,
+                                       dtype=dtype)
     with torch.no_grad():
         for norm in (block.norm1, block.norm2): norm.weight.normal_(); norm.bias.normal_()
     if attention != 'additive':  # drawn last, so that the rest of the block is the additive one's
@@ -81,7 +86,7 @@ def random_block(embed_dim: int = 16, num_heads: int = 4, dim_feedforward: int =
         block.self_attn = other
     return block.eval()
 
-# %% ../nbs/17_testing.ipynb #10ba459a
+# %% ../nbs/17_testing.ipynb #2359b1d5
 def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     """An `nn.TransformerEncoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle.
 
@@ -92,26 +97,28 @@ def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     weight = block.linear1.weight
     twin = nn.TransformerEncoderLayer(block.d_model, block.self_attn.num_heads, block.linear1.out_features, dropout=0.0,
                                       activation=block.activation, layer_norm_eps=block.norm1.eps, norm_first=True,
-                                      batch_first=block.batch_first, bias=block.linear1.bias is not None, device=weight.device,
-                                      dtype=weight.dtype)
+                                      batch_first=block.batch_first, bias=block.linear1.bias is not None,
+                                      device=weight.device, dtype=weight.dtype)
     return _load_twin(twin, block, ('self_attn',))
 
 def _load_twin(twin: nn.Module, block: nn.Module, attentions: tuple, caller: str = 'torch_twin') -> nn.Module:
-    "`twin` holding `block`'s weights but for the positional parameters of its `attentions`, which must be zero; in evaluation mode."
+    """`twin` holding `block`'s weights but for the positional parameters of its `attentions`, which must be zero;
+    in evaluation mode."""
     positional = {f'{a}.{name}': p for a in attentions for name, p in positional_parameters(getattr(block, a)).items()}
     nonzero = [name for name, p in positional.items() if p.detach().any()]
-    if nonzero: raise ValueError(f"{caller} leaves out the positional parameters, so they must be zero: {', '.join(nonzero)} is not")
+    if nonzero: raise ValueError(f"{caller} leaves out the positional parameters, so they must be zero: "
+                                 f"{', '.join(nonzero)} is not")
     state = block.state_dict()
     for a in attentions: state = {k.replace(f'{a}.attn.', f'{a}.'): v for k, v in state.items() if k not in positional}
     twin.load_state_dict(state)
     return twin.eval()
 
-# %% ../nbs/17_testing.ipynb #70fc72c7
+# %% ../nbs/17_testing.ipynb #6f335ab6
 def decoder_twin(block: PosTransformerDecoderLayer) -> nn.TransformerDecoderLayer:
     "An `nn.TransformerDecoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle."
     weight = block.linear1.weight
     twin = nn.TransformerDecoderLayer(block.d_model, block.self_attn.num_heads, block.linear1.out_features, dropout=0.0,
                                       activation=block.activation, layer_norm_eps=block.norm1.eps, norm_first=True,
-                                      batch_first=block.batch_first, bias=block.linear1.bias is not None, device=weight.device,
-                                      dtype=weight.dtype)
+                                      batch_first=block.batch_first, bias=block.linear1.bias is not None,
+                                      device=weight.device, dtype=weight.dtype)
     return _load_twin(twin, block, ('self_attn', 'multihead_attn'), 'decoder_twin')

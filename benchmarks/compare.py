@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (CPU_SHAPES, MODES, baselines, clock, command_line, floor_of, header, layer_call, machine, make_inputs,
+from harness import (CPU_SHAPES, LAYERS, MODES, baselines, clock, command_line, floor_of, header, layer_call, machine, make_inputs,
                      make_layer, markdown, paired, progress, quartiles_text, saved_bytes, script, setup, shape_text, text_table,
                      time_case, timed)
 
@@ -58,17 +58,18 @@ def import_both(rev, dest):
     return before, after, commit
 
 
-def make_pair(before, after, shape):
-    "An after layer (seeded) and a before layer with the same weights and table."
-    new = make_layer(after.AdditivePosMultiheadAttention, shape)
-    old = before.AdditivePosMultiheadAttention(shape[2], shape[3], max_len=2 * shape[1])
+def make_pair(before, after, shape, name='additive'):
+    "The layer `name` (see `harness.LAYERS`) of both versions: the after one seeded, the before one with its weights."
+    spec = LAYERS[name]
+    new = make_layer(getattr(after, spec.cls), shape, spec=spec)
+    old = getattr(before, spec.cls)(shape[2], shape[3], **spec.options(shape[1]))
     old.load_state_dict(new.state_dict())
     return old, new
 
 
-def measure(before, after, shape, attention, mode, opts, timer):
-    "One case: both layers and the floor in the same rounds; a results row."
-    old, new = make_pair(before, after, shape)
+def measure(before, after, shape, attention, mode, opts, timer, name='additive'):
+    "One case of the layer `name`: both versions and the floor in the same rounds; a results row."
+    old, new = make_pair(before, after, shape, name)
     x, mem, grad = make_inputs(shape, attention, mode)
     for layer in (old, new): layer.train(mode != 'forward')
     calls = {'before': layer_call(old, x, mem), 'after': layer_call(new, x, mem), **baselines(new.attn, x, mem)}
@@ -76,7 +77,8 @@ def measure(before, after, shape, attention, mode, opts, timer):
     times = time_case(timed(calls, grad), rounds=opts['rounds'], min_run_time=opts['min_run_time'], num_threads=opts['num_threads'],
                       timer=timer)
     floor = floor_of(times)
-    row = dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], attention=attention, mode=mode, floor=floor, rounds=opts['rounds'],
+    row = dict(layer=name, B=shape[0], T=shape[1], D=shape[2], H=shape[3], attention=attention, mode=mode, floor=floor,
+               rounds=opts['rounds'],
                ms={n: t[0] * 1e3 for n, t in times.items()}, before=paired(times, 'before', floor),
                after=paired(times, 'after', floor), after_vs_before=paired(times, 'after', 'before'))
     if grad is not None:  # saved for backward beyond bare MHA, in (B, T, D) tensors
@@ -92,14 +94,14 @@ def run(args):
         before, after, commit = import_both(args.before, dest)
         changed = ', package modified' if git('status', '--porcelain', '--', PACKAGE).strip() else ''
         label = f'working tree (HEAD {git("rev-parse", "--short", "HEAD").strip()}{changed})'  # as imported
-        plan = [(s, a, m) for s in shapes for a in ('self', 'cross') for m in MODES]
-        rows = [measure(before, after, *case, opts, clock('cpu', args.timer))
-                for case in progress(plan, lambda c: f'(B, T, D, H)={c[0]} {c[1]} {c[2]}')]
+        plan = [(s, a, m, n) for n in args.layers for s in shapes for a in ('self', 'cross') for m in MODES]
+        rows = [measure(before, after, s, a, m, opts, clock('cpu', args.timer), n)
+                for s, a, m, n in progress(plan, lambda c: f'{c[3]} (B, T, D, H)={c[0]} {c[1]} {c[2]}')]
     meta = dict(machine(opts['num_threads'], command_line('compare.py', args.argv), args.timer, args.quick), malloc=opts['malloc'],
                 before=commit, after=label)
     return dict(meta=meta, rows=rows)
 
-HEAD = ['attention', 'mode', '(B, T, D, H)', 'before / floor', 'middle half', 'after / floor', 'middle half', 'difference',
+HEAD = ['layer', 'attention', 'mode', '(B, T, D, H)', 'before / floor', 'middle half', 'after / floor', 'middle half', 'difference',
         'after / before', 'middle half', 'extra saved (B, T, D): before', 'after']
 
 
@@ -107,7 +109,7 @@ def cells(rows):
     out = []
     for r in rows:
         saved = r.get('extra_saved_btd')
-        out.append([r['attention'], r['mode'], shape_text(r), f'{r["before"]["ratio"]:.3f}', quartiles_text(r['before']['quartiles']),
+        out.append([r.get('layer', 'additive'), r['attention'], r['mode'], shape_text(r), f'{r["before"]["ratio"]:.3f}', quartiles_text(r['before']['quartiles']),
                     f'{r["after"]["ratio"]:.3f}', quartiles_text(r['after']['quartiles']),
                     f'{r["after"]["ratio"] - r["before"]["ratio"]:+.3f}', f'{r["after_vs_before"]["ratio"]:.3f}',
                     quartiles_text(r['after_vs_before']['quartiles']),
@@ -119,13 +121,13 @@ def summary(rows):
     "Closing lines: how far after / before strays from 1, and the worst case each way."
     ratios = [r['after_vs_before']['ratio'] for r in rows]
     fast, slow = min(rows, key=lambda r: r['after_vs_before']['ratio']), max(rows, key=lambda r: r['after_vs_before']['ratio'])
-    where = lambda r: f'{r["attention"]} {r["mode"]} {shape_text(r)}'
+    where = lambda r: f'{r.get("layer", "additive")} {r["attention"]} {r["mode"]} {shape_text(r)}'
     return (f'after / before over {len(rows)} cases: median {statistics.median(ratios):.3f}, from {min(ratios):.3f} ({where(fast)}) '
             f'to {max(ratios):.3f} ({where(slow)})')
 
 
 def markdown_table(rows):
-    return markdown(HEAD, cells(rows), left=3)
+    return markdown(HEAD, cells(rows), left=4)
 
 
 def report(results):
@@ -137,7 +139,10 @@ def report(results):
 
 def main(argv=None):
     def options(p):
-        p.add_argument('--before', default=DEFAULT_BEFORE, metavar='REV', help=f'the git revision to compare with (default {DEFAULT_BEFORE})')
+        p.add_argument('--before', default=DEFAULT_BEFORE, metavar='REV',
+                       help=f'the git revision to compare with (default {DEFAULT_BEFORE})')
+        p.add_argument('--layers', nargs='+', choices=list(LAYERS), default=['additive'],
+                       help='the layers to compare (default: additive)')
     return script(__doc__, run, report, quick_help='fewer, shorter rounds: a smoke run of about a minute', options=options, argv=argv)
 
 if __name__ == '__main__':
