@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['additive_reference', 'AdditivePosMultiheadAttention']
 
-# %% ../nbs/06_additive.ipynb #7954577f
+# %% ../nbs/06_additive.ipynb #b692172a
 from typing import Optional
 
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._compat import register_load_state_dict_pre_hook, reset_mha_parameters
 from .attention import choose_path, fused_attention, module_attention, project_heads
-from .base import PositionalAttentionBase, positional_forward
+from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_positive_int, mha_options
 from .positions import check_init, init_table_, positional_update, resample_table
@@ -39,45 +39,70 @@ def _check_table_length(layer, state_dict, prefix, local_metadata, strict, missi
                           f"layer: resample it first, {key} = resample_table({key}, {max_len}), or build the layer "
                           f"with max_len={table.shape[0]}")
 
-# %% ../nbs/06_additive.ipynb #4c27c5ea
+# %% ../nbs/06_additive.ipynb #2b02ffb6
 class AdditivePosMultiheadAttention(PositionalAttentionBase):
-    r"""Wrap `torch.nn.MultiheadAttention` and add a learned table of absolute positions to Q/K only:
+    r"""Wrap `torch.nn.MultiheadAttention` and add positional features to Q/K only.
 
-    $$q' = q + E_\theta(P_Q), \qquad k' = k + E_\theta(P_K), \qquad v' = v.$$
+    A learned table maps coordinates to an additive update of the query and key streams,
+
+    $$\mathbf{q}' = \mathbf{q} + E_\theta(\mathbf{P}_Q), \qquad \mathbf{k}' = \mathbf{k} + E_\theta(\mathbf{P}_K),
+    \qquad \mathbf{v}' = \mathbf{v}.$$
+
+    The values are never position-modulated. When $E_\theta$ is zero (as at initialisation), this is exactly
+    ordinary multi-head attention.
 
     Args:
+        embed_dim (int): Model width ``D``.
+        num_heads (int): Number of attention heads; must divide ``embed_dim``.
+        max_len (int): Maximum supported position plus one: positions lie in ``[0, max_len)``.
+        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
+        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
+        device, dtype: Parameter factory options.
+        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
+        init (str): The initial table: ``'zeros'`` (default), ``'normal'`` (std 0.02) or ``'sinusoidal'``.
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`; ``kdim`` must be ``embed_dim``.
 
-        max_len (int): Positions lie in ``[0, max_len)``, one row of the table for each.
-        init (str): The initial table: ``'zeros'`` (default; exactly ``attn``), ``'normal'`` or ``'sinusoidal'``.
-        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default, ``kdim=embed_dim`` only.
     Shape:
+        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
+        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``, in ``[0, max_len)``.
+        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions (False: no update).
+        - Returns: output ``(B, T_q, D)``, and weights ``(B, T_q, T_k)`` with ``need_weights=True``, else ``None``.
 
-        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, position masks bool alike.
     Attributes:
+        pos_emb (Parameter): Learnable table with shape ``(max_len, D)`` storing the absolute positional embeddings.
+        attn (nn.MultiheadAttention): Internal `torch.nn.MultiheadAttention` backend, ``batch_first=True``.
+        embed_dim, num_heads, max_len (int): Model width ``D``, number of heads, number of rows of ``pos_emb``.
 
-        pos_emb (Parameter): The table, ``(max_len, D)``. attn (nn.MultiheadAttention): The wrapped attention.
     Example::
 
         >>> layer, x = AdditivePosMultiheadAttention(64, 4, max_len=128), torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
-    @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
-                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
-                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Add the positional update to query and key before attention; the values pass through unchanged.
+        >>> layer(x, x, x, is_causal=True)[0].shape
+        torch.Size([2, 10, 64])
+    """
 
-        Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
-        builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-        attn = self.attn  # checked and batch first (positional_forward); an attribute lookup, done once
-        q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask,
-                                           query.shape[1], key.shape[1])
-        masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
-        if choose_path(attn, need_weights=need_weights).name == 'fused':
-            return fused_attention(attn, query, key, value, q_update, k_update, **masks), None
-        return module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
-                                average_attn_weights=average_attn_weights, **masks)
+# %% ../nbs/06_additive.ipynb #44fe2764
+@patch
+@positional_forward
+def forward(self: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Add the positional update to query and key before attention; the values pass through unchanged.
+
+    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward); an attribute lookup, done once
+    q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask,
+                                       query.shape[1], key.shape[1])
+    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+    if choose_path(attn, need_weights=need_weights).name == 'fused':
+        return fused_attention(attn, query, key, value, q_update, k_update, **masks), None
+    return module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
+                            average_attn_weights=average_attn_weights, **masks)
+
+concrete(AdditivePosMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/06_additive.ipynb #b21d2daf
 @patch

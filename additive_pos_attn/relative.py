@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['relative_reference', 'AdditiveRelMultiheadAttention']
 
-# %% ../nbs/07_relative.ipynb #76ffda56
+# %% ../nbs/07_relative.ipynb #0553055f
 from typing import Optional
 
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
 from .attention import choose_path, fused_attention, module_attention, project_heads
-from .base import PositionalAttentionBase, positional_forward
+from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
 from .positions import relative_bias
@@ -40,46 +40,71 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/07_relative.ipynb #3139e61a
+# %% ../nbs/07_relative.ipynb #1ea38b41
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
-    r"""Wrap `torch.nn.MultiheadAttention` and add to its scores a learned bias per head of the clipped position offset:
+    r"""Wrap `torch.nn.MultiheadAttention` and add to its scores a learned bias per head of the clipped offset.
 
-    $$s_h(i, j) = q_{h,i} \cdot k_{h,j} / \sqrt{d_h} + b_h\big(\mathrm{clip}(p_i - p_j, -m, m)\big).$$
+    Head ``h`` adds to the score of query ``i`` and key ``j`` the row of their clipped offset of positions:
+
+    $$\mathrm{score}_h(i, j) = \frac{q_{h,i} \cdot k_{h,j}}{\sqrt{d_h}}
+    + b_h\big(\mathrm{clip}(p_i - p_j, -m, m)\big).$$
+
+    Only differences of positions matter, so positions may be any integers. When the table is zero (as at
+    initialisation), this is exactly ordinary multi-head attention.
 
     Args:
-
+        embed_dim (int): Model width ``D``.
+        num_heads (int): Number of attention heads; must divide ``embed_dim``.
         max_distance (int): Largest offset ``m`` with a row of its own; larger offsets share the end rows.
+        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
+        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
+        device, dtype: Parameter factory options.
+        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         per_head (bool): If ``True`` (default), each head has its own bias; else one bias serves every head.
-        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default; extra keys get no bias.
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`; the keys these add gain no bias.
+
     Shape:
+        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
+        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``; any values.
+        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions (False: no bias).
+        - Returns: output ``(B, T_q, D)``, and weights ``(B, T_q, T_k)`` with ``need_weights=True``, else ``None``.
 
-        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, any values; masks bool alike.
     Attributes:
+        rel_bias (Parameter): The learned table, ``(2m + 1, H)`` (``(2m + 1,)`` with ``per_head=False``); row
+            ``d + m`` holds the bias of offset ``d``.
+        attn (nn.MultiheadAttention): Internal `torch.nn.MultiheadAttention` backend, ``batch_first=True``.
+        max_distance (int): The clipping offset ``m``; ``max_len`` is ``None``: no bound on positions.
 
-        rel_bias (Parameter): The table, ``(2m + 1, H)`` (``(2m + 1,)`` with ``per_head=False``), zero at first;
-            row ``d + m`` holds offset ``d``'s bias. attn (nn.MultiheadAttention): The wrapped attention.
     Example::
 
         >>> layer, x = AdditiveRelMultiheadAttention(64, 4, max_distance=16), torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
-    @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
-                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
-                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Add the relative bias of each pair's positions to the scores; queries, keys and values are `attn`'s.
+        >>> layer(x, x, x, is_causal=True)[0].shape
+        torch.Size([2, 10, 64])
+    """
 
-        Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
-        builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-        attn = self.attn  # checked and batch first (positional_forward)
-        bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
-                              k_len=key.shape[1]).to(query.dtype)
-        masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
-        if choose_path(attn, need_weights=need_weights).name == 'fused':
-            return fused_attention(attn, query, key, value, **masks), None
-        return module_attention(attn, query, key, value, need_weights=need_weights,
-                                average_attn_weights=average_attn_weights, **masks)
+# %% ../nbs/07_relative.ipynb #58a60dd3
+@patch
+@positional_forward
+def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Add the relative bias of each pair's positions to the scores; queries, keys and values are `attn`'s.
+
+    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward)
+    bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
+                          k_len=key.shape[1]).to(query.dtype)
+    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
+    if choose_path(attn, need_weights=need_weights).name == 'fused':
+        return fused_attention(attn, query, key, value, **masks), None
+    return module_attention(attn, query, key, value, need_weights=need_weights,
+                            average_attn_weights=average_attn_weights, **masks)
+
+concrete(AdditiveRelMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/07_relative.ipynb #fd391998
 @patch

@@ -4,7 +4,7 @@
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'check_rope_base', 'RoPEMultiheadAttention',
            'pair_order']
 
-# %% ../nbs/08_rotary.ipynb #69c469ff
+# %% ../nbs/08_rotary.ipynb #e49dc96c
 import math
 from typing import Optional
 
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._compat import is_compiling, reset_mha_parameters
 from .attention import attend_heads, call_needed, project_heads
-from .base import PositionalAttentionBase, positional_forward
+from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, mha_options
 
@@ -131,46 +131,69 @@ def check_rope_base(value) -> float:
     if not (0 < value < math.inf): raise ValueError(f"rope_base must be a positive, finite float, got {value}")
     return float(value)
 
-# %% ../nbs/08_rotary.ipynb #f2b7f9bf
+# %% ../nbs/08_rotary.ipynb #5a3f37df
 class RoPEMultiheadAttention(PositionalAttentionBase):
     r"""Multi-head attention with rotary position embeddings: queries and keys turned by their positions, values not.
 
+    Each head's pairs of query and key channels are turned by the angles $p\,\theta_i$, $\theta_i = b^{-2i/d_h}$,
+
     $$s_{ij} = \frac{1}{\sqrt{d_h}} \big(R(p_i)\, W_q^h x_i\big)^\top \big(R(p_j)\, W_k^h y_j\big)
-    = \frac{1}{\sqrt{d_h}} (W_q^h x_i)^\top R(p_j - p_i)\, W_k^h y_j, \qquad \theta_i = b^{-2i/d_h}.$$
+    = \frac{1}{\sqrt{d_h}} (W_q^h x_i)^\top R(p_j - p_i)\, W_k^h y_j,$$
+
+    so the logits depend on the offset $p_j - p_i$ only (the keys of ``add_bias_kv`` are not turned).
 
     Args:
-
+        embed_dim (int): Model width ``D``.
+        num_heads (int): Number of attention heads; must divide ``embed_dim``, and ``D / H`` must be even.
+        dropout (float): Dropout probability on attention weights. Default: ``0.0``.
+        bias (bool): If ``True``, adds learnable input and output projection biases. Default: ``True``.
+        device, dtype: Parameter factory options.
+        batch_first (bool): If ``True`` (default), inputs and output are ``(B, T, D)``; else ``(T, B, D)``.
         rope_base (float): The base ``b`` of the frequencies. Default: ``10000.0``.
-        interleaved (bool): If ``True`` (default; RoFormer), pairs are ``(x[2i], x[2i+1])``; else ``(x[i], x[i+d/2])``.
-        The others: as for `torch.nn.MultiheadAttention`, but ``batch_first=True`` by default and ``D / H`` even.
+        interleaved (bool): If ``True`` (default; RoFormer), pairs are ``(x[2i], x[2i+1])``; else
+            ``(x[i], x[i + d/2])`` (GPT-NeoX, Hugging Face Llama).
+        add_bias_kv, add_zero_attn, kdim, vdim: As for `torch.nn.MultiheadAttention`, held by ``attn``.
+
     Shape:
+        - query: ``(B, T_q, D)``; key, value: ``(B, T_k, D)`` (``(T, B, D)`` with ``batch_first=False``).
+        - q_positions, k_positions: integer ``(T,)`` shared by the batch, or ``(B, T)``; any values.
+        - q_position_mask, k_position_mask: bool, the shape of the corresponding positions (False: not turned).
+        - Returns: output ``(B, T_q, D)``, and weights ``(B, T_q, T_k)`` with ``need_weights=True``, else ``None``.
 
-        As for `torch.nn.MultiheadAttention`; positions integer ``(T,)`` or ``(B, T)``, any values; masks bool alike.
     Attributes:
+        attn (nn.MultiheadAttention): Holds the projections, ``batch_first=True``; never called.
+        rope_base (float), interleaved (bool): As given.
 
-        attn (nn.MultiheadAttention): Holds the projections and the extra keys (which are not turned); never called.
     Example::
 
         >>> layer, x = RoPEMultiheadAttention(64, 4), torch.randn(2, 10, 64)
-        >>> out, _ = layer(x, x, x, is_causal=True)  # out: (2, 10, 64)"""
-    @positional_forward
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, q_positions: Optional[Tensor] = None,
-                k_positions: Optional[Tensor] = None, q_position_mask: Optional[Tensor] = None,
-                k_position_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False, is_causal: bool = False,
-                average_attn_weights: bool = True, cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Turn the projected queries and keys by their positions (any integers), then attend; values are not turned.
+        >>> layer(x, x, x, is_causal=True)[0].shape
+        torch.Size([2, 10, 64])
+    """
 
-        The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
-        mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-        attn = self.attn  # checked and batch first (positional_forward)
-        if (reason := call_needed(attn)) is not None:
-            raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's "
-                             f"projection and its logits), so it cannot honour what needs that call: {reason}")
-        q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
-        return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask,
-                            key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
-                            average_attn_weights=average_attn_weights)
+# %% ../nbs/08_rotary.ipynb #1a37d315
+@patch
+@positional_forward
+def forward(self: RoPEMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Turn the projected queries and keys by their positions (any integers), then attend; values are not turned.
+
+    The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
+    mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward)
+    if (reason := call_needed(attn)) is not None:
+        raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's "
+                         f"projection and its logits), so it cannot honour what needs that call: {reason}")
+    q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
+    return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask,
+                        key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
+                        average_attn_weights=average_attn_weights)
+
+concrete(RoPEMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/08_rotary.ipynb #de28ae3b
 @patch
