@@ -40,7 +40,7 @@ def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tens
         bias = bias + (extra.view(batch, heads, q_len, k_len) if extra.dim() == 3 else extra)
     return layer.attn(query, key, value, attn_mask=bias.reshape(batch * heads, q_len, k_len), **attn_kwargs)
 
-# %% ../nbs/07_relative.ipynb #1ea38b41
+# %% ../nbs/07_relative.ipynb #5a342f59
 class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     r"""Wrap `torch.nn.MultiheadAttention` and add to its scores a learned bias per head of the clipped offset.
 
@@ -49,8 +49,7 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
     $$\mathrm{score}_h(i, j) = \frac{q_{h,i} \cdot k_{h,j}}{\sqrt{d_h}}
     + b_h\big(\mathrm{clip}(p_i - p_j, -m, m)\big).$$
 
-    Only differences of positions matter, so positions may be any integers. When the table is zero (as at
-    initialisation), this is exactly ordinary multi-head attention.
+    Only offsets matter, so positions may be any integers; a zero table (the start) is ordinary attention.
 
     Args:
         embed_dim (int): Model width ``D``.
