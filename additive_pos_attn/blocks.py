@@ -29,7 +29,7 @@ def apply_dropout(dropout: nn.Dropout, x: Tensor) -> Tensor:
     "`dropout(x)`, or `x` itself without the module call where dropout does nothing (evaluation mode, or p = 0)."
     return dropout(x) if dropout.training and dropout.p > 0 else x
 
-# %% ../nbs/09_blocks.ipynb #5b2030d2
+# %% ../nbs/09_blocks.ipynb #762d6400
 class FeedForwardBlock(nn.Module):
     "A block with torch's feed-forward sub-block, `linear2(dropout(activation(linear1(x))))`, and self-attention."
     def _init_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float, bias: bool, factory_kwargs: dict):
@@ -40,6 +40,16 @@ class FeedForwardBlock(nn.Module):
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(apply_dropout(self.dropout, self.activation(self.linear1(x))))
+
+    @property
+    def d_model(self) -> int:
+        "The block's width, its self-attention's `embed_dim` (read at each call, so that it stays the attention's)."
+        return self.self_attn.embed_dim
+
+    @property
+    def batch_first(self) -> bool:
+        "The block's layout, its self-attention's: `(B, T, D)` if True, else `(T, B, D)`."
+        return self.self_attn.batch_first
 
     def _check_stream(self, name: str, x):
         "A block's input stream is a `(B, T, D)` (or `(T, B, D)`) Tensor of the block's width."

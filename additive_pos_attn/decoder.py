@@ -55,7 +55,7 @@ class PosTransformerDecoderLayer(FeedForwardBlock):
         self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
         self.activation = get_activation(activation)  # last, as in torch
 
-# %% ../nbs/11_decoder.ipynb #c5c9cd7d
+# %% ../nbs/11_decoder.ipynb #9b888671
 def _check_layers(self_attention, cross_attention):
     "Refuse a layer that is not a `PositionalAttentionBase`, or a cross-attention of another width or layout."
     for name, layer in (('self_attention', self_attention), ('cross_attention', cross_attention)):
@@ -66,16 +66,6 @@ def _check_layers(self_attention, cross_attention):
     if (cross_attention.embed_dim, cross_attention.batch_first) != (width, batch_first):
         raise ValueError(f"cross_attention must have self_attention's embed_dim={width} and batch_first={batch_first}, "
                          f"got {cross_attention.embed_dim} and {cross_attention.batch_first}")
-
-@patch(as_prop=True)
-def d_model(self: PosTransformerDecoderLayer) -> int:
-    "The block's width, its attention layers' `embed_dim`."
-    return self.self_attn.embed_dim
-
-@patch(as_prop=True)
-def batch_first(self: PosTransformerDecoderLayer) -> bool:
-    "The block's layout, its attention layers': `(B, T, D)` if True, else `(T, B, D)`."
-    return self.self_attn.batch_first
 
 # %% ../nbs/11_decoder.ipynb #2ef83eb2
 @patch

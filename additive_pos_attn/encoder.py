@@ -59,17 +59,6 @@ class PosTransformerEncoderLayer(FeedForwardBlock):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.activation = get_activation(activation)  # last, as in torch: a module activation's parameters come last
 
-# %% ../nbs/10_encoder.ipynb #7a5b6512
-@patch(as_prop=True)
-def d_model(self: PosTransformerEncoderLayer) -> int:
-    "The block's width, the attention's `embed_dim`."
-    return self.self_attn.embed_dim
-
-@patch(as_prop=True)
-def batch_first(self: PosTransformerEncoderLayer) -> bool:
-    "The block's layout, the attention's: `(B, T, D)` if True, else `(T, B, D)`."
-    return getattr(self.self_attn, 'batch_first', True)
-
 # %% ../nbs/10_encoder.ipynb #8b309c2b
 @patch
 def forward(self: PosTransformerEncoderLayer, src: Tensor, src_mask: Optional[Tensor] = None,
