@@ -13,10 +13,11 @@ from torch import Tensor
 from .checks import check_positive_int
 from .demo import TOY_SCHEMES, ToyModel, one_thread, train_toy, toy_accuracy
 
-# %% ../nbs/16_comparison.ipynb #90d01b2d
+# %% ../nbs/16_comparison.ipynb #034acd30
 def lookback_batch(batch_size: int, length: Union[int, tuple[int, int]], vocab_size: int = 16, *, k: int = 3,
                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """`batch_size` sequences of `length` random tokens, `(B, T)`, and their targets: the token `k` places back, `-100` (none) in the first `k` places.
+    """`batch_size` sequences of `length` random tokens, `(B, T)`, and their targets: the token `k` places back,
+    `-100` (none) in the first `k` places.
 
     `length` may be a range `(low, high)`: then one length, drawn from it (ends included), serves the batch."""
     check_positive_int('k', k)
@@ -39,19 +40,23 @@ def train_schemes(schemes: Sequence[str] = TOY_SCHEMES, steps: int = 400, *, see
         models[scheme], _ = train_toy(steps, seed=seed, attention=scheme, progress=progress, **train_kwargs)
     return models
 
-# %% ../nbs/16_comparison.ipynb #69489c6f
+# %% ../nbs/16_comparison.ipynb #516c80f7
 def stretch_tables(model: ToyModel, length: int) -> ToyModel:
-    "A copy of `model` whose additive tables are resampled to `length` rows (`resize_pos_emb`, `resample_table`): it takes sequences of up to `length` tokens."
-    if model.attention != 'additive': raise ValueError(f"only an additive table can be resampled, and this model's attention is {model.attention!r}")
+    """A copy of `model` whose additive tables are resampled to `length` rows (`resize_pos_emb`, `resample_table`):
+    it takes sequences of up to `length` tokens."""
+    if model.attention != 'additive':
+        raise ValueError(f"only an additive table can be resampled, and this model's attention is {model.attention!r}")
     stretched = copy.deepcopy(model)
     for block in stretched.blocks: block.self_attn.resize_pos_emb(length)
     return stretched
 
 def accuracy_by_length(model: ToyModel, lengths: Sequence[int], *, k: int = 3, n: int = 500, seed: int = 1234,
                        stretch: bool = False) -> dict[int, Optional[float]]:
-    """Token accuracy of `model` on `n` look-back sequences (`lookback_batch`) of each of `lengths`, the same ones for a given `seed`.
+    """Token accuracy of `model` on `n` look-back sequences (`lookback_batch`) of each of `lengths`, the same ones for
+    a given `seed`.
 
-    A length past the model's `max_len` is refused, `None`; with ``stretch=True`` it is measured on `stretch_tables(model, length)`."""
+    A length past the model's `max_len` is refused, `None`; with ``stretch=True`` it is measured on
+    `stretch_tables(model, length)`."""
     accuracies = {}
     with one_thread():
         for length in lengths:
@@ -60,14 +65,16 @@ def accuracy_by_length(model: ToyModel, lengths: Sequence[int], *, k: int = 3, n
                 accuracies[length] = None
                 continue
             task = functools.partial(lookback_batch, length=length, vocab_size=model.vocab_size, k=k)
-            accuracies[length] = toy_accuracy(model if fits else stretch_tables(model, length), task=task, n=n, seed=seed)
+            measured = model if fits else stretch_tables(model, length)
+            accuracies[length] = toy_accuracy(measured, task=task, n=n, seed=seed)
     return accuracies
 
-# %% ../nbs/16_comparison.ipynb #02237a20
+# %% ../nbs/16_comparison.ipynb #732ed42e
 def accuracy_table(rows: dict[str, dict], corner: str = 'scheme') -> str:
     "A Markdown table of accuracies, a row per name and a column per key of the first row; `None` reads 'refused'."
     columns = list(next(iter(rows.values())))
     lines = [f"| {corner} | " + ' | '.join(map(str, columns)) + ' |', '|:---|' + '---:|' * len(columns)]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + ' | '.join('refused' if row[c] is None else f'{row[c]:.1%}' for c in columns) + ' |')
+        cells = ('refused' if row[c] is None else f'{row[c]:.1%}' for c in columns)
+        lines.append(f"| {name} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

@@ -4,12 +4,13 @@
 __all__ = ['TOY_SCHEMES', 'reversal_batch', 'positions_off', 'ToyModel', 'one_thread', 'train_toy', 'toy_accuracy', 'ToySeq2Seq',
            'train_seq2seq', 'generate', 'demo_parser', 'main']
 
-# %% ../nbs/12_demo.ipynb #446b5e4c
+# %% ../nbs/12_demo.ipynb #62b387f4
 import argparse, contextlib, functools, os, sys, tempfile, time
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .checks import check_positive_int
@@ -17,8 +18,9 @@ from .decoder import DecoderCache, PosTransformerDecoderLayer
 from .blocks import ATTENTION_KINDS, positional_attention
 from .encoder import PosTransformerEncoderLayer
 
-# %% ../nbs/12_demo.ipynb #26e9be92
-def reversal_batch(batch_size: int, vocab_size: int = 16, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+# %% ../nbs/12_demo.ipynb #f225de70
+def reversal_batch(batch_size: int, vocab_size: int = 16,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     "`batch_size` random permutations of the tokens `0 … vocab_size-1`, `(B, V)`, and their reversals, the targets."
     tokens = torch.rand(batch_size, vocab_size, generator=generator).argsort(-1)
     return tokens, tokens.flip(-1)
@@ -28,7 +30,7 @@ def positions_off(length: int, device=None) -> Tensor:
     "An all-`False` position mask for `length` tokens: with it, every block attends without positions."
     return torch.zeros(length, dtype=torch.bool, device=device)
 
-# %% ../nbs/12_demo.ipynb #a675535b
+# %% ../nbs/12_demo.ipynb #87e1eb6e
 TOY_SCHEMES = ATTENTION_KINDS + ('none',)
 
 class ToyModel(nn.Module):
@@ -54,7 +56,8 @@ class ToyModel(nn.Module):
     def __init__(self, vocab_size: int = 16, d_model: int = 32, num_heads: int = 4, num_layers: int = 1,
                  dim_feedforward: int = 64, max_len: Optional[int] = None, attention: str = 'additive'):
         super().__init__()
-        if attention not in TOY_SCHEMES: raise ValueError(f"attention must be one of {', '.join(map(repr, TOY_SCHEMES))}, got {attention!r}")
+        if attention not in TOY_SCHEMES:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, TOY_SCHEMES))}, got {attention!r}")
         self.attention = attention
         kind = 'rotary' if attention == 'none' else attention
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -64,30 +67,35 @@ class ToyModel(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.readout = nn.Linear(d_model, vocab_size)
 
-    @property
-    def vocab_size(self) -> int: return self.readout.out_features
+# %% ../nbs/12_demo.ipynb #99c2e149
+@patch(as_prop=True)
+def vocab_size(self: ToyModel) -> int: return self.readout.out_features
 
-    @property
-    def max_len(self) -> Optional[int]:
-        "The longest sequence the model takes: the additive tables' rows, or `None` for any length."
-        return self.blocks[0].self_attn.max_len
+@patch(as_prop=True)
+def max_len(self: ToyModel) -> Optional[int]:
+    "The longest sequence the model takes: the additive tables' rows, or `None` for any length."
+    return self.blocks[0].self_attn.max_len
 
-    def _position_mask(self, tokens: Tensor, position_mask: Optional[Tensor]) -> Optional[Tensor]:
-        return positions_off(tokens.shape[1], tokens.device) if self.attention == 'none' else position_mask
+@patch
+def _position_mask(self: ToyModel, tokens: Tensor, position_mask: Optional[Tensor]) -> Optional[Tensor]:
+    return positions_off(tokens.shape[1], tokens.device) if self.attention == 'none' else position_mask
 
-    def forward(self, tokens: Tensor, position_mask: Optional[Tensor] = None) -> Tensor:
-        "Logits for `tokens`; `position_mask` goes to every block (all `False`: no positions anywhere, always so for `'none'`)."
-        x, position_mask = self.embed(tokens), self._position_mask(tokens, position_mask)
-        for block in self.blocks: x = block(x, position_mask=position_mask)
-        return self.readout(self.norm(x))
+@patch
+def forward(self: ToyModel, tokens: Tensor, position_mask: Optional[Tensor] = None) -> Tensor:
+    """Logits for `tokens`; `position_mask` goes to every block (all `False`: no positions anywhere, always so for
+    `'none'`)."""
+    x, position_mask = self.embed(tokens), self._position_mask(tokens, position_mask)
+    for block in self.blocks: x = block(x, position_mask=position_mask)
+    return self.readout(self.norm(x))
 
-    def attention_inputs(self, tokens: Tensor, position_mask: Optional[Tensor] = None) -> list[Tensor]:
-        "What each block's attention reads, `block.norm1` of the residual stream: one `(B, T, D)` tensor per block."
-        x, inputs, position_mask = self.embed(tokens), [], self._position_mask(tokens, position_mask)
-        for block in self.blocks:
-            inputs.append(block.norm1(x))
-            x = block(x, position_mask=position_mask)
-        return inputs
+@patch
+def attention_inputs(self: ToyModel, tokens: Tensor, position_mask: Optional[Tensor] = None) -> list[Tensor]:
+    "What each block's attention reads, `block.norm1` of the residual stream: one `(B, T, D)` tensor per block."
+    x, inputs, position_mask = self.embed(tokens), [], self._position_mask(tokens, position_mask)
+    for block in self.blocks:
+        inputs.append(block.norm1(x))
+        x = block(x, position_mask=position_mask)
+    return inputs
 
 # %% ../nbs/12_demo.ipynb #c818212c
 @contextlib.contextmanager
@@ -98,7 +106,7 @@ def one_thread():
     try: yield
     finally: torch.set_num_threads(threads)
 
-# %% ../nbs/12_demo.ipynb #64495696
+# %% ../nbs/12_demo.ipynb #8328d8fc
 class _Lines:
     "A stream for tqdm where a line cannot be redrawn: each redraw, `'\\r'` and the bar, becomes a line of its own."
     def __init__(self, stream): self.stream = stream
@@ -115,7 +123,9 @@ def _progress(steps: int, progress: Union[bool, Callable[[int, float], None]]):
         yield progress or None
         return
     try: from tqdm import tqdm
-    except ImportError as e: raise ImportError(f"progress=True draws a tqdm bar, and tqdm is missing ({e}): pip install \"additive_pos_attn[viz]\"", name='tqdm') from e
+    except ImportError as e:
+        raise ImportError(f"progress=True draws a tqdm bar, and tqdm is missing ({e}): "
+                          f"pip install \"additive_pos_attn[viz]\"", name='tqdm') from e
     stream = sys.stderr
     if getattr(stream, 'isatty', lambda: False)(): bar = tqdm(total=steps, file=stream, unit='step')
     else: bar = tqdm(total=steps, file=_Lines(stream), unit='step', ascii=True, leave=False,
@@ -129,15 +139,17 @@ def _progress(steps: int, progress: Union[bool, Callable[[int, float], None]]):
         if not bar.leave and bar.n > bar.last_print_n: bar.refresh()
         bar.close()
 
-# %% ../nbs/12_demo.ipynb #77c45d6a
+# %% ../nbs/12_demo.ipynb #adacac91
 def _task_for(model: ToyModel, task: Optional[Callable]) -> Callable:
     "`task`, or by default reversing permutations of `model`'s tokens."
     return task or functools.partial(reversal_batch, vocab_size=model.vocab_size)
 
 def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, batch_size: int = 64, lr: float = 2e-2,
               task: Optional[Callable[..., tuple[Tensor, Tensor]]] = None,
-              progress: Union[bool, Callable[[int, float], None]] = False, **model_kwargs) -> tuple[ToyModel, list[float]]:
-    """Train a `ToyModel` on `task`, by default to reverse permutations; return it in eval mode and the loss of every step.
+              progress: Union[bool, Callable[[int, float], None]] = False,
+              **model_kwargs) -> tuple[ToyModel, list[float]]:
+    """Train a `ToyModel` on `task`, by default to reverse permutations; return it in eval mode and the loss of every
+    step.
 
     Args:
 
@@ -146,8 +158,9 @@ def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, ba
         use_positions (bool): If ``False``, every block gets an all-``False`` position mask. Default: ``True``.
         batch_size (int): Permutations per step. Default: ``64``.
         lr (float): AdamW's learning rate. Default: ``2e-2``.
-        task (callable, optional): ``task(batch_size, generator=g)`` returns a batch ``(tokens, targets)``, both ``(B, T)``,
-            the target ``-100`` where there is none. Default: `reversal_batch` of the model's ``vocab_size`` tokens.
+        task (callable, optional): ``task(batch_size, generator=g)`` returns a batch ``(tokens, targets)``, both
+            ``(B, T)``, the target ``-100`` where there is none. Default: `reversal_batch` of the model's
+            ``vocab_size`` tokens.
         progress (bool or callable): ``True`` shows a tqdm bar on stderr (redrawn on a terminal; in a log, a line
             every tenth of the run); a callable is called with ``(step, loss)`` after every step. Default: ``False``.
         **model_kwargs: Passed to `ToyModel`, the scheme (``attention``) among them.
@@ -164,8 +177,9 @@ def train_toy(steps: int = 400, *, seed: int = 0, use_positions: bool = True, ba
         losses = _fit(model, batch_loss, steps=steps, lr=lr, report=report)
     return model.eval(), losses
 
+# %% ../nbs/12_demo.ipynb #b6e6c696
 def _fit(model: nn.Module, batch_loss: Callable[[], Tensor], *, steps: int, lr: float, report) -> list[float]:
-    "AdamW on `model` for `steps` steps, each on a fresh `batch_loss()`; the loss of every step, each passed to `report`."
+    "AdamW on `model` for `steps` steps, each on a fresh `batch_loss()`; each step's loss, also passed to `report`."
     optimizer, losses = torch.optim.AdamW(model.parameters(), lr=lr), []
     for step in range(1, steps + 1):
         loss = batch_loss()
@@ -174,17 +188,18 @@ def _fit(model: nn.Module, batch_loss: Callable[[], Tensor], *, steps: int, lr: 
         if report: report(step, losses[-1])
     return losses
 
-# %% ../nbs/12_demo.ipynb #c01ce1ea
+# %% ../nbs/12_demo.ipynb #8a5fdc84
 @torch.no_grad()
 def toy_accuracy(model: ToyModel, *, use_positions: bool = True, n: int = 2000, seed: int = 1234,
                  task: Optional[Callable[..., tuple[Tensor, Tensor]]] = None) -> float:
-    "Token accuracy of `model` on `n` fresh samples of `task` (default: permutations to reverse), the same ones for a given `seed`."
+    """Token accuracy of `model` on `n` fresh samples of `task` (default: permutations to reverse), the same ones for a
+    given `seed`."""
     tokens, targets = _task_for(model, task)(n, generator=torch.Generator().manual_seed(seed))
     mask = None if use_positions else positions_off(tokens.shape[1])
     has_target = targets != -100
     return (model(tokens, mask).argmax(-1) == targets)[has_target].float().mean().item()
 
-# %% ../nbs/12_demo.ipynb #6fdeeb88
+# %% ../nbs/12_demo.ipynb #6a84a1ed
 class ToySeq2Seq(nn.Module):
     r"""Token embedding, ``num_layers`` encoder blocks over the source, ``num_layers`` decoder blocks that attend to it,
     a layer norm and a read-out; every attention layer of the scheme ``attention`` (one of `ATTENTION_KINDS`).
@@ -195,12 +210,15 @@ class ToySeq2Seq(nn.Module):
     def __init__(self, vocab_size: int = 16, d_model: int = 32, num_heads: int = 4, num_layers: int = 1,
                  dim_feedforward: int = 64, attention: str = 'additive'):
         super().__init__()
-        if attention not in ATTENTION_KINDS: raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {attention!r}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {attention!r}")
         self.attention = attention
         layer = lambda: positional_attention(attention, d_model, num_heads, max_len=vocab_size)
         self.embed = nn.Embedding(vocab_size + 1, d_model)
-        self.encoder = nn.ModuleList(PosTransformerEncoderLayer(layer(), dim_feedforward, dropout=0.0) for _ in range(num_layers))
-        self.decoder = nn.ModuleList(PosTransformerDecoderLayer(layer(), layer(), dim_feedforward, dropout=0.0) for _ in range(num_layers))
+        self.encoder = nn.ModuleList(PosTransformerEncoderLayer(layer(), dim_feedforward, dropout=0.0)
+                                     for _ in range(num_layers))
+        self.decoder = nn.ModuleList(PosTransformerDecoderLayer(layer(), layer(), dim_feedforward, dropout=0.0)
+                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.readout = nn.Linear(d_model, vocab_size)
 
@@ -210,34 +228,42 @@ class ToySeq2Seq(nn.Module):
     @property
     def start_token(self) -> int: return self.vocab_size
 
-    def encode(self, source: Tensor) -> Tensor:
-        "The memory `(B, S, D)` of the tokens `source` `(B, S)`."
-        x = self.embed(source)
-        for block in self.encoder: x = block(x)
-        return x
-
-    def decode(self, tokens: Tensor, memory: Tensor, caches: Optional[list[DecoderCache]] = None) -> Tensor:
-        "Logits `(B, T, V)` of the token after each of `tokens` `(B, T)`; with `caches` (`init_caches`), `tokens` are the new ones only."
-        x = self.embed(tokens)
-        for i, block in enumerate(self.decoder): x = block(x, memory, tgt_is_causal=True, cache=None if caches is None else caches[i])
-        return self.readout(self.norm(x))
-
     def forward(self, source: Tensor, tokens: Tensor) -> Tensor:
         "Logits of the token after each of `tokens`, the decoder's input, given `source`: teacher forcing."
         return self.decode(tokens, self.encode(source))
 
-    def init_caches(self, batch_size: int, max_length: int) -> list[DecoderCache]:
-        "One `DecoderCache` per decoder block, for `batch_size` outputs of up to `max_length` tokens."
-        return [block.init_cache(batch_size, max_length) for block in self.decoder]
+# %% ../nbs/12_demo.ipynb #e228ba5d
+@patch
+def encode(self: ToySeq2Seq, source: Tensor) -> Tensor:
+    "The memory `(B, S, D)` of the tokens `source` `(B, S)`."
+    x = self.embed(source)
+    for block in self.encoder: x = block(x)
+    return x
 
-# %% ../nbs/12_demo.ipynb #a72bf4e9
+@patch
+def decode(self: ToySeq2Seq, tokens: Tensor, memory: Tensor, caches: Optional[list[DecoderCache]] = None) -> Tensor:
+    """Logits `(B, T, V)` of the token after each of `tokens` `(B, T)`; with `caches` (`init_caches`), `tokens` are
+    the new ones only."""
+    x = self.embed(tokens)
+    for i, block in enumerate(self.decoder):
+        x = block(x, memory, tgt_is_causal=True, cache=None if caches is None else caches[i])
+    return self.readout(self.norm(x))
+
+@patch
+def init_caches(self: ToySeq2Seq, batch_size: int, max_length: int) -> list[DecoderCache]:
+    "One `DecoderCache` per decoder block, for `batch_size` outputs of up to `max_length` tokens."
+    return [block.init_cache(batch_size, max_length) for block in self.decoder]
+
+# %% ../nbs/12_demo.ipynb #b6623600
 def _with_start(model: ToySeq2Seq, targets: Tensor) -> Tensor:
     "The decoder's input for `targets`: the start token, then the targets but for the last."
     return torch.cat([torch.full_like(targets[:, :1], model.start_token), targets[:, :-1]], dim=1)
 
 def train_seq2seq(steps: int = 400, *, seed: int = 0, batch_size: int = 64, lr: float = 1e-2,
-                  progress: Union[bool, Callable[[int, float], None]] = False, **model_kwargs) -> tuple[ToySeq2Seq, list[float]]:
-    "Train a `ToySeq2Seq` to reverse permutations, as `train_toy` trains a `ToyModel` (same arguments); return it in eval mode and the losses."
+                  progress: Union[bool, Callable[[int, float], None]] = False,
+                  **model_kwargs) -> tuple[ToySeq2Seq, list[float]]:
+    """Train a `ToySeq2Seq` to reverse permutations, as `train_toy` trains a `ToyModel` (same arguments); return it in
+    eval mode and the losses."""
     check_positive_int('steps', steps); check_positive_int('batch_size', batch_size)
     with _progress(steps, progress) as report, torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
@@ -249,9 +275,10 @@ def train_seq2seq(steps: int = 400, *, seed: int = 0, batch_size: int = 64, lr: 
         losses = _fit(model, batch_loss, steps=steps, lr=lr, report=report)
     return model.eval(), losses
 
-# %% ../nbs/12_demo.ipynb #cf529b46
+# %% ../nbs/12_demo.ipynb #58c5c8cf
 @torch.no_grad()
-def generate(model: ToySeq2Seq, source: Tensor, steps: Optional[int] = None, *, cache: bool = True) -> tuple[Tensor, Tensor]:
+def generate(model: ToySeq2Seq, source: Tensor, steps: Optional[int] = None, *,
+             cache: bool = True) -> tuple[Tensor, Tensor]:
     """Greedy decoding of `steps` tokens (default: the source's length) for each sequence of `source` `(B, S)`;
     returns the tokens `(B, steps)` and the logits each was chosen from, `(B, steps, V)`."""
     steps = source.shape[1] if steps is None else check_positive_int('steps', steps)
@@ -263,7 +290,7 @@ def generate(model: ToySeq2Seq, source: Tensor, steps: Optional[int] = None, *, 
         tokens = torch.cat([tokens, logits[-1].argmax(-1, keepdim=True)], dim=1)
     return tokens[:, 1:], torch.stack(logits, dim=1)
 
-# %% ../nbs/12_demo.ipynb #666b2787
+# %% ../nbs/12_demo.ipynb #90cc05e1
 class _Parser(argparse.ArgumentParser):
     "An `ArgumentParser` whose errors are one line, `prog: error: message`, with exit status 2."
     def error(self, message: str): self.exit(2, f"{self.prog}: error: {message}\n")
@@ -276,7 +303,8 @@ def _positive_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     try: value = int(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0: raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
@@ -285,23 +313,27 @@ def _writable_dir(text: str) -> str:
     try:
         os.makedirs(text, exist_ok=True)
         with tempfile.TemporaryFile(dir=text): pass
-    except OSError as e: raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {e.strerror or e}") from None
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r}: {e.strerror or e}") from None
     return text
 
 def demo_parser() -> argparse.ArgumentParser:
     "The demo command's arguments."
-    parser = _Parser(prog='additive-pos-attn-demo',
-                     description='Train a tiny model with positions (additive, relative or rotary) on a reversal task and draw what it learned.')
-    parser.add_argument('--out', required=True, type=_writable_dir, metavar='DIR', help='directory for the PNG figures (created if missing)')
-    parser.add_argument('--steps', type=_positive_int, default=400, metavar='N', help='training steps per model (default: 400)')
+    parser = _Parser(prog='additive-pos-attn-demo', description='Train a tiny model with positions (additive, relative '
+                     'or rotary) on a reversal task and draw what it learned.')
+    parser.add_argument('--out', required=True, type=_writable_dir, metavar='DIR',
+                        help='directory for the PNG figures (created if missing)')
+    parser.add_argument('--steps', type=_positive_int, default=400, metavar='N',
+                        help='training steps per model (default: 400)')
     parser.add_argument('--seed', type=_seed, default=0, help='random seed (default: 0)')
-    parser.add_argument('--attention', choices=ATTENTION_KINDS, default='additive', help='the positional scheme (default: additive)')
+    parser.add_argument('--attention', choices=ATTENTION_KINDS, default='additive',
+                        help='the positional scheme (default: additive)')
     return parser
 
-# %% ../nbs/12_demo.ipynb #d3998a1e
+# %% ../nbs/12_demo.ipynb #82860a3f
 def _save_figures(model: ToyModel, losses: dict[str, list[float]], out: str, viz) -> list[str]:
-    """Draw the next chapter's figures for the trained `model` and the training `losses`, write them into `out` as PNG; return the paths.
-    Three of them picture an additive table; a model of another scheme gets the other two."""
+    """Draw the next chapter's figures for the trained `model` and the training `losses`, write them into `out` as
+    PNG; return the paths. Three of them picture an additive table; a model of another scheme gets the other two."""
     tokens, _ = reversal_batch(1, model.vocab_size, torch.Generator().manual_seed(0))
     batch, _ = reversal_batch(256, model.vocab_size, torch.Generator().manual_seed(1))
     layer = model.blocks[0].self_attn
@@ -309,10 +341,12 @@ def _save_figures(model: ToyModel, losses: dict[str, list[float]], out: str, viz
         x = model.attention_inputs(tokens)[0]
         _, weights = layer(x, x, x, need_weights=True, average_attn_weights=False)
     chance_loss = torch.tensor(model.vocab_size - 1.).log().item()
-    figures = {'training': lambda: viz.plot_training(losses, reference=chance_loss, reference_label=f'ln {model.vocab_size - 1}'),
+    terms = lambda: viz.logit_terms(layer, *[model.attention_inputs(batch)[0]] * 2)
+    figures = {'training': lambda: viz.plot_training(losses, reference=chance_loss,
+                                                     reference_label=f'ln {model.vocab_size - 1}'),
                'pos_emb': lambda: viz.plot_pos_emb(layer), 'pos_similarity': lambda: viz.plot_pos_similarity(layer),
                'attention_maps': lambda: viz.plot_attention_maps(weights[0], tokens=tokens[0]),
-               'logit_terms': lambda: viz.plot_logit_terms(viz.logit_terms(layer, *[model.attention_inputs(batch)[0]] * 2))}
+               'logit_terms': lambda: viz.plot_logit_terms(terms())}
     names = list(figures) if model.attention == 'additive' else ['training', 'attention_maps']
     paths = []
     for name in names:
@@ -320,6 +354,7 @@ def _save_figures(model: ToyModel, losses: dict[str, list[float]], out: str, viz
         with torch.no_grad(): figures[name]().savefig(paths[-1])
     return paths
 
+# %% ../nbs/12_demo.ipynb #043e1fe1
 def main(argv: Optional[list[str]] = None) -> int:
     "Run the demo command with `argv` (default: the command line); return the exit status."
     parser = demo_parser()
@@ -328,10 +363,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         import tqdm  # noqa: F401 (the progress bars)
         from additive_pos_attn import viz
     except ImportError as e:
-        parser.error(f"the demo needs matplotlib and tqdm, the viz extra; one is missing ({e}); pip install \"additive_pos_attn[viz]\"")
+        parser.error(f"the demo needs matplotlib and tqdm, the viz extra; one is missing ({e}); "
+                     f"pip install \"additive_pos_attn[viz]\"")
     start = time.time()
     models, losses = {}, {}
-    names = {True: 'with positions' if args.attention == 'additive' else f'with {args.attention} positions', False: 'without positions'}
+    names = {True: 'with positions' if args.attention == 'additive' else f'with {args.attention} positions',
+             False: 'without positions'}
     for use_positions, name in names.items():
         print(f"training {name}, {args.steps} steps", file=sys.stderr)
         models[use_positions], losses[name] = train_toy(args.steps, seed=args.seed, use_positions=use_positions,

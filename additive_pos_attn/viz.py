@@ -39,7 +39,7 @@ def _table(source) -> Tensor:
         raise TypeError(f"expected a layer with a pos_emb or a 2-D (L, D) table, got {type(source).__name__}")
     return table.detach().float().cpu()
 
-# %% ../nbs/13_visualise.ipynb #83326148
+# %% ../nbs/13_visualise.ipynb #e30b0b91
 def _heatmap(fig: Figure, ax, values: Tensor, *, symmetric: bool = True, cmap: str = 'RdBu_r', label: str = 'value',
              vmin: Optional[float] = None, vmax: Optional[float] = None, colorbar: bool = True):
     "Draw `values` (2-D) on `ax` as a heatmap, with a colour bar labelled `label`; return the image."
@@ -52,7 +52,7 @@ def _heatmap(fig: Figure, ax, values: Tensor, *, symmetric: bool = True, cmap: s
     return image
 
 def plot_pos_emb(source, *, length: Optional[int] = None, title: str = 'Learned positional table') -> Figure:
-    "Heatmap of the positional table of `source` (a layer or a `(L, D)` table), the first `length` positions by channels."
+    "Heatmap of `source`'s positional table (a layer or a `(L, D)` table), the first `length` positions by channels."
     table = _table(source)[:length]
     fig = Figure(figsize=(6, 3.2), dpi=90, layout='constrained')
     ax = fig.subplots()
@@ -60,13 +60,14 @@ def plot_pos_emb(source, *, length: Optional[int] = None, title: str = 'Learned 
     ax.set(xlabel='channel', ylabel='position', title=title)
     return fig
 
-# %% ../nbs/13_visualise.ipynb #526f546f
+# %% ../nbs/13_visualise.ipynb #f438ab7d
 def pos_similarity(source, *, length: Optional[int] = None) -> Tensor:
     "Cosine similarity between the rows of the positional table of `source`, `(L, L)`; a zero row has similarity 0."
     unit = F.normalize(_table(source)[:length], dim=-1)
     return unit @ unit.T
 
-def plot_pos_similarity(source, *, length: Optional[int] = None, title: str = 'Cosine similarity of table rows') -> Figure:
+def plot_pos_similarity(source, *, length: Optional[int] = None,
+                        title: str = 'Cosine similarity of table rows') -> Figure:
     "Heatmap of `pos_similarity(source)`, position by position, on the scale -1 to 1."
     fig = Figure(figsize=(4.4, 3.6), dpi=90, layout='constrained')
     ax = fig.subplots()
@@ -74,15 +75,17 @@ def plot_pos_similarity(source, *, length: Optional[int] = None, title: str = 'C
     ax.set(xlabel='position', ylabel='position', title=title)
     return fig
 
-# %% ../nbs/13_visualise.ipynb #2433f8d1
+# %% ../nbs/13_visualise.ipynb #82c8649b
 def plot_attention_maps(weights: Tensor, *, tokens: Optional[Tensor] = None, example: int = 0,
                         title: str = 'Attention weights per head') -> Figure:
-    """One heatmap per head of attention `weights`, ``(H, T_q, T_k)``, or ``(B, H, T_q, T_k)`` with `example` picking one.
+    """One heatmap per head of attention `weights`, ``(H, T_q, T_k)``, or ``(B, H, T_q, T_k)`` with `example` picking
+    one.
 
     With `tokens` (``(T,)``, self-attention), the axes are labelled with the tokens too."""
     if weights.dim() == 4: weights = weights[example]
     if weights.dim() != 3:
-        raise ValueError(f"weights must be (H, T_q, T_k) or (B, H, T_q, T_k), from average_attn_weights=False; got {tuple(weights.shape)}")
+        raise ValueError(f"weights must be (H, T_q, T_k) or (B, H, T_q, T_k), from average_attn_weights=False; "
+                         f"got {tuple(weights.shape)}")
     heads = weights.shape[0]
     fig = Figure(figsize=(2.4 * heads + 1, 2.9), dpi=90, layout='constrained')
     axes = fig.subplots(1, heads, squeeze=False)[0]
@@ -106,7 +109,7 @@ class LogitTerms(NamedTuple):
     position_content: Tensor
     position_position: Tensor
 
-# %% ../nbs/13_visualise.ipynb #5b62dc74
+# %% ../nbs/13_visualise.ipynb #5de8446e
 def logit_terms(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, *,
                 q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
                 q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None) -> LogitTerms:
@@ -122,13 +125,15 @@ def logit_terms(layer: AdditivePosMultiheadAttention, query: Tensor, key: Tensor
     if not layer.batch_first: query, key = query.transpose(0, 1), key.transpose(0, 1)
     w_q, w_k, _ = layer.attn.in_proj_weight.chunk(3)
     b_q, b_k = (None, None) if layer.attn.in_proj_bias is None else layer.attn.in_proj_bias.chunk(3)[:2]
-    heads = lambda x: x.unflatten(-1, (layer.num_heads, layer.head_dim)).transpose(-3, -2)  # (..., T, D) -> (..., H, T, d)
+    # (..., T, D) -> (..., H, T, d)
+    heads = lambda x: x.unflatten(-1, (layer.num_heads, layer.head_dim)).transpose(-3, -2)
     q_content, k_content = heads(F.linear(query, w_q, b_q)), heads(F.linear(key, w_k, b_k))
     q_position = heads(F.linear(positional_update(layer.pos_emb, q_positions, q_position_mask, q_len), w_q))
     k_position = heads(F.linear(positional_update(layer.pos_emb, k_positions, k_position_mask, k_len), w_k))
     shape = (query.shape[0], layer.num_heads, q_len, k_len)
     pair = lambda q, k: (q @ k.transpose(-2, -1) * layer.head_dim ** -0.5).expand(shape)
-    return LogitTerms(pair(q_content, k_content), pair(q_content, k_position), pair(q_position, k_content), pair(q_position, k_position))
+    return LogitTerms(pair(q_content, k_content), pair(q_content, k_position),
+                      pair(q_position, k_content), pair(q_position, k_position))
 
 # %% ../nbs/13_visualise.ipynb #407fefc6
 def term_magnitudes(terms: LogitTerms) -> dict[str, Tensor]:
@@ -162,18 +167,20 @@ def plot_logit_terms(terms: LogitTerms, *, example: int = 0, head: Optional[int]
     ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/13_visualise.ipynb #a1ab7c89
+# %% ../nbs/13_visualise.ipynb #4cd303c4
 def _relative_table(source) -> Tensor:
-    "The relative table of `source`, a layer with a `rel_bias` or a `(2m+1, H)` or `(2m+1,)` table, as float32 on the CPU."
+    "The relative table of `source`, a layer with a `rel_bias` or a `(2m+1, H)` or `(2m+1,)` table, as CPU float32."
     table = getattr(source, 'rel_bias', source)
     if not isinstance(table, Tensor) or table.dim() not in (1, 2):
-        raise TypeError(f"expected a layer with a rel_bias or a (2m+1, H) or (2m+1,) table, got {type(source).__name__}")
+        raise TypeError(f"expected a layer with a rel_bias or a (2m+1, H) or (2m+1,) table, "
+                        f"got {type(source).__name__}")
     if table.shape[0] % 2 == 0:
         raise ValueError(f"a relative table has 2 * max_distance + 1 rows, an odd number; got {table.shape[0]}")
     return table.detach().float().cpu()
 
-# %% ../nbs/13_visualise.ipynb #908f7aaa
-def plot_relative_bias(source, *, heads: Optional[Sequence[int]] = None, title: str = 'Relative bias per offset') -> Figure:
+# %% ../nbs/13_visualise.ipynb #8c5a8dd0
+def plot_relative_bias(source, *, heads: Optional[Sequence[int]] = None,
+                       title: str = 'Relative bias per offset') -> Figure:
     """The bias each head adds to its logits against the offset ``p_q - p_k``, from a layer or its ``(2m+1, H)`` table
     (``(2m+1,)``, shared by the heads: one line); `heads` picks some. Dashed lines mark the clipping at ``±m``;
     farther offsets get the end values, drawn dotted."""
@@ -181,15 +188,18 @@ def plot_relative_bias(source, *, heads: Optional[Sequence[int]] = None, title: 
     columns = table[:, None] if table.dim() == 1 else table
     count, m = columns.shape[1], table.shape[0] // 2
     heads = list(range(count)) if heads is None else list(heads)
-    if not all(isinstance(h, int) and 0 <= h < count for h in heads): raise ValueError(f"heads must lie in [0, {count}), got {heads}")
+    if not all(isinstance(h, int) and 0 <= h < count for h in heads):
+        raise ValueError(f"heads must lie in [0, {count}), got {heads}")
     fig = Figure(figsize=(7, 3.2), dpi=90, layout='constrained')
     ax = fig.subplots()
     offsets, beyond = torch.arange(-m, m + 1).numpy(), m + max(2, m // 4)
     for h in heads:
         values = columns[:, h].numpy()
         line, = ax.plot(offsets, values, marker='.', label='all heads' if table.dim() == 1 else f'head {h}')
-        for end, far in ((0, -beyond), (-1, beyond)): ax.plot([offsets[end], far], [values[end]] * 2, color=line.get_color(), linestyle=':')
-    for edge in (-m, m): ax.axvline(edge, color='grey', linestyle='--', linewidth=1, label=f'clipping at ±{m}' if edge > 0 else None)
+        for end, far in ((0, -beyond), (-1, beyond)):
+            ax.plot([offsets[end], far], [values[end]] * 2, color=line.get_color(), linestyle=':')
+    for edge in (-m, m):
+        ax.axvline(edge, color='grey', linestyle='--', linewidth=1, label=f'clipping at ±{m}' if edge > 0 else None)
     ax.set(xlabel='offset p_q − p_k', ylabel='bias added to the logit', title=title)
     ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5))
     return fig
@@ -203,8 +213,9 @@ class RotaryDecay(NamedTuple):
     bands: list          # the pairs of channels in each band, as ranges, fastest first
     frequencies: Tensor  # (head_dim // 2,) the angle per position of each pair
 
-# %% ../nbs/13_visualise.ipynb #d5857da0
-def rotary_score_decay(head_dim: int, rope_base: float = 10000.0, *, max_distance: int = 256, bands: Optional[int] = None) -> RotaryDecay:
+# %% ../nbs/13_visualise.ipynb #6ef50ea4
+def rotary_score_decay(head_dim: int, rope_base: float = 10000.0, *, max_distance: int = 256,
+                       bands: Optional[int] = None) -> RotaryDecay:
     r"""The rotary score of the all-ones query and key against the distance ``d = p_q - p_k``, in total and per band.
 
     Pair ``i`` of channels turns by ``d * rope_base ** (-2i / head_dim)`` and contributes twice its cosine, so the
@@ -215,32 +226,40 @@ def rotary_score_decay(head_dim: int, rope_base: float = 10000.0, *, max_distanc
     check_positive_int('head_dim', head_dim); check_positive_int('max_distance', max_distance)
     if head_dim % 2: raise ValueError(f"head_dim must be even (rotary turns pairs of channels), got {head_dim}")
     bands = min(4, head_dim // 2) if bands is None else check_positive_int('bands', bands)
-    if bands > head_dim // 2: raise ValueError(f"bands must be at most the number of pairs, head_dim // 2 = {head_dim // 2}; got {bands}")
+    if bands > head_dim // 2:
+        raise ValueError(f"bands must be at most the number of pairs, head_dim // 2 = {head_dim // 2}; got {bands}")
     frequencies = rope_frequencies(head_dim, check_rope_base(rope_base), dtype=torch.float64)
     distance = torch.arange(max_distance + 1)
     per_pair = 2 * torch.cos(frequencies[:, None] * distance)  # (pairs, N)
     groups = torch.arange(head_dim // 2).tensor_split(bands)
     per_band = torch.stack([per_pair[group].sum(0) for group in groups])
-    return RotaryDecay(distance, per_pair.sum(0), per_band, [range(int(g[0]), int(g[-1]) + 1) for g in groups], frequencies)
+    ranges = [range(int(g[0]), int(g[-1]) + 1) for g in groups]
+    return RotaryDecay(distance, per_pair.sum(0), per_band, ranges, frequencies)
 
-# %% ../nbs/13_visualise.ipynb #20dd93b0
-def plot_rotary_decay(head_dim, rope_base: Optional[float] = None, *, max_distance: int = 256, bands: Optional[int] = None,
-                      log_distance: bool = False, title: str = 'Rotary score against distance') -> Figure:
+# %% ../nbs/13_visualise.ipynb #7866013a
+def plot_rotary_decay(head_dim, rope_base: Optional[float] = None, *, max_distance: int = 256,
+                      bands: Optional[int] = None, log_distance: bool = False,
+                      title: str = 'Rotary score against distance') -> Figure:
     """`rotary_score_decay` drawn: the score of the all-ones query and key against distance, in total and per band.
     `head_dim` may be a rotary layer, whose ``head_dim`` and ``rope_base`` are used; `rope_base` defaults to 10000."""
     if not isinstance(head_dim, int):
         if not (hasattr(head_dim, 'head_dim') and hasattr(head_dim, 'rope_base')):
-            raise TypeError(f"head_dim must be an int or a rotary layer with head_dim and rope_base, got {type(head_dim).__name__}")
-        if rope_base is not None: raise TypeError("rope_base comes from the layer; pass head_dim as an int to choose another")
+            raise TypeError(f"head_dim must be an int or a rotary layer with head_dim and rope_base, "
+                            f"got {type(head_dim).__name__}")
+        if rope_base is not None:
+            raise TypeError("rope_base comes from the layer; pass head_dim as an int to choose another")
         head_dim, rope_base = head_dim.head_dim, head_dim.rope_base
-    decay = rotary_score_decay(head_dim, 10000.0 if rope_base is None else rope_base, max_distance=max_distance, bands=bands)
+    decay = rotary_score_decay(head_dim, 10000.0 if rope_base is None else rope_base, max_distance=max_distance,
+                               bands=bands)
     fig = Figure(figsize=(7, 3.4), dpi=90, layout='constrained')
     ax = fig.subplots()
     ax.plot(decay.distance.numpy(), decay.total.numpy(), color='black', linewidth=2, label='all pairs')
-    wavelengths = [f'{length:,.0f}' if length >= 10 else f'{length:.2g}' for length in (2 * math.pi / decay.frequencies).tolist()]
+    wavelengths = [f'{length:,.0f}' if length >= 10 else f'{length:.2g}'
+                   for length in (2 * math.pi / decay.frequencies).tolist()]
     span = lambda first, last: first if first == last else f'{first}–{last}'
     for band, values in zip(decay.bands, decay.per_band):
-        label = f"pair{'s' * (len(band) > 1)} {span(band[0], band[-1])}: {span(wavelengths[band[0]], wavelengths[band[-1]])}"
+        pairs, lengths = span(band[0], band[-1]), span(wavelengths[band[0]], wavelengths[band[-1]])
+        label = f"pair{'s' * (len(band) > 1)} {pairs}: {lengths}"
         ax.plot(decay.distance.numpy(), values.numpy(), linewidth=1, label=label)
     ax.axhline(0, color='grey', linewidth=0.5)
     if log_distance: ax.set_xscale('symlog', linthresh=1)
