@@ -6,16 +6,16 @@ __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'Additive
            'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer',
            'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table', 'sinusoidal_table']
 
-# %% ../nbs/index.ipynb #dca16b32
+# %% ../nbs/index.ipynb #8b7249b5
 from .base import PositionalAttentionBase
-from .cache import KVCache
+from .cache import DecoderCache, KVCache
 from .positions import causal_mask, padded_positions, resample_table, sinusoidal_table
 from .additive import AdditivePosMultiheadAttention
 from .relative import AdditiveRelMultiheadAttention
 from .rotary import RoPEMultiheadAttention
 from .blocks import ATTENTION_KINDS, positional_attention
 from .encoder import PosTransformerEncoderLayer
-from .decoder import DecoderCache, PosTransformerDecoderLayer
+from .decoder import PosTransformerDecoderLayer
 
 _all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention',
          'RoPEMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer',

@@ -11,7 +11,9 @@ nbdev renders its docs with Quarto (`nbdev_docs`); this script is the offline eq
    cells nbdev writes for `show_doc` become the markdown they print, with the anchors nbdev's links expect;
    `#| fig-alt` becomes the image's alt text; `#| eval: false` needs nothing. Any other Quarto option fails
    the build (`TRANSLATED` in tools/_nbread.py). nbdev's absolute doc links become links between pages, and its
-   `[source]` links point to highlighted module sources shipped with the site.
+   `[source]` links point to highlighted module sources shipped with the site. In `show_doc`'s entries, the
+   signature shows the annotations as the source writes them (`Optional[KVCache]`, none made up from a default)
+   and Google-style docstring sections (`Args:`, `Shape:`, `Example::`, ...) become field lists and code blocks.
 3. Sphinx renders the pages with myst-nb (stored outputs, no execution) and furo, warnings as errors, in
    `sidebar.yml`'s order.
 4. Every local link and asset of the built site is checked; doc links without a target become plain code,
@@ -19,11 +21,12 @@ nbdev renders its docs with Quarto (`nbdev_docs`); this script is the offline eq
 
 Usage: `python tools/build_docs.py [--sidebar PATH] [--out DIR] [--verbose]`. Preview: `python -m http.server -d _docs`.
 """
-import argparse, html, os, re, shutil, sys, tempfile, time
+import argparse, ast, html, inspect, io, os, re, shutil, sys, tempfile, textwrap, time, tokenize
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import nbdev.showdoc
 import nbformat
 from nbdev.config import get_config
 
@@ -77,8 +80,10 @@ def chapters(sidebar=None) -> list:
         except Exception as e: raise DocsError(f"nbs/{name}: cannot read its front matter: {e}") from e
         out = str(fm.get('output-file') or Path(name).with_suffix('.html').name)
         if not fm.get('title') or not out.endswith('.html') or '/' in out:
-            raise DocsError(f"nbs/{name}: its front matter needs a title and an output-file such as base.html, got {fm}")
-        pages.append(Page(name, out[:-len('.html')], str(fm['title']).strip(), str(fm.get('description') or '').strip()))
+            raise DocsError(f"nbs/{name}: its front matter needs a title and an output-file such as base.html, "
+                            f"got {fm}")
+        description = str(fm.get('description') or '').strip()
+        pages.append(Page(name, out[:-len('.html')], str(fm['title']).strip(), description))
     names = [p.docname for p in pages]
     if len(set(names)) < len(names): raise DocsError(f"two notebooks write the same page: {names}")
     if 'index' not in names: raise DocsError("no notebook has `output-file: index.html`: the site needs a home page")
@@ -92,6 +97,107 @@ def chapters(sidebar=None) -> list:
 _re_source_link = re.compile(r'\[source\]\(([^)\s]+)\)(\{[^{}\n]*\})?')  # show_doc's, with pandoc attributes
 _re_fence = re.compile(r'^\s*(`{3,}|~{3,})')
 _re_heading = re.compile(r'^#{1,6}\s+(.*?)\s*$')
+
+
+# Docstrings are written as torch's: Google-style sections, a header such as `Args:` and an indented block of
+# entries `name (type): text`. Markdown reads that block as code, so each section becomes a MyST field list (as
+# Sphinx's napoleon renders them): entries as a bulleted list, `Example::` (`>>>` lines) as a code block.
+_re_section = re.compile(r'^(Args|Arguments|Parameters|Keyword Args|Keyword Arguments|Other Parameters|Attributes|'
+                         r'Raises|Warns|Returns|Return|Yields|Shape|Shapes|Inputs|Outputs|Examples?|Notes?|Warnings?|'
+                         r'See Also|References):(:?)\s*$')
+_ENTRIES = {'Args', 'Arguments', 'Parameters', 'Keyword Args', 'Keyword Arguments', 'Other Parameters', 'Attributes',
+            'Raises', 'Warns'}
+_re_entry = re.compile(r'^(?P<name>\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*(?:\((?P<type>(?:[^()]|\([^()]*\))*)\))?'
+                       r'\s*:\s+(?P<text>.*)$')
+
+
+def _section_body(name: str, literal: bool, body: str) -> str:
+    "One section's dedented block as MyST: a code block, a list of `name (type): text` entries, or as written."
+    if literal or (name.startswith('Example') and body.lstrip().startswith('>>>')):
+        return f"```{'pycon' if '>>>' in body else 'python'}\n{body}\n```"
+    if name not in _ENTRIES: return body  # prose, or a `- ...` list already (`Shape:`)
+    entries = []
+    for line in body.splitlines():  # an entry starts at column 0; indented lines continue it
+        if line[:1].isspace() and entries: entries[-1] += ' ' + line.strip()
+        elif line.strip(): entries.append(line.strip().removeprefix('- '))
+    items = [(f"**{m['name']}**" + (f" (*{m['type'].strip()}*)" if m['type'] else '') + f" – {m['text']}")
+             if (m := _re_entry.match(e)) else e for e in entries]
+    return '\n'.join(f'- {i}' for i in items)
+
+
+def docstring_sections(md: str) -> str:
+    "Google-style docstring sections in show_doc's markdown (outside code fences) as MyST field lists."
+    lines, out, i, fence = md.splitlines(), [], 0, None
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        if fence: fence = None if line.strip().startswith(fence) else fence
+        elif (f := _re_fence.match(line)): fence = f.group(1)
+        if fence or not (m := _re_section.match(line)): out.append(line); continue
+        j = i
+        while j < len(lines) and (not lines[j].strip() or lines[j][:1].isspace()): j += 1
+        block = textwrap.dedent('\n'.join(lines[i:j])).strip('\n')
+        if not block: out.append(line); continue  # a line such as `Returns:` with nothing indented under it
+        body = _section_body(m.group(1), bool(m.group(2)), block)
+        out += [f':{m.group(1)}:', *(f'  {b}' if b.strip() else '' for b in body.splitlines()), '']
+        i = j
+    return '\n'.join(out)
+
+
+def _comments_above_def(f) -> set:
+    "The comments on a function's decorator lines, which fastcore's docments takes for its first line's parameters."
+    try:
+        src = textwrap.dedent(inspect.getsource(f))
+        tree = ast.parse(src).body
+        start = tree[0].lineno if tree and hasattr(tree[0], 'decorator_list') else 0  # the `def` line
+        return {t.string.lstrip('#').strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT and t.start[0] < start}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError): return set()  # no source, or not a whole `def`
+
+
+def short_annotation(anno) -> str:
+    "An annotation as a signature shows it: `typing.Optional[additive_pos_attn.base.KVCache]` -> `Optional[KVCache]`."
+    text = anno if isinstance(anno, str) else inspect.formatannotation(anno)
+    text = re.sub(r'\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])', '', text)
+    return re.sub(r'\bNoneType\b', 'None', text)  # `Callable[[int], None]` reads `NoneType` otherwise
+
+
+def docs_renderer():
+    """nbdev's show_doc renderer with the signature as the source writes it. fastcore's shows `Optional[KVCache]` as
+    `Optional`, gives a parameter without annotation its default's type (`cache:NoneType=None`) and takes a comment
+    on a decorator line for the description of the `def` line's last parameter."""
+    from fastcore.docments import DocmentText, _fmt_default
+    from nbdev.showdoc import BasicMarkdownRenderer
+    empty = inspect.Parameter.empty
+
+    class Signature(DocmentText):
+        def __init__(self, obj, **kwargs):
+            super().__init__(obj, **kwargs)
+            # the function docments reads: a class's __init__, unless it is a dataclass
+            f = obj.__init__ if inspect.isclass(obj) and not hasattr(obj, '__dataclass_fields__') else obj
+            try: written = inspect.signature(f).parameters
+            except (TypeError, ValueError): written = {}
+            stray = _comments_above_def(f)
+            for name, p in self.dm.items():
+                if name in written and written[name].annotation is empty: p['anno'] = empty
+                if p.get('docment') and {ln.strip() for ln in p['docment'].splitlines()} <= stray: p['docment'] = None
+
+        def _fmt_param(self, nm, p):
+            pre = {inspect.Parameter.VAR_POSITIONAL: '*', inspect.Parameter.VAR_KEYWORD: '**'}.get(p.get('kind'), '')
+            anno, default = p.get('anno', empty), p.get('default', empty)
+            return (pre + nm + (f':{short_annotation(anno)}' if anno is not empty else '')
+                    + (f'={_fmt_default(default)}' if default is not empty else ''))
+
+        @property
+        def _ret_str(self):
+            ret = self.dm.get('return', {})
+            anno = f"->{short_annotation(ret['anno'])}" if ret.get('anno', empty) is not empty else ''
+            return f"){anno}:" + (f" # {ret['docment']}" if ret.get('docment') else '')
+
+    class Renderer(BasicMarkdownRenderer):
+        def __init__(self, sym, name=None, title_level=3, maxline=110):
+            super().__init__(sym, name=name, title_level=title_level, maxline=maxline)
+            self.dm = Signature(self.sym, maxline=maxline, docstring=False)
+    return Renderer
 
 
 class Stager:
@@ -117,6 +223,7 @@ class Stager:
         "show_doc's markdown as MyST: no leading rule, local `[source]` links, an anchor with nbdev's id per heading."
         from docutils.nodes import make_id
         md = self.links(_re_source_link.sub(self.source_link, re.sub(r'\A\s*(?:---\s*\n)+', '', md)))
+        md = docstring_sections(md)
         out, fence, first = [], None, True
         for line in md.splitlines():
             if fence: fence = None if line.strip().startswith(fence) else fence
@@ -176,7 +283,8 @@ def write_source_pages(paths, dest: Path, title: str):
                 f'<meta name="viewport" content="width=device-width, initial-scale=1">'
                 f'<title>{html.escape(path)} - {html.escape(title)}</title><style>{fmt.get_style_defs(".highlight")}\n'
                 'body{font-family:sans-serif;margin:1rem 2rem}pre{font-size:13px;line-height:1.4}'
-                '.highlight span[id]{scroll-margin-top:30vh}.highlight span[id]:target{background:#fff3b0}</style></head>'
+                '.highlight span[id]{scroll-margin-top:30vh}.highlight span[id]:target{background:#fff3b0}'
+                '</style></head>'
                 f'<body><p><a href="{up}index.html">{html.escape(title)}</a> / <code>{html.escape(path)}</code></p>'
                 f'{body}</body></html>\n')
         out = dest / SOURCE_DIR / f'{path}.html'
@@ -214,7 +322,8 @@ def check_links(out: Path, sources: dict) -> list:
         target = (f.parent / unquote(u.path)).resolve() if u.path else f
         if not target.exists(): return False
         if u.fragment and target.suffix == '.html':
-            if target not in ids: ids[target] = set(map(html.unescape, _re_id.findall(target.read_text(encoding='utf-8'))))
+            if target not in ids:
+                ids[target] = set(map(html.unescape, _re_id.findall(target.read_text(encoding='utf-8'))))
             return unquote(u.fragment) in ids[target]
         return True
 
@@ -247,6 +356,7 @@ def build(sidebar=None, out=None, verbose=False) -> list:
     nbs, out = _rel(cfg.path('nbs_path')), out or cfg.path('doc_path')
     pages = chapters(sidebar)
     stager = Stager(cfg)
+    nbdev.showdoc.BasicMarkdownRenderer = docs_renderer()  # show_doc's default renderer, when settings.ini names none
     with tempfile.TemporaryDirectory(prefix='build_docs_') as tmp:
         tmp = Path(tmp)
         src, static, extra, html_dir = tmp / 'src', tmp / 'static', tmp / 'extra', tmp / 'html'
@@ -261,7 +371,8 @@ def build(sidebar=None, out=None, verbose=False) -> list:
         static.mkdir()
         shutil.copy2(CONF_DIR / 'site.css', static / 'site.css')
         styles = nbs / 'styles.css'
-        (static / 'styles.css').write_text(styles.read_text(encoding='utf-8') if styles.exists() else '', encoding='utf-8')
+        (static / 'styles.css').write_text(styles.read_text(encoding='utf-8') if styles.exists() else '',
+                                           encoding='utf-8')
         write_source_pages(stager.sources, extra, cfg.title)
         overrides = dict(project=cfg.title, html_title=cfg.title, copyright=cfg.copyright,
                          html_static_path=[str(static)], html_extra_path=[str(extra)] if stager.sources else [])

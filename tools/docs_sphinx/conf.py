@@ -18,7 +18,7 @@ nb_execution_mode = "off"
 nb_render_markdown_format = "myst"
 nb_merge_streams = True
 nb_ipywidgets_js = {}  # never pull widget managers from a CDN
-myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_enable_extensions = ["dollarmath", "amsmath", "fieldlist"]  # fieldlist: docstring sections (build_docs.py)
 myst_dmath_double_inline = True  # pandoc (Quarto) reads `$$...$$` inside a paragraph as display maths
 # nbdev's links are page names (`base.html#check_positions`), not Sphinx references: keep them as written;
 # `tools/build_docs.py` checks every local link of the built site.
