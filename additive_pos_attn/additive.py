@@ -80,31 +80,7 @@ class AdditivePosMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
 
-# %% ../nbs/06_additive.ipynb #44fe2764
-@patch
-@positional_forward
-def forward(self: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
-            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
-            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Add the positional update to query and key before attention; the values pass through unchanged.
-
-    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
-    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-    attn = self.attn  # checked and batch first (positional_forward); an attribute lookup, done once
-    q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask,
-                                       query.shape[1], key.shape[1])
-    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
-    if choose_path(attn, need_weights=need_weights).name == 'fused':
-        return fused_attention(attn, query, key, value, q_update, k_update, **masks), None
-    return module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
-                            average_attn_weights=average_attn_weights, **masks)
-
-concrete(AdditivePosMultiheadAttention)  # forward is defined now: the class can be built
-
-# %% ../nbs/06_additive.ipynb #b21d2daf
+# %% ../nbs/06_additive.ipynb #818f7464
 @patch
 def __init__(self: AdditivePosMultiheadAttention, embed_dim: int, num_heads: int, *, max_len: int,
              dropout: float = 0.0, bias: bool = True, device=None, dtype=None, batch_first: bool = True,
@@ -130,6 +106,30 @@ def extra_repr(self: AdditivePosMultiheadAttention) -> str:
     batch_first = '' if self.batch_first else ', batch_first=False'
     init = '' if self.init == 'zeros' else f", init='{self.init}'"
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_len={self.max_len}{batch_first}{init}"
+
+# %% ../nbs/06_additive.ipynb #44fe2764
+@patch
+@positional_forward
+def forward(self: AdditivePosMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Add the positional update to query and key before attention; the values pass through unchanged.
+
+    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward); an attribute lookup, done once
+    q_update, k_update = self._updates(q_positions, k_positions, q_position_mask, k_position_mask,
+                                       query.shape[1], key.shape[1])
+    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+    if choose_path(attn, need_weights=need_weights).name == 'fused':
+        return fused_attention(attn, query, key, value, q_update, k_update, **masks), None
+    return module_attention(attn, query + q_update, key + k_update, value, need_weights=need_weights,
+                            average_attn_weights=average_attn_weights, **masks)
+
+concrete(AdditivePosMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/06_additive.ipynb #0c54391b
 @patch

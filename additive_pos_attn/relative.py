@@ -81,31 +81,7 @@ class AdditiveRelMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
 
-# %% ../nbs/07_relative.ipynb #58a60dd3
-@patch
-@positional_forward
-def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
-            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
-            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Add the relative bias of each pair's positions to the scores; queries, keys and values are `attn`'s.
-
-    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
-    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-    attn = self.attn  # checked and batch first (positional_forward)
-    bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
-                          k_len=key.shape[1]).to(query.dtype)
-    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
-    if choose_path(attn, need_weights=need_weights).name == 'fused':
-        return fused_attention(attn, query, key, value, **masks), None
-    return module_attention(attn, query, key, value, need_weights=need_weights,
-                            average_attn_weights=average_attn_weights, **masks)
-
-concrete(AdditiveRelMultiheadAttention)  # forward is defined now: the class can be built
-
-# %% ../nbs/07_relative.ipynb #fd391998
+# %% ../nbs/07_relative.ipynb #b9ccd071
 @patch
 def __init__(self: AdditiveRelMultiheadAttention, embed_dim: int, num_heads: int, *, max_distance: int,
              dropout: float = 0.0, bias: bool = True, device=None, dtype=None, batch_first: bool = True,
@@ -130,6 +106,30 @@ def per_head(self: AdditiveRelMultiheadAttention) -> bool:
 def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra = ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
+
+# %% ../nbs/07_relative.ipynb #58a60dd3
+@patch
+@positional_forward
+def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Add the relative bias of each pair's positions to the scores; queries, keys and values are `attn`'s.
+
+    Masks and flags mean what they mean for `torch.nn.MultiheadAttention`, except that ``is_causal=True`` alone
+    builds the causal mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward)
+    bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
+                          k_len=key.shape[1]).to(query.dtype)
+    masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)
+    if choose_path(attn, need_weights=need_weights).name == 'fused':
+        return fused_attention(attn, query, key, value, **masks), None
+    return module_attention(attn, query, key, value, need_weights=need_weights,
+                            average_attn_weights=average_attn_weights, **masks)
+
+concrete(AdditiveRelMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/07_relative.ipynb #d14e3632
 @patch

@@ -171,31 +171,7 @@ class RoPEMultiheadAttention(PositionalAttentionBase):
         torch.Size([2, 10, 64])
     """
 
-# %% ../nbs/08_rotary.ipynb #1a37d315
-@patch
-@positional_forward
-def forward(self: RoPEMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
-            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
-            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
-            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
-            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Turn the projected queries and keys by their positions (any integers), then attend; values are not turned.
-
-    The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
-    mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
-    attn = self.attn  # checked and batch first (positional_forward)
-    if (reason := call_needed(attn)) is not None:
-        raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's "
-                         f"projection and its logits), so it cannot honour what needs that call: {reason}")
-    q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
-    return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask,
-                        key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
-                        average_attn_weights=average_attn_weights)
-
-concrete(RoPEMultiheadAttention)  # forward is defined now: the class can be built
-
-# %% ../nbs/08_rotary.ipynb #de28ae3b
+# %% ../nbs/08_rotary.ipynb #72bee0ff
 @patch
 def __init__(self: RoPEMultiheadAttention, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
              device=None, dtype=None, batch_first: bool = True, rope_base: float = 10000.0, interleaved: bool = True,
@@ -221,6 +197,30 @@ def reset_parameters(self: RoPEMultiheadAttention):
 def extra_repr(self: RoPEMultiheadAttention) -> str:
     extra = ('' if self.interleaved else ', interleaved=False') + ('' if self.batch_first else ', batch_first=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rope_base={self.rope_base}{extra}"
+
+# %% ../nbs/08_rotary.ipynb #1a37d315
+@patch
+@positional_forward
+def forward(self: RoPEMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
+            q_positions: Optional[Tensor] = None, k_positions: Optional[Tensor] = None,
+            q_position_mask: Optional[Tensor] = None, k_position_mask: Optional[Tensor] = None,
+            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+            need_weights: bool = False, is_causal: bool = False, average_attn_weights: bool = True,
+            cache: Optional[KVCache] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Turn the projected queries and keys by their positions (any integers), then attend; values are not turned.
+
+    The masks and flags are `torch.nn.MultiheadAttention`'s, and ``is_causal=True`` alone stands for the causal
+    mask. With a ``cache`` (from `init_cache`), the call decodes: see `cached_attention`."""
+    attn = self.attn  # checked and batch first (positional_forward)
+    if (reason := call_needed(attn)) is not None:
+        raise ValueError(f"RoPEMultiheadAttention never calls its attn (it turns the heads between attn's "
+                         f"projection and its logits), so it cannot honour what needs that call: {reason}")
+    q, k, v = self.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
+    return attend_heads(attn, q, k, v, mask_dtype=query.dtype, attn_mask=attn_mask,
+                        key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
+                        average_attn_weights=average_attn_weights)
+
+concrete(RoPEMultiheadAttention)  # forward is defined now: the class can be built
 
 # %% ../nbs/08_rotary.ipynb #e5d6a0c7
 @patch
