@@ -4,7 +4,22 @@ import torch
 
 from additive_pos_attn.positions import causal_mask
 
-DTYPE = torch.float64
+DTYPE = torch.float64  # every exact test computes in float64
+
+
+def close(actual, expected, eps=1e-12):
+    "Equal to `eps` (absolute; 1e-12 by default): what two honest float64 computations of one value agree to."
+    torch.testing.assert_close(actual, expected, rtol=0, atol=eps)
+
+
+def randomise(module, *, positional: bool = True):
+    """`module` with every parameter moved off its initial value by 0.3·N(0, 1) (biases, bias_k, layer norms included),
+    as after training; its positional parameters (`pos_emb`, `rel_bias`) drawn from N(0, 1), or zero. In place; returned."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.rsplit('.', 1)[-1] in ('pos_emb', 'rel_bias'): p.normal_() if positional else p.zero_()
+            else: p.add_(torch.randn_like(p) * 0.3)
+    return module
 
 
 def mask_kinds(B, H, Tq, Tk, device):
@@ -36,7 +51,6 @@ def stream(prefix, kind): return {f'{prefix}_{name}': value for name, value in k
 def check_is_its_attn(layer, device):
     """A layer whose positions add nothing (a zero table) gives what its own `attn` gives, in float64 to 1e-12: every
     mask, with and without weights, self- and cross-attention, and `is_causal` as the mask it stands for."""
-    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     x, mem = torch.randn(3, 6, 16, dtype=DTYPE, device=device), torch.randn(3, 9, 16, dtype=DTYPE, device=device)
     for kv in (x, mem):
         for kw in mask_kinds(3, layer.num_heads, 6, kv.shape[1], device).values():

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 
 from additive_pos_attn.positions import causal_mask
+from cases import DTYPE
 
-DTYPE = torch.float64
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 

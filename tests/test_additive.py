@@ -11,13 +11,9 @@ from torch.func import functional_call
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
 from additive_pos_attn.positions import causal_mask, sinusoidal_table
 from additive_pos_attn.testing import random_case
-from cases import check_is_its_attn, position_kinds, stream
-
-DTYPE = torch.float64
+from cases import DTYPE, check_is_its_attn, close, position_kinds, stream
 
 
-def _close(actual, expected, eps=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=eps)
 
 
 def test_zero_table_is_the_wrapped_module(device):
@@ -33,20 +29,20 @@ def test_every_kind_of_positions_matches_the_definition(device):
                 kw = {**stream('q', qk), **stream('k', kk)}
                 out, w = layer(x, kv, kv, need_weights=True, average_attn_weights=False, **kw)
                 ref, ref_w = additive_reference(layer, x, kv, kv, need_weights=True, average_attn_weights=False, **kw)
-                _close(out, ref); _close(w, ref_w)
-                _close(layer(x, kv, kv, **kw)[0], ref)  # the fused path, without weights
+                close(out, ref); close(w, ref_w)
+                close(layer(x, kv, kv, **kw)[0], ref)  # the fused path, without weights
     kw = dict(q_positions=torch.tensor([5, 4, 3, 2, 1, 0], device=device), attn_mask=causal_mask(6, 9, device))
-    _close(layer(x, mem, mem, is_causal=True, **kw)[0], additive_reference(layer, x, mem, mem, is_causal=True, **kw)[0])
+    close(layer(x, mem, mem, is_causal=True, **kw)[0], additive_reference(layer, x, mem, mem, is_causal=True, **kw)[0])
 
 
 def test_position_masks_switch_positions_off(device):
     layer, x, _ = random_case(device)
     off = torch.zeros(6, dtype=torch.bool, device=device)
-    _close(layer(x, x, x, q_position_mask=off, k_position_mask=off)[0], layer.attn(x, x, x)[0])
+    close(layer(x, x, x, q_position_mask=off, k_position_mask=off)[0], layer.attn(x, x, x)[0])
     per_sample = torch.ones(3, 6, dtype=torch.bool, device=device); per_sample[1] = False
     out = layer(x, x, x, q_position_mask=per_sample, k_position_mask=per_sample)[0]
-    _close(out[0], layer(x[:1], x[:1], x[:1])[0][0])
-    _close(out[1], layer.attn(x[1:2], x[1:2], x[1:2])[0][0])
+    close(out[0], layer(x[:1], x[:1], x[:1])[0][0])
+    close(out[1], layer.attn(x[1:2], x[1:2], x[1:2])[0][0])
 
 
 def test_only_used_rows_get_gradients(device):
@@ -76,14 +72,14 @@ def test_sequence_first_is_the_batch_first_layer(device):
     out, w = seq_first(x.transpose(0, 1), mem.transpose(0, 1), mem.transpose(0, 1), **kw)
     ref, ref_w = layer(x, mem, mem, **kw)
     assert out.shape == (6, 3, 16)
-    _close(out.transpose(0, 1), ref); _close(w, ref_w)
+    close(out.transpose(0, 1), ref); close(w, ref_w)
     positions = dict(q_positions=kw['q_positions'], k_positions=kw['q_positions'])
     xt = x.transpose(0, 1).contiguous().requires_grad_()  # self-attention, as a sequence-first model passes it
     out = seq_first(xt, xt, xt, **positions)[0]
-    _close(out.transpose(0, 1), layer(x, x, x, **positions)[0])
+    close(out.transpose(0, 1), layer(x, x, x, **positions)[0])
     out.square().sum().backward()
     x.requires_grad_()
-    _close(xt.grad.transpose(0, 1), torch.autograd.grad(layer(x, x, x, **positions)[0].square().sum(), x)[0])
+    close(xt.grad.transpose(0, 1), torch.autograd.grad(layer(x, x, x, **positions)[0].square().sum(), x)[0])
     with pytest.raises(ValueError, match=r"q_positions must have shape \(6,\) or \(3, 6\), got \(6, 3\)"):
         seq_first(xt, xt, xt, q_positions=torch.zeros(6, 3, dtype=torch.long, device=device))
 
@@ -95,7 +91,7 @@ def test_lower_precisions_follow_the_float64_definition(device, dtype, eps):
     ref = additive_reference(layer, x, mem, mem, q_positions=qp)[0]
     out = copy.deepcopy(layer).to(dtype)(x.to(dtype), mem.to(dtype), mem.to(dtype), q_positions=qp)[0]
     assert out.dtype == dtype
-    _close(out.double().detach(), ref.detach(), eps * ref.abs().max().item())
+    close(out.double().detach(), ref.detach(), eps * ref.abs().max().item())
 
 
 @pytest.mark.parametrize('init', ['zeros', 'normal', 'sinusoidal'])
@@ -107,7 +103,7 @@ def test_initial_tables_and_reset(init):
     layer.reset_parameters()
     if init == 'normal': assert abs(layer.pos_emb.std().item() - 0.02) < 1e-3
     else: assert torch.equal(layer.pos_emb.detach(), start)
-    if init == 'sinusoidal': _close(layer.pos_emb.detach(), sinusoidal_table(512, 64), 1e-7)
+    if init == 'sinusoidal': close(layer.pos_emb.detach(), sinusoidal_table(512, 64), 1e-7)
     assert layer.init == init and (f"init='{init}'" in repr(layer)) == (init != 'zeros')
 
 
@@ -135,4 +131,4 @@ def test_ensembles_under_vmap(device):
     params, buffers = torch.func.stack_module_state([layer, other])
     out = torch.func.vmap(lambda p, b: functional_call(layer, (p, b), (x, x, x), dict(is_causal=True))[0])(params, buffers)
     for member, result in zip((layer, other), out):
-        _close(result, additive_reference(member, x, x, x, attn_mask=causal_mask(6, 6, device))[0])
+        close(result, additive_reference(member, x, x, x, attn_mask=causal_mask(6, 6, device))[0])

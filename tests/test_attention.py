@@ -8,12 +8,9 @@ from torch import nn
 from additive_pos_attn.attention import (attend, attend_with_weights, choose_path, fused_attention, module_attention,
                                          project_heads, sdpa_mask)
 from additive_pos_attn.positions import causal_mask
+from cases import DTYPE, close
 
-DTYPE = torch.float64
 
-
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
 
 
 def _mask_kinds(attn, B, Tq, Tk, device):
@@ -42,14 +39,14 @@ def test_fused_attention_is_the_wrapped_module(device, bias, dropout, train):
             ref_kw = {**kw, 'attn_mask': causal_mask(Tq, key.shape[1], device)} if kw.get('is_causal') and 'attn_mask' not in kw else kw
             torch.manual_seed(1); ref = attn(shift(x, u_q), shift(key, u_k), value, need_weights=False, **ref_kw)[0]
             torch.manual_seed(1); out = fused_attention(attn, x, key, value, u_q, u_k, **kw)
-            _close(out, ref)
+            close(out, ref)
 
 
 def test_project_heads_without_bias(device):
     attn = nn.MultiheadAttention(8, 2, bias=False, batch_first=True, dtype=DTYPE, device=device)
     x = torch.randn(2, 5, 8, dtype=DTYPE, device=device)
     W = attn.in_proj_weight.chunk(3)
-    for head, w in zip(project_heads(attn, x, x, x), W): _close(head, (x @ w.T).view(2, 5, 2, 4).transpose(1, 2))
+    for head, w in zip(project_heads(attn, x, x, x), W): close(head, (x @ w.T).view(2, 5, 2, 4).transpose(1, 2))
 
 
 def test_sdpa_mask_merges_as_torch_does():
@@ -81,7 +78,7 @@ def test_attend_adds_the_logit_bias(device, bias_shape):
                         (dict(is_causal=True), causal_mask(Tq, Tk, device).expand(B, 1, Tq, Tk))):
         scores = (q @ k.transpose(-1, -2) / d ** 0.5 + bias).masked_fill(blocked, float('-inf'))
         expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, Tq, H * d))
-        _close(attend(attn, q, k, v, mask_dtype=DTYPE, logit_bias=bias, **kw), expected)
+        close(attend(attn, q, k, v, mask_dtype=DTYPE, logit_bias=bias, **kw), expected)
 
 
 def test_module_attention_builds_the_causal_mask_of_the_padding_masks_kind(device):
@@ -91,7 +88,7 @@ def test_module_attention_builds_the_causal_mask_of_the_padding_masks_kind(devic
     out, weights = module_attention(attn, x, x, x, key_padding_mask=kpm, is_causal=True, need_weights=True)
     float_causal = torch.zeros(4, 4, dtype=DTYPE, device=device).masked_fill(causal_mask(4, 4, device), float('-inf'))
     ref, ref_weights = attn(x, x, x, attn_mask=float_causal, key_padding_mask=kpm)
-    _close(out, ref); _close(weights, ref_weights)
+    close(out, ref); close(weights, ref_weights)
 
 
 class _Subclassed(nn.MultiheadAttention):
@@ -132,13 +129,13 @@ def test_fused_attention_takes_every_option_of_the_module(device, options):
     for kw in _mask_kinds(attn, 3, 6, 9, device):
         ref_kw = {**kw, 'attn_mask': causal_mask(6, 9, device)} if kw.get('is_causal') and 'attn_mask' not in kw else kw
         ref, ref_weights = attn(x, key, value, average_attn_weights=False, **{k: v for k, v in ref_kw.items() if k != 'is_causal'})
-        _close(fused_attention(attn, x, key, value, **kw), ref)
+        close(fused_attention(attn, x, key, value, **kw), ref)
         out, weights = attend_heads(attn, *project_heads(attn, x, key, value), mask_dtype=DTYPE, need_weights=True,
                                     average_attn_weights=False, **kw)
-        _close(out, ref); _close(weights, ref_weights)
+        close(out, ref); close(weights, ref_weights)
     bias = torch.randn(4, 6, 9, dtype=DTYPE, device=device)
     ref = attn(x, key, value, attn_mask=bias.repeat(3, 1, 1), need_weights=False)[0]
-    _close(fused_attention(attn, x, key, value, logit_bias=bias), ref)
+    close(fused_attention(attn, x, key, value, logit_bias=bias), ref)
 
 
 @pytest.mark.parametrize('register', ['register_forward_hook', 'register_forward_pre_hook', 'register_full_backward_hook',
@@ -178,7 +175,7 @@ def test_module_attention_carries_the_logit_bias(device, bias_shape):
             bias = torch.randn(*((4,) if bias_shape == 'shared' else (3, 4)), 6, Tk, dtype=DTYPE, device=device)
             for kw in _mask_kinds(attn, 3, 6, Tk, device):
                 torch.manual_seed(1); out = module_attention(attn, x, key, key, logit_bias=bias, **kw)[0]
-                torch.manual_seed(1); _close(out, fused_attention(attn, x, key, key, logit_bias=bias, **kw))
+                torch.manual_seed(1); close(out, fused_attention(attn, x, key, key, logit_bias=bias, **kw))
 
 
 @pytest.mark.parametrize('train', [False, True])
@@ -198,4 +195,4 @@ def test_attend_with_weights_is_the_wrapped_module(device, train):
                     out, weights = attend_with_weights(attn, *heads, mask_dtype=DTYPE, logit_bias=bias, average_attn_weights=average, **kw)
                     torch.manual_seed(1)
                     ref, ref_weights = module_attention(attn, x, key, key, need_weights=True, average_attn_weights=average, logit_bias=bias, **kw)
-                    _close(out, ref); _close(weights, ref_weights)
+                    close(out, ref); close(weights, ref_weights)

@@ -18,6 +18,7 @@ from additive_pos_attn.attention import choose_path
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import relative_reference
 from additive_pos_attn.rotary import RoPEMultiheadAttention, rope_reference
+from cases import randomise
 
 
 class Kind(NamedTuple):
@@ -38,7 +39,6 @@ KINDS = [pytest.param(Kind(lambda device: AdditivePosMultiheadAttention(16, 4, m
                            relative_reference, *_WRONG_LENGTH), id='relative'),
          pytest.param(Kind(lambda device: RoPEMultiheadAttention(16, 4, dtype=torch.float64, device=device),
                            rope_reference, *_WRONG_LENGTH), id='rotary')]
-TABLES = ('pos_emb', 'rel_bias')
 
 
 @pytest.fixture(params=KINDS)
@@ -47,11 +47,7 @@ def case(device, request):
     kind = request.param
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = kind.make(device)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name in TABLES: p.normal_()
-            else: p.add_(torch.randn_like(p) * 0.3)
+    layer = randomise(kind.make(device))
     x = torch.randn(2, 8, 16, dtype=torch.float64, device=device)
     memory = torch.randn(2, 11, 16, dtype=torch.float64, device=device)
     yield kind, layer, x, memory

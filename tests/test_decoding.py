@@ -19,14 +19,12 @@ from additive_pos_attn.testing import random_block
 from additive_pos_attn.positions import causal_mask, padded_positions
 from additive_pos_attn.rotary import rotate
 from strategies import DTYPE, SETTINGS
+from cases import close
 
 KINDS = pytest.mark.parametrize('kind', ATTENTION_KINDS)
 D, H, MAX_LEN = 16, 4, 16  # every layer's width and heads; the additive table's rows (the relative layer's max_distance + 1)
 PADS = (0, 2, 3)  # left padding of the three prompts of 5 tokens in the padded cases: prompts of 5, 3 and 2 tokens
 
-
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
 
 
 def _layer(kind, device, seed=0, **layer_kwargs):
@@ -99,7 +97,7 @@ def test_decoding_is_recomputing(device, kind, padded, sizes):
     assert all(weights is None for _, weights in results)
     out = torch.cat([out for out, _ in results], dim=1)
     whole = _whole(layer, x, positions, position_mask, kpm)[0] if padded else _whole(layer, x)[0]
-    _close(out[~kpm], whole[~kpm])
+    close(out[~kpm], whole[~kpm])
     assert (cache.length, cache.steps, cache.next_position.tolist()) == (8, len(sizes), [8 - p for p in (PADS if padded else (0,) * 3)])
     assert torch.equal(cache.positions, positions) and torch.equal(cache.padding, kpm)
     assert torch.equal(cache.position_mask, position_mask)
@@ -124,7 +122,7 @@ def test_explicit_positions_and_masks(device, kind, form, what):
     mask = (torch.rand((7,) if form == 'shared' else (2, 7), generator=g) < 0.5).to(device) if what != 'positions' else None
     cache = layer.init_cache(batch_size=2, max_length=7)
     results = _decode(_self_attend(layer, cache), x, (3, 1, 2, 1), k_positions=positions, k_position_mask=mask)
-    _close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions, mask)[0])
+    close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions, mask)[0])
     expected = torch.arange(7, device=device) if positions is None else positions
     assert torch.equal(cache.positions, expected.expand(2, 7))
     assert cache.next_position.tolist() == (expected.expand(2, 7).amax(-1) + 1).tolist()
@@ -140,7 +138,7 @@ def test_positions_count_on_from_an_explicit_prompt(device, kind):
     positions = offsets[:, None] + torch.arange(7, device=device)
     cache = layer.init_cache(batch_size=3, max_length=7)
     results = _decode(_self_attend(layer, cache), x, (4, 1, 2), prompt=dict(k_positions=positions[:, :4]))
-    _close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions)[0])
+    close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions)[0])
     assert cache.next_position.tolist() == (offsets + 7).tolist() and cache.position_bound is None
 
 
@@ -152,7 +150,7 @@ def test_positions_count_on_from_a_negative_prompt(device, kind):
     cache = layer.init_cache(batch_size=1, max_length=4)
     results = _decode(_self_attend(layer, cache), x, (3, 1), prompt=dict(k_positions=positions[:3]))
     assert cache.next_position.tolist() == [-6]
-    _close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions)[0])
+    close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x, positions)[0])
 
 
 @pytest.mark.parametrize('dtype, values, pads', [(torch.uint8, [[0, 5, 6]], [[True, False, False]]),
@@ -184,7 +182,7 @@ def test_attention_masks_cover_every_key_attended_to(device, kind):
             tokens = x[:, start:start + n]
             results.append(layer(tokens, tokens, tokens, cache=cache, attn_mask=mask[..., start:start + n, :start + n])[0])
             start += n
-        _close(torch.cat(results, dim=1), layer(x, x, x, attn_mask=mask)[0])
+        close(torch.cat(results, dim=1), layer(x, x, x, attn_mask=mask)[0])
 
 
 @KINDS
@@ -197,7 +195,7 @@ def test_sequence_first_layer_decodes_as_the_batch_first_one(device, kind):
     assert [tuple(out.shape) for out, _ in results] == [(n, 3, D) for n in (5, 2, 1)]  # (T_new, B, D), as the inputs
     out = torch.cat([out for out, _ in results], dim=0).transpose(0, 1)
     whole = _whole(layer, x, positions, position_mask, kpm)[0]
-    _close(out[~kpm], whole[~kpm])
+    close(out[~kpm], whole[~kpm])
 
 
 @KINDS
@@ -216,8 +214,8 @@ def test_weights_are_the_recomputed_rows_over_the_filled_keys(device, kind, aver
         end = start + out.shape[1]
         assert weights.shape == ((3, out.shape[1], end) if average else (3, H, out.shape[1], end))
         real = ~kpm[:, start:end]
-        _close(out[real], whole[:, start:end][real])
-        _close(by_query(weights)[real], by_query(whole_weights)[:, start:end, ..., :end][real])
+        close(out[real], whole[:, start:end][real])
+        close(by_query(weights)[real], by_query(whole_weights)[:, start:end, ..., :end][real])
         start = end
 
 
@@ -234,8 +232,8 @@ def test_the_cache_holds_keys_as_the_scheme_attends_to_them(device, kind):
     heads = lambda t, w, b: (t @ w.T + b).unflatten(-1, (H, D // H)).transpose(1, 2)
     keys = heads(x + layer.pos_emb[positions] if kind == 'additive' else x, w_k, b_k)
     if kind == 'rotary': keys = rotate(keys, positions, base=layer.rope_base, interleaved=layer.interleaved)
-    _close(cache.keys, keys)
-    _close(cache.values, heads(x, w_v, b_v))
+    close(cache.keys, keys)
+    close(cache.values, heads(x, w_v, b_v))
     assert torch.equal(cache.positions, positions)
 
 
@@ -286,7 +284,7 @@ def test_two_encoder_blocks_decode_as_they_recompute(device, kind, sizes):
     out = torch.cat(_decode(_stacked(blocks, caches, is_causal=True), x, sizes, src_key_padding_mask=kpm), dim=1)
     whole = x
     for block in blocks: whole = block(whole, positions=positions, position_mask=position_mask, src_key_padding_mask=kpm, is_causal=True)
-    _close(out[~kpm], whole[~kpm])
+    close(out[~kpm], whole[~kpm])
 
 
 @KINDS
@@ -308,7 +306,7 @@ def test_two_decoder_blocks_decode_as_they_recompute(device, kind, positions_giv
     prompt = step(tgt[:, :5], tgt_key_padding_mask=kpm[:, :5], tgt_positions=positions[:, :5] if positions_given else None)
     with torch.no_grad(): memory.normal_()  # the same tensor, other values: the caches hold the first call's projection
     tokens = _decode(step, tgt[:, 5:], (1, 2), tgt_positions=positions[:, 5:] if positions_given else None)
-    _close(torch.cat([prompt, *tokens], dim=1)[~kpm], whole[~kpm])
+    close(torch.cat([prompt, *tokens], dim=1)[~kpm], whole[~kpm])
     for cache in caches:
         assert (cache.self_attn.length, cache.self_attn.steps, cache.memory.length, cache.memory.steps) == (8, 3, 7, 1)
         assert torch.equal(cache.self_attn.padding, kpm)
@@ -327,7 +325,7 @@ def test_zero_tables_decode_as_torchs_decoder_layer(device, kind):
     cache = block.init_cache(batch_size=3, max_length=7)
     out = torch.cat(_decode(lambda x, **kw: block(x, cache=cache, **kwargs, **kw), tgt, (4, 1, 2), **off), dim=1)
     twin = decoder_twin(block)
-    _close(out, twin(tgt, memory, tgt_mask=causal_mask(7, 7, device), tgt_is_causal=True,
+    close(out, twin(tgt, memory, tgt_mask=causal_mask(7, 7, device), tgt_is_causal=True,
                      memory_key_padding_mask=memory_kwargs['memory_key_padding_mask']))
 
 
@@ -383,16 +381,16 @@ def test_random_decodings_are_recomputing(device):
                           dim=1 if batch_first else 0, prompt=prompt, k_positions=case['given'], key_padding_mask=kpm)
         whole, whole_weights = _whole(layer, layout(x), case['positions'], case['position_mask'], kpm, need_weights=need_weights)
         out = layout(torch.cat([out for out, _ in results], dim=1 if batch_first else 0))
-        _close(out[~kpm], layout(whole)[~kpm])
+        close(out[~kpm], layout(whole)[~kpm])
         start = 0
         for n, (_, weights) in zip(case['sizes'], results):
             real = ~kpm[:, start:start + n]
-            if need_weights: _close(weights[real], whole_weights[:, start:start + n, :start + n][real])
+            if need_weights: close(weights[real], whole_weights[:, start:start + n, :start + n][real])
             else: assert weights is None
             start += n
         assert torch.equal(cache.positions, case['positions'].expand_as(cache.positions)) and cache.length == case['T']
 
-    _property(150, device, check)
+    _property(80, device, check)
 
 
 def test_random_decoder_decodings_are_recomputing(device):
@@ -412,10 +410,10 @@ def test_random_decoder_decodings_are_recomputing(device):
         step = lambda x, **kw: block(x, memory, cache=cache, tgt_is_causal=True, **memory_kwargs, **kw)
         prompt = None if case['prompt'] is None else dict(tgt_positions=case['prompt'])
         out = torch.cat(_decode(step, tgt, case['sizes'], prompt=prompt, tgt_positions=case['given'], tgt_key_padding_mask=kpm), dim=1)
-        _close(out[~kpm], whole[~kpm])
+        close(out[~kpm], whole[~kpm])
         assert cache.memory.steps == 1
 
-    _property(60, device, check)
+    _property(30, device, check)
 
 
 @torch.no_grad()
@@ -544,6 +542,52 @@ def test_wrong_caches_and_arguments_are_refused(device, kind):
 
 
 @KINDS
+def test_views_of_one_tensor_are_self_attention(device, kind):
+    """Query, key and value that are views of the same memory with the same shape and strides (`x[:, :3]` three times)
+    are one input, as one tensor object is: self-attention, which needs no q_positions and decodes as `_self_attend`.
+    Views that differ in offset are two inputs: cross-attention, which does."""
+    layer = _layer(kind, device)
+    x = torch.randn(2, 5, D, dtype=DTYPE, device=device)
+    cache, by_views = (layer.init_cache(batch_size=2, max_length=5) for _ in range(2))
+    expected = torch.cat([out for out, _ in _decode(_self_attend(layer, cache), x, (3, 1, 1))], dim=1)
+    out = [layer(x[:, :3], x[:, :3], x[:, :3], cache=by_views, is_causal=True)[0]]
+    out += [layer(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=by_views)[0] for t in (3, 4)]
+    close(torch.cat(out, dim=1), expected)
+    assert (by_views.length, by_views.steps) == (5, 3) and torch.equal(by_views.positions, cache.positions)
+    other = layer.init_cache(batch_size=2, max_length=5)
+    with pytest.raises(ValueError, match=r"^with a cache, q_positions is required when query is not key"):
+        layer(x[:, :3], x[:, 1:4], x[:, 1:4], cache=other, is_causal=True)
+    assert other.length == 0
+
+
+@KINDS
+def test_cached_self_attention_of_several_tokens_needs_is_causal_or_a_mask(device, kind):
+    """A cached self-attention call writing more than one token says how they see each other (`is_causal=True` or an
+    `attn_mask`), or is refused after the cache and dtype checks, before anything is written; one token needs neither,
+    and an explicit mask over the cached and new keys (prefix attention) is what it says."""
+    layer, cache, before, token = _prefilled(kind, device)
+    chunk = torch.randn(2, 3, D, dtype=DTYPE, device=device)
+    refusal = (r"^with a cache, self-attention that writes 3 tokens needs is_causal=True \(each token sees those before it\) "
+               r"or an attn_mask \(how the new tokens see each other\), got neither$")
+    with pytest.raises(ValueError, match=refusal): layer(chunk, chunk, chunk, cache=cache)
+    with pytest.raises(ValueError, match=refusal): layer(chunk, chunk, chunk, cache=cache, is_causal=False, need_weights=True)
+    _assert_unchanged(cache, before)
+    empty = layer.init_cache(batch_size=2, max_length=6)
+    with pytest.raises(ValueError, match=refusal): layer(chunk, chunk, chunk, cache=empty)  # the prompt too
+    assert (empty.length, empty.steps) == (0, 0)
+    with pytest.raises(ValueError, match=r"^cache was made by another layer"): _layer(kind, device)(chunk, chunk, chunk, cache=cache)
+    with pytest.raises(TypeError, match=r"^cache holds keys in torch.float32, got a query in torch.float64"):
+        layer(chunk, chunk, chunk, cache=layer.init_cache(batch_size=2, max_length=6, dtype=torch.float32))
+    _assert_unchanged(cache, before)
+    prefix = ~torch.ones(3, 6, dtype=torch.bool, device=device).tril(3)  # new token i sees the 3 cached keys and new ones up to i
+    twin, causal_cache, _, _ = _prefilled(kind, device)  # the same weights and prompt (each is seeded)
+    close(layer(chunk, chunk, chunk, cache=cache, attn_mask=prefix)[0], _self_attend(twin, causal_cache)(chunk)[0])
+    assert cache.length == causal_cache.length == 6
+    (layer, cache, _, token), (twin, causal_cache, _, _) = _prefilled(kind, device), _prefilled(kind, device)
+    close(layer(token, token, token, cache=cache)[0], _self_attend(twin, causal_cache)(token)[0])
+
+
+@KINDS
 def test_cross_attention_to_a_cache_attends_to_what_it_holds(device, kind):
     "`key=None` attends from queries at given positions to the cached keys as they are, without writing: as the layer on those keys."
     layer = _layer(kind, device)
@@ -558,7 +602,7 @@ def test_cross_attention_to_a_cache_attends_to_what_it_holds(device, kind):
     again = layer(x, None, None, cache=cache, **kwargs)
     _assert_unchanged(cache, before)
     whole = layer(x, memory, memory, k_positions=k_positions, key_padding_mask=padding, **kwargs)
-    for result in (first, again): _close(result[0], whole[0]); _close(result[1], whole[1])
+    for result in (first, again): close(result[0], whole[0]); close(result[1], whole[1])
 
 
 @KINDS
@@ -590,7 +634,7 @@ def test_refused_decoder_calls_leave_both_caches_as_they_were(device, kind):
     with pytest.raises(TypeError, match=r"^cache must be a DecoderCache made by the block's init_cache, got KVCache$"):
         block(token, memory, cache=cache.self_attn, **memory_kwargs)
     out += _decode(lambda x, **kw: step(x, memory=memory, **memory_kwargs, **kw), tgt[:, 2:], (1, 1))  # the refusals left no trace
-    _close(torch.cat(out, dim=1), block(tgt, memory, tgt_is_causal=True, **memory_kwargs))
+    close(torch.cat(out, dim=1), block(tgt, memory, tgt_is_causal=True, **memory_kwargs))
 
 
 # Options of the wrapped module, dtypes, and causal cross-attention: found in review
@@ -613,7 +657,7 @@ def test_extra_keys_decode_as_recomputed(device, kind, options):
     x = torch.randn(2, 6, D, dtype=DTYPE, device=device)
     cache = layer.init_cache(batch_size=2, max_length=6)
     results = _decode(_self_attend(layer, cache, need_weights=True), x, (3, 1, 2))
-    _close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x)[0])
+    close(torch.cat([out for out, _ in results], dim=1), _whole(layer, x)[0])
 
 
 @KINDS
@@ -627,7 +671,7 @@ def test_cross_attention_with_kdim_vdim_decodes(device, kind):
     cache, positions = layer.init_cache(batch_size=2, max_length=7), torch.arange(4, device=device) + 2
     first = layer(x[:, :2], memory, values, cache=cache, q_positions=positions[:2])[0]
     later = [layer(x[:, t:t + 1], None, None, cache=cache, q_positions=positions[t:t + 1])[0] for t in (2, 3)]
-    _close(torch.cat([first, *later], dim=1), layer(x, memory, values, q_positions=positions)[0])
+    close(torch.cat([first, *later], dim=1), layer(x, memory, values, q_positions=positions)[0])
 
 
 def test_caches_and_queries_of_another_dtype_are_refused(device):

@@ -29,6 +29,16 @@ def demo(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def demo_in_process(capsys, *args):
+    """`main(args)` in this process, as the command runs it but without an interpreter's start: `(exit status, stdout,
+    stderr)`. The command line itself is `demo`'s, tested once (`test_demo_writes_the_figures`)."""
+    from additive_pos_attn.demo import main
+    try: code = main([*map(str, args)])
+    except SystemExit as e: code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def test_demo_writes_the_figures(tmp_path):
     "A short run trains both models, prints both accuracies and writes every figure as a PNG file."
     pytest.importorskip('matplotlib')
@@ -50,27 +60,27 @@ def test_demo_writes_the_figures(tmp_path):
 
 
 @pytest.mark.parametrize('attention', ['relative', 'rotary'])
-def test_demo_with_another_scheme(tmp_path, attention):
+def test_demo_with_another_scheme(tmp_path, capsys, attention):
     "`--attention` trains that scheme, with and without positions, and writes the two figures that picture any attention."
     pytest.importorskip('matplotlib')
-    res = demo('--out', tmp_path, '--steps', 10, '--attention', attention)
-    assert res.returncode == 0, res.stderr
+    code, stdout, stderr = demo_in_process(capsys, '--out', tmp_path, '--steps', 10, '--attention', attention)
+    assert code == 0, stderr
     aligned = ' ' * (len(f'with {attention} positions') - len('without positions'))  # the accuracies line up
     assert re.fullmatch(rf'token accuracy with {attention} positions: \d+\.\d%\n'
                         rf'token accuracy without positions:{aligned} \d+\.\d% \(best possible without positions: 6\.7%\)\n'
-                        r'wrote training.png, attention_maps.png to .*\n', res.stdout), res.stdout
-    lines = res.stderr.splitlines()
+                        r'wrote training.png, attention_maps.png to .*\n', stdout), stdout
+    lines = stderr.splitlines()
     assert lines[0] == f'training with {attention} positions, 10 steps' and lines[12] == 'training without positions, 10 steps'
     assert sorted(path.name for path in tmp_path.iterdir()) == ['attention_maps.png', 'training.png']
     for path in tmp_path.iterdir(): assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', path
 
 
-def test_unknown_attention_is_a_one_line_error(tmp_path):
-    res = demo('--out', tmp_path, '--attention', 'alibi')
-    assert res.returncode == 2 and res.stdout == '' and list(tmp_path.iterdir()) == []
+def test_unknown_attention_is_a_one_line_error(tmp_path, capsys):
+    code, stdout, stderr = demo_in_process(capsys, '--out', tmp_path, '--attention', 'alibi')
+    assert code == 2 and stdout == '' and list(tmp_path.iterdir()) == []
     # Python 3.12.8 and later name the choices without quotes
     assert re.fullmatch(r"additive-pos-attn-demo: error: argument --attention: invalid choice: 'alibi' "
-                        r"\(choose from '?additive'?, '?relative'?, '?rotary'?\)\n", res.stderr), res.stderr
+                        r"\(choose from '?additive'?, '?relative'?, '?rotary'?\)\n", stderr), stderr
 
 
 @pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary', 'none'])
@@ -117,27 +127,27 @@ def test_a_task_of_ones_own_skips_tokens_without_a_target():
     (['--steps', '0'], 'argument --steps: expected a positive integer, got 0'),
     (['--seed', '-1'], 'argument --seed: expected a non-negative integer, got -1'),
 ])
-def test_bad_numbers_are_one_line_errors(tmp_path, args, message):
-    res = demo('--out', tmp_path, *args)
-    assert res.returncode == 2
-    assert res.stderr == f'additive-pos-attn-demo: error: {message}\n'
-    assert res.stdout == '' and list(tmp_path.iterdir()) == []
+def test_bad_numbers_are_one_line_errors(tmp_path, capsys, args, message):
+    code, stdout, stderr = demo_in_process(capsys, '--out', tmp_path, *args)
+    assert code == 2
+    assert stderr == f'additive-pos-attn-demo: error: {message}\n'
+    assert stdout == '' and list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_out_is_a_one_line_error(tmp_path):
+def test_unwritable_out_is_a_one_line_error(tmp_path, capsys):
     "A directory that cannot be made (its parent is a file) is refused before any training."
     blocker = tmp_path/'file'
     blocker.write_text('not a directory')
-    res = demo('--out', blocker/'figures')
-    assert res.returncode == 2
-    assert res.stderr.count('\n') == 1
-    assert res.stderr.startswith(f"additive-pos-attn-demo: error: argument --out: cannot write to '{blocker/'figures'}'")
+    code, _, stderr = demo_in_process(capsys, '--out', blocker/'figures')
+    assert code == 2
+    assert stderr.count('\n') == 1
+    assert stderr.startswith(f"additive-pos-attn-demo: error: argument --out: cannot write to '{blocker/'figures'}'")
 
 
-def test_missing_out_is_a_one_line_error():
-    res = demo()
-    assert res.returncode == 2
-    assert res.stderr == 'additive-pos-attn-demo: error: the following arguments are required: --out\n'
+def test_missing_out_is_a_one_line_error(capsys):
+    code, _, stderr = demo_in_process(capsys)
+    assert code == 2
+    assert stderr == 'additive-pos-attn-demo: error: the following arguments are required: --out\n'
 
 
 def test_console_script(tmp_path):
@@ -183,10 +193,11 @@ def train_script(steps):
     (7, list(range(8))),                              # a short run: every step
 ])
 def test_progress_in_a_log_is_a_few_lines(tmp_path, steps, counts):
-    "Written to a log file (not a terminal), a run's progress is at most 11 whole lines, never a line of redraws."
+    """Written to a log file (not a terminal: `sys.stderr` redirected to a file, which `train_toy` writes to as it is
+    at the call), a run's progress is at most 11 whole lines, never a line of redraws."""
+    from additive_pos_attn.demo import train_toy
     log = tmp_path/'train.log'
-    with open(log, 'w') as f: res = subprocess.run(train_script(steps), stdout=subprocess.PIPE, stderr=f, text=True, timeout=120)
-    assert res.returncode == 0, log.read_text()
+    with open(log, 'w') as f, redirect_stderr(f): train_toy(steps, progress=True, d_model=8, num_heads=2)
     text = log.read_text()
     assert '\r' not in text and text.endswith('\n')
     lines = text.splitlines()
@@ -257,12 +268,13 @@ def test_generate_with_caches_is_recomputation(attention, device):
 
 
 def test_seq2seq_trains_reproducibly_and_learns():
-    "One seed gives one model; 250 steps already generate the reversals with the additive table."
+    "One seed gives one model (twice 20 steps: the same); 250 steps already generate the reversals with the additive table."
     import torch
     from additive_pos_attn.demo import generate, reversal_batch, train_seq2seq
-    (a, losses_a), (b, losses_b) = train_seq2seq(250), train_seq2seq(250)
+    (a, losses_a), (b, losses_b) = train_seq2seq(20), train_seq2seq(20)
     assert losses_a == losses_b and not a.training
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), name
+    a, _ = train_seq2seq(250)
     source, expected = reversal_batch(200, 16, torch.Generator().manual_seed(5))
     assert (generate(a, source)[0] == expected).float().mean() > 0.99
     with pytest.raises(ValueError, match=r"steps must be a positive int, got 0"): generate(a, source, 0)

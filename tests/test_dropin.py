@@ -24,7 +24,7 @@ from torch import nn
 from additive_pos_attn import AdditivePosMultiheadAttention, AdditiveRelMultiheadAttention, RoPEMultiheadAttention
 from additive_pos_attn.blocks import positional_parameters
 from additive_pos_attn.positions import causal_mask
-from cases import DTYPE, mask_kinds
+from cases import DTYPE, close, mask_kinds, randomise
 
 LAYERS = {'additive': AdditivePosMultiheadAttention, 'relative': AdditiveRelMultiheadAttention, 'rotary': RoPEMultiheadAttention}
 SIZES = {AdditivePosMultiheadAttention: dict(max_len=32), AdditiveRelMultiheadAttention: dict(max_distance=6), RoPEMultiheadAttention: {}}
@@ -35,23 +35,10 @@ MHA_ATTRIBUTES = ('in_proj_weight', 'in_proj_bias', 'q_proj_weight', 'k_proj_wei
 B, H, D, TQ, TK = 3, 4, 16, 6, 9
 
 
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
-
 
 def _layer(cls, *args, **kwargs):
     "A layer of `cls` with its size argument (`max_len`, `max_distance`), in float64 unless told."
     return cls(*args, **SIZES[cls], **{'dtype': DTYPE, **kwargs})
-
-
-def _randomise(module: nn.Module, *, positional: bool = True) -> nn.Module:
-    "Move every parameter off its initial value (biases, bias_k, layer norms included); positional ones drawn from N(0, 1), or zero."
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            is_positional = name.rsplit('.', 1)[-1] in ('pos_emb', 'rel_bias')
-            if is_positional: p.normal_() if positional else p.zero_()
-            else: p.add_(torch.randn_like(p) * 0.3)
-    return module
 
 
 def _off(cls, q_len: int, k_len: int, device) -> dict:
@@ -101,7 +88,7 @@ def test_every_option_is_nn_multihead_attention(device, cls, options):
     if cls is AdditivePosMultiheadAttention and options.get('kdim', D) != D: pytest.skip('the additive table refuses kdim != embed_dim (test_bad_options_are_refused_by_name)')
     options = {'batch_first': True, **options}  # torch's default is sequence first; the layers' is batch first
     torch.manual_seed(0)
-    mha = _randomise(nn.MultiheadAttention(D, H, dropout=0.25, **options, dtype=DTYPE, device=device))
+    mha = randomise(nn.MultiheadAttention(D, H, dropout=0.25, **options, dtype=DTYPE, device=device))
     layer = _layer(cls, D, H, dropout=0.25, **options, device=device)
     layer.attn.load_state_dict(mha.state_dict())  # strict: the same parameters, bias_k and apart projections included
     x = torch.randn(B, TQ, D, dtype=DTYPE, device=device)
@@ -120,8 +107,8 @@ def test_every_option_is_nn_multihead_attention(device, cls, options):
                     flags = dict(need_weights=need_weights, average_attn_weights=average)
                     out, weights = _seeded(layer, q_in, k_in, v_in, **kw, **flags, **off)
                     ref, ref_weights = _seeded(mha, q_in, k_in, v_in, **_for_torch(kw, TQ, k.shape[1], device), **flags)
-                    _close(out, ref)
-                    if need_weights: _close(weights, ref_weights)
+                    close(out, ref)
+                    if need_weights: close(weights, ref_weights)
                     else: assert weights is None
 
 
@@ -135,7 +122,7 @@ def test_the_causal_hint_follows_the_mask(device, cls, extra, need_weights):
     with weights the padded mask shows them; the layers take the mask's answer both ways (torch's with weights)."""
     options = {} if extra == 'none' else {extra: True}
     torch.manual_seed(0)
-    mha = _randomise(nn.MultiheadAttention(D, H, batch_first=True, **options, dtype=DTYPE, device=device)).eval()
+    mha = randomise(nn.MultiheadAttention(D, H, batch_first=True, **options, dtype=DTYPE, device=device)).eval()
     layer = _layer(cls, D, H, **options, device=device).eval()
     layer.attn.load_state_dict(mha.state_dict())
     x, mem = torch.randn(B, TQ, D, dtype=DTYPE, device=device), torch.randn(B, TK, D, dtype=DTYPE, device=device)
@@ -145,8 +132,31 @@ def test_the_causal_hint_follows_the_mask(device, cls, extra, need_weights):
             kw = dict(attn_mask=causal_mask(TQ, k.shape[1], device), is_causal=True, **padding)
             out, weights = layer(x, k, k, need_weights=need_weights, **kw, **_off(cls, TQ, k.shape[1], device))
             ref, ref_weights = mha(x, k, k, need_weights=True, average_attn_weights=True, **kw)
-            _close(out, ref)
-            if need_weights: _close(weights, ref_weights)
+            close(out, ref)
+            if need_weights: close(weights, ref_weights)
+
+
+@KINDS
+@pytest.mark.parametrize('bias_dtype', [torch.float16, torch.float32])
+def test_a_projection_bias_of_another_dtype_is_nn_multihead_attentions(device, cls, bias_dtype):
+    """An in-projection bias of another dtype than the query (`in_proj_bias.data = ....half()` on a float64 layer) gives
+    what `nn.MultiheadAttention` holding the same weights gives: self- and cross-attention, causal or masked, with and
+    without weights (both of the layer's paths)."""
+    torch.manual_seed(0)
+    mha = randomise(nn.MultiheadAttention(D, H, batch_first=True, dtype=DTYPE, device=device)).eval()
+    layer = _layer(cls, D, H, device=device).eval()
+    layer.attn.load_state_dict(mha.state_dict())
+    for attn in (mha, layer.attn): attn.in_proj_bias.data = attn.in_proj_bias.data.to(bias_dtype)
+    assert layer.attn.in_proj_bias.dtype == bias_dtype
+    x, mem = torch.randn(B, TQ, D, dtype=DTYPE, device=device), torch.randn(B, TK, D, dtype=DTYPE, device=device)
+    kpm = torch.zeros(B, TK, dtype=torch.bool, device=device); kpm[0, -2:] = True
+    for k, kw in ((x, dict(is_causal=True)), (mem, dict(key_padding_mask=kpm))):
+        for need_weights in (False, True):
+            out, weights = layer(x, k, k, need_weights=need_weights, **kw, **_off(cls, TQ, k.shape[1], device))
+            ref, ref_weights = mha(x, k, k, need_weights=need_weights, **_for_torch(kw, TQ, k.shape[1], device))
+            assert out.dtype == DTYPE
+            close(out, ref)
+            if need_weights: close(weights, ref_weights)
 
 
 @KINDS
@@ -203,7 +213,7 @@ def test_unbatched_calls_are_nn_multihead_attentions(device, cls, options):
     nn.MultiheadAttention gives unbatched (output `(T_q, D)`, weights `(T_q, T_k)` or `(H, T_q, T_k)`)."""
     options = {'batch_first': True, **options}
     torch.manual_seed(0)
-    mha = _randomise(nn.MultiheadAttention(D, H, **options, dtype=DTYPE, device=device))
+    mha = randomise(nn.MultiheadAttention(D, H, **options, dtype=DTYPE, device=device))
     layer = _layer(cls, D, H, **options, device=device)
     layer.attn.load_state_dict(mha.state_dict())
     x = torch.randn(TQ, D, dtype=DTYPE, device=device)
@@ -216,11 +226,11 @@ def test_unbatched_calls_are_nn_multihead_attentions(device, cls, options):
                 out, weights = layer(x, k, v, **kw, **flags, **_off(cls, TQ, k.shape[0], device))
                 ref, ref_weights = mha(x, k, v, **_for_torch(kw, TQ, k.shape[0], device), **flags)
                 assert out.shape == (TQ, D)
-                _close(out, ref)
+                close(out, ref)
                 if need_weights:
                     columns = k.shape[0] + options.get('add_bias_kv', False) + options.get('add_zero_attn', False)  # torch's extra keys
                     assert weights.shape == ((TQ, columns) if average else (H, TQ, columns))
-                    _close(weights, ref_weights)
+                    close(weights, ref_weights)
 
 
 @KINDS
@@ -228,7 +238,7 @@ def test_unbatched_calls_are_nn_multihead_attentions(device, cls, options):
 def test_unbatched_calls_are_a_batch_of_one(device, cls, batch_first):
     "With positions that matter, `(T,)` positions and position masks: the batched call on a batch of one, squeezed."
     torch.manual_seed(0)
-    layer = _randomise(_layer(cls, D, H, batch_first=batch_first, device=device))
+    layer = randomise(_layer(cls, D, H, batch_first=batch_first, device=device))
     batch = (lambda t: t[None]) if batch_first else (lambda t: t[:, None])
     unbatch = (lambda t: t[0]) if batch_first else (lambda t: t[:, 0])
     x, mem = torch.randn(TQ, D, dtype=DTYPE, device=device), torch.randn(TK, D, dtype=DTYPE, device=device)
@@ -243,10 +253,10 @@ def test_unbatched_calls_are_a_batch_of_one(device, cls, batch_first):
                     out, weights = layer(x, k, k, **call)
                     bk = batch(k)
                     ref, ref_weights = layer(batch(x), *((bk, bk) if k is not x else (batch(x), batch(x))), **_batch_of_one(call))
-                    _close(out, unbatch(ref)); _close(weights, ref_weights[0])
+                    close(out, unbatch(ref)); close(weights, ref_weights[0])
     layer.eval()
     out, weights = layer(x, x, x)  # self-attention, one tensor, no weights
-    _close(out, unbatch(layer(batch(x), batch(x), batch(x))[0])); assert weights is None
+    close(out, unbatch(layer(batch(x), batch(x), batch(x))[0])); assert weights is None
 
 
 @KINDS
@@ -319,8 +329,8 @@ def test_attributes_are_assigned_to_the_wrapped_module(device, cls):
         for need_weights in (False, True):
             out, weights = _seeded(layer, x, mem, mem, need_weights=need_weights, **_off(cls, TQ, TK, device))
             ref, ref_weights = _seeded(mha, x, mem, mem, need_weights=need_weights)
-            _close(out, ref)
-            if need_weights: _close(weights, ref_weights)
+            close(out, ref)
+            if need_weights: close(weights, ref_weights)
     parameters = dict(layer.named_parameters())  # what an optimiser is given: the new parameters
     assert parameters['attn.in_proj_weight'] is new['in_proj_weight'] and parameters['attn.out_proj.weight'] is new['out_proj'].weight
 
@@ -391,7 +401,7 @@ def _container(name: str, device) -> tuple:
     container, run, rows = made[name]()
     nests = getattr(container, 'encoder', container)
     assert getattr(nests, 'use_nested_tensor', False) is (name in ('encoder, nested', 'transformer'))
-    return _randomise(container), run, rows
+    return randomise(container), run, rows
 
 
 CONTAINERS = ['encoder layer', 'encoder layer, norm first', 'encoder, nested', 'encoder, not nested', 'decoder layer',
@@ -419,7 +429,7 @@ def test_containers_call_the_layer(device, cls, name):
     with torch.no_grad(): plain = run(without.eval())
     trained = run(model.train())
     assert counts[0] == 2 * len(layers)
-    _close(out[rows], trained[rows])
+    close(out[rows], trained[rows])
     assert (out[rows] - plain[rows]).abs().max() > 1e-3
     if name == 'encoder, nested': assert out[~rows].abs().max() == 0  # the nested path gives zeros for padding
 
@@ -452,7 +462,7 @@ def test_from_mha_copies_everything(device, cls, training):
     torch.manual_seed(0)
     options = dict(bias=False, add_bias_kv=True, add_zero_attn=True, vdim=12, batch_first=True, dropout=0.2)
     if cls is not AdditivePosMultiheadAttention: options['kdim'] = 8
-    mha = _randomise(nn.MultiheadAttention(D, H, **options, dtype=DTYPE, device=device)).train(training)
+    mha = randomise(nn.MultiheadAttention(D, H, **options, dtype=DTYPE, device=device)).train(training)
     mha.bias_k.requires_grad_(False)  # a frozen parameter stays frozen
     layer = cls.from_mha(mha, **SIZES[cls])
     assert type(layer) is cls and layer.training is training and layer.attn.training is training
@@ -471,9 +481,9 @@ def test_from_mha_copies_everything(device, cls, training):
     value = torch.randn(B, TK, 12, dtype=DTYPE, device=device)
     out, weights = _seeded(layer, x, key, value, need_weights=True, **_off(cls, TQ, TK, device))
     ref, ref_weights = _seeded(mha, x, key, value, need_weights=True)
-    _close(out, ref); _close(weights, ref_weights)
+    close(out, ref); close(weights, ref_weights)
     with torch.no_grad(): mha.out_proj.weight.add_(1.0)  # a copy: the layer does not follow
-    _close(_seeded(layer, x, key, value, **_off(cls, TQ, TK, device))[0], out)
+    close(_seeded(layer, x, key, value, **_off(cls, TQ, TK, device))[0], out)
 
 
 def test_from_mha_keeps_float32_and_refuses_what_it_cannot_take():
@@ -496,9 +506,9 @@ def _models(device) -> dict:
     block = nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True, **factory)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # its encoder does not nest sequence-first tensors, and says so
-        sequence_first = _randomise(nn.Transformer(D, H, 2, 2, 32, dropout=0.0, batch_first=False, **factory))
-    return {'encoder': (_randomise(nn.TransformerEncoder(block, 2, enable_nested_tensor=True)), lambda m: m(src, src_key_padding_mask=padding), 2),
-            'transformer': (_randomise(nn.Transformer(D, H, 2, 2, 32, dropout=0.0, batch_first=True, **factory)),
+        sequence_first = randomise(nn.Transformer(D, H, 2, 2, 32, dropout=0.0, batch_first=False, **factory))
+    return {'encoder': (randomise(nn.TransformerEncoder(block, 2, enable_nested_tensor=True)), lambda m: m(src, src_key_padding_mask=padding), 2),
+            'transformer': (randomise(nn.Transformer(D, H, 2, 2, 32, dropout=0.0, batch_first=True, **factory)),
                             lambda m: m(src, tgt, src_key_padding_mask=padding, memory_key_padding_mask=padding, tgt_mask=tgt_mask), 6),
             'transformer, sequence first': (sequence_first, lambda m: m(src.transpose(0, 1), tgt.transpose(0, 1), src_key_padding_mask=padding,
                                                                       memory_key_padding_mask=padding, tgt_mask=tgt_mask), 6)}
@@ -524,13 +534,13 @@ def test_converted_models_compute_what_they_computed(device, cls, name):
                                         for m in converted.modules() if isinstance(m, (nn.MultiheadAttention, cls)))
     assert cls.convert(converted, **SIZES[cls]) is converted and [m for m in converted.modules() if isinstance(m, cls)] == layers  # twice: as once
     counts = _count_calls(layers)
-    with torch.no_grad(): _close(run(converted.eval()), run(before.eval()))
-    _close(run(converted.train()), run(before.train()))
+    with torch.no_grad(): close(run(converted.eval()), run(before.eval()))
+    close(run(converted.train()), run(before.train()))
     assert counts[0] == 2 * count
     with torch.no_grad():
         for mha in old:
             for p in mha.parameters(): p.add_(1.0)  # the old modules' weights are not the converted model's
-    _close(run(converted), run(before))
+    close(run(converted), run(before))
     tables = [p for layer in layers for p in positional_parameters(layer).values()]
     assert len(tables) == count and all(not t.any() for t in tables)
     optimiser = torch.optim.Adam(converted.parameters(), lr=1e-2)
@@ -560,10 +570,10 @@ def test_converting_an_attention_converts_it(device, cls):
     """An nn.MultiheadAttention passed to `convert` comes back converted. Rotary conversion is exact only at the layer,
     with every position mask False; at default positions it turns queries and keys, so it differs."""
     torch.manual_seed(0)
-    mha = _randomise(nn.MultiheadAttention(D, H, batch_first=True, dtype=DTYPE, device=device)).eval()
+    mha = randomise(nn.MultiheadAttention(D, H, batch_first=True, dtype=DTYPE, device=device)).eval()
     layer = cls.convert(mha, **SIZES[cls])
     assert type(layer) is cls and layer is not mha
     x = torch.randn(B, TQ, D, dtype=DTYPE, device=device)
-    _close(layer(x, x, x, **_off(cls, TQ, TQ, device))[0], mha(x, x, x)[0])
+    close(layer(x, x, x, **_off(cls, TQ, TQ, device))[0], mha(x, x, x)[0])
     if cls is RoPEMultiheadAttention: assert (layer(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-3
-    else: _close(layer(x, x, x)[0], mha(x, x, x)[0])
+    else: close(layer(x, x, x)[0], mha(x, x, x)[0])

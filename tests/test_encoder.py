@@ -19,13 +19,10 @@ from additive_pos_attn.blocks import ATTENTION_KINDS, positional_attention, posi
 from additive_pos_attn.encoder import encoder_reference
 from additive_pos_attn.testing import random_block, torch_twin
 from additive_pos_attn.positions import causal_mask
+from cases import DTYPE, close
 
-DTYPE = torch.float64
 KINDS = pytest.mark.parametrize('kind', ATTENTION_KINDS)
 
-
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
 
 
 def test_parameter_order_is_torchs():
@@ -51,11 +48,11 @@ def test_block_is_the_definition(device, kind):
     for kw in cases:
         expected = encoder_reference(block, x, positions=kw.get('positions'), position_mask=kw.get('position_mask'),
                                      attn_mask=kw.get('src_mask'), key_padding_mask=kw.get('src_key_padding_mask'))
-        _close(block(x, **kw), expected)
-    _close(block(x, is_causal=True), encoder_reference(block, x, attn_mask=causal_mask(6, 6, device)))
+        close(block(x, **kw), expected)
+    close(block(x, is_causal=True), encoder_reference(block, x, attn_mask=causal_mask(6, 6, device)))
     relu_block = random_block(attention=kind, activation='relu', device=device)
     shifted = torch.arange(6, device=device) + 3
-    _close(relu_block(x, positions=shifted), encoder_reference(relu_block, x, positions=shifted))
+    close(relu_block(x, positions=shifted), encoder_reference(relu_block, x, positions=shifted))
 
 
 @KINDS
@@ -74,9 +71,9 @@ def test_zero_table_is_torchs_layer(device, kind, activation, bias):
     off = dict(position_mask=torch.zeros(6, dtype=torch.bool, device=device)) if kind == 'rotary' else {}
     masks = [dict(), dict(src_mask=causal), dict(src_mask=torch.randn(6, 6, dtype=DTYPE, device=device)),
              dict(src_key_padding_mask=kpm), dict(src_mask=causal, src_key_padding_mask=kpm, is_causal=True)]
-    for kw in masks: _close(block(x, **kw, **off), twin(x, **kw))
+    for kw in masks: close(block(x, **kw, **off), twin(x, **kw))
     # is_causal alone, which torch needs spelled out as a mask
-    _close(block(x, is_causal=True, **off), twin(x, src_mask=causal, is_causal=True))
+    close(block(x, is_causal=True, **off), twin(x, src_mask=causal, is_causal=True))
 
 
 def test_rotary_is_not_torchs_layer_at_its_default_positions():
@@ -85,7 +82,7 @@ def test_rotary_is_not_torchs_layer_at_its_default_positions():
     block = PosTransformerEncoderLayer(positional_attention('rotary', 16, 4, max_len=8, dtype=DTYPE), 24, dropout=0.0, dtype=DTYPE).eval()
     x = torch.randn(3, 6, 16, dtype=DTYPE)
     assert not torch.allclose(block(x), torch_twin(block)(x))
-    _close(block(x, positions=torch.full((6,), 5)), torch_twin(block)(x))  # equal positions: every offset is zero
+    close(block(x, positions=torch.full((6,), 5)), torch_twin(block)(x))  # equal positions: every offset is zero
 
 
 @pytest.mark.parametrize('kind, name', [('additive', 'self_attn.pos_emb'), ('relative', 'self_attn.rel_bias')])
@@ -126,7 +123,7 @@ def test_encoder_reference_takes_a_named_oracle_and_refuses_an_unknown_layer():
     block = PosTransformerEncoderLayer(Unknown(16, 4, max_len=None), 24, dropout=0.0, dtype=DTYPE).eval()
     with pytest.raises(TypeError, match=r"encoder_reference knows no oracle for Unknown: pass attention_reference"):
         encoder_reference(block, x)
-    _close(encoder_reference(block, x, attention_reference=lambda layer, q, k, v, **kw: (q, None)), block(x))
+    close(encoder_reference(block, x, attention_reference=lambda layer, q, k, v, **kw: (q, None)), block(x))
 
 
 def test_one_seed_gives_one_block_but_for_the_scheme(device):
@@ -140,7 +137,7 @@ def test_one_seed_gives_one_block_but_for_the_scheme(device):
     off = torch.zeros(6, dtype=torch.bool, device=device)
     zeroed = copy.deepcopy(blocks['additive'])
     with torch.no_grad(): zeroed.self_attn.pos_emb.zero_()
-    for block in blocks.values(): _close(block(x, position_mask=off), torch_twin(zeroed)(x))
+    for block in blocks.values(): close(block(x, position_mask=off), torch_twin(zeroed)(x))
 
 
 @KINDS
@@ -153,14 +150,14 @@ def test_positional_keywords_reach_the_attention(device, kind):
     with torch.no_grad():
         for p in positional_parameters(zeroed.self_attn).values(): p.zero_()
     without_positions = torch_twin(zeroed)(x)
-    _close(block(x, position_mask=torch.zeros(6, dtype=torch.bool, device=device)), without_positions)
+    close(block(x, position_mask=torch.zeros(6, dtype=torch.bool, device=device)), without_positions)
     assert not torch.allclose(block(x), without_positions)
     in_order = torch.arange(6, device=device)
-    _close(block(x, positions=in_order), block(x))
+    close(block(x, positions=in_order), block(x))
     assert not torch.allclose(block(x, positions=in_order.flip(0)), block(x))
     per_sample = torch.stack([torch.randperm(20, device=device)[:6] for _ in range(3)])
     out = block(x, positions=per_sample)
-    for b in range(3): _close(out[b], block(x[b:b + 1], positions=per_sample[b])[0])
+    for b in range(3): close(out[b], block(x[b:b + 1], positions=per_sample[b])[0])
 
 
 def _stack(device, kind, num_layers=2):
@@ -179,7 +176,7 @@ def test_stacked_blocks_are_the_definition_in_turn(device, kind):
     for layer in layers:
         out = layer(out, positions=positions, is_causal=True)
         expected = encoder_reference(layer, expected, positions=positions, attn_mask=causal_mask(6, 6, device))
-    _close(out, expected)
+    close(out, expected)
 
 
 @KINDS

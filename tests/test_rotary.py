@@ -16,17 +16,14 @@ from additive_pos_attn.attention import choose_path, project_heads
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles,
                                       rope_reference, rotate)
+from cases import DTYPE, close, randomise
 
-DTYPE = torch.float64
 # Positions stay within ±1000 where the oracle is held to 1e-12: an angle near 10^4 radians carries ~1e-12 of float64
 # rounding, which two honest computations of it (the layer's and the oracle's) do not share.
-PROPERTY_EXAMPLES = 150
+PROPERTY_EXAMPLES = 80
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
-
-def _close(actual, expected, eps=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=eps)
 
 
 def _case(device, *, bias=True, interleaved=True, batch_first=True, dropout=0.0, B=3, Tq=6, Tk=9, D=16, H=4, seed=0):
@@ -34,8 +31,7 @@ def _case(device, *, bias=True, interleaved=True, batch_first=True, dropout=0.0,
     torch.manual_seed(seed)
     layer = RoPEMultiheadAttention(D, H, bias=bias, interleaved=interleaved, batch_first=batch_first, dropout=dropout,
                                    dtype=DTYPE, device=device)
-    with torch.no_grad():
-        for p in layer.parameters(): p.add_(torch.randn_like(p) * 0.3)
+    randomise(layer)
     return layer, *(torch.randn(B, T, D, dtype=DTYPE, device=device) for T in (Tq, Tk))
 
 
@@ -68,11 +64,11 @@ def _check_against_reference(layer, query, key, value, **kw):
     "The layer with and without weights (per head and averaged) equals the oracle; returns the output."
     ref, ref_weights = rope_reference(layer, query, key, value, need_weights=True, average_attn_weights=False, **kw)
     out, weights = layer(query, key, value, need_weights=True, average_attn_weights=False, **kw)
-    _close(out, ref); _close(weights, ref_weights)
+    close(out, ref); close(weights, ref_weights)
     out, weights = layer(query, key, value, need_weights=True, **kw)
-    _close(out, ref); _close(weights, ref_weights.mean(dim=1))
+    close(out, ref); close(weights, ref_weights.mean(dim=1))
     out, weights = layer(query, key, value, **kw)
-    _close(out, ref); assert weights is None
+    close(out, ref); assert weights is None
     return out
 
 
@@ -90,8 +86,8 @@ def test_every_mask_matches_the_definition(device, bias, interleaved):
             ref = rope_reference(layer, x, kv, kv, **{**extra, 'attn_mask': causal}, need_weights=True)
             for need_weights in (False, True):
                 out, weights = layer(x, kv, kv, is_causal=True, need_weights=need_weights, **extra)
-                _close(out, ref[0])
-                if need_weights: _close(weights, ref[1])
+                close(out, ref[0])
+                if need_weights: close(weights, ref[1])
 
 
 def test_every_kind_of_positions_matches_the_definition(device):
@@ -122,19 +118,19 @@ def test_where_nothing_turns_it_is_the_wrapped_module(device, interleaved):
             for need_weights, average in ((False, True), (True, True), (True, False)):
                 out, weights = layer(x, mem, mem, need_weights=need_weights, average_attn_weights=average, **kw, **masks)
                 ref, ref_weights = layer.attn(x, mem, mem, need_weights=need_weights, average_attn_weights=average, **masks)
-                _close(out, ref)
-                if need_weights: _close(weights, ref_weights)
+                close(out, ref)
+                if need_weights: close(weights, ref_weights)
 
 
 def test_position_masks_turn_single_tokens_off(device):
     layer, x, _ = _case(device)
     mask = torch.ones(3, 6, dtype=torch.bool, device=device); mask[1] = False
     out = layer(x, x, x, q_position_mask=mask, k_position_mask=mask)[0]
-    _close(out[0], layer(x[:1], x[:1], x[:1])[0][0])
-    _close(out[1], layer.attn(x[1:2], x[1:2], x[1:2])[0][0])
+    close(out[0], layer(x[:1], x[:1], x[:1])[0][0])
+    close(out[1], layer.attn(x[1:2], x[1:2], x[1:2])[0][0])
     positions = torch.arange(6, device=device) + 100  # a masked token's position is never read
     garbage = torch.where(mask[0], positions, torch.randint(-10**6, 10**6, (6,), device=device))
-    _close(layer(x, x, x, q_positions=garbage, q_position_mask=mask[0])[0], layer(x, x, x, q_positions=positions, q_position_mask=mask[0])[0])
+    close(layer(x, x, x, q_positions=garbage, q_position_mask=mask[0])[0], layer(x, x, x, q_positions=positions, q_position_mask=mask[0])[0])
 
 
 def test_shifting_every_position_changes_nothing(device):
@@ -143,9 +139,9 @@ def test_shifting_every_position_changes_nothing(device):
     qp, kp = torch.randint(-30, 30, (3, 6), device=device), torch.randint(-30, 30, (9,), device=device)
     out = layer(x, mem, mem, q_positions=qp, k_positions=kp)[0]
     for shift in (1, -17, 4096):
-        _close(layer(x, mem, mem, q_positions=qp + shift, k_positions=kp + shift)[0], out)
+        close(layer(x, mem, mem, q_positions=qp + shift, k_positions=kp + shift)[0], out)
     per_sample = torch.tensor([[0], [5], [-300]], device=device)
-    _close(layer(x, mem, mem, q_positions=qp + per_sample, k_positions=kp + per_sample)[0], out)
+    close(layer(x, mem, mem, q_positions=qp + per_sample, k_positions=kp + per_sample)[0], out)
 
 
 def test_left_padding_needs_no_positions(device):
@@ -155,7 +151,7 @@ def test_left_padding_needs_no_positions(device):
     out = layer(x.masked_fill(kpm[..., None], 123.0), x.masked_fill(kpm[..., None], 123.0), x, key_padding_mask=kpm)[0]
     for b, n in enumerate(lengths.tolist()):
         alone = x[b:b + 1, 6 - n:]
-        _close(out[b, 6 - n:], layer(alone, alone, alone)[0][0])
+        close(out[b, 6 - n:], layer(alone, alone, alone)[0][0])
 
 
 @pytest.mark.parametrize('bias', [True, False])
@@ -165,10 +161,10 @@ def test_dropout_paths_agree(device, bias):
     for kv, kw in ((x, dict(is_causal=True)), (mem, _attention_masks(3, 4, 6, 9, device)['both'])):
         torch.manual_seed(1); fused = layer(x, kv, kv, **kw)[0]
         torch.manual_seed(1); with_weights = layer(x, kv, kv, need_weights=True, **kw)[0]
-        _close(fused, with_weights)
+        close(fused, with_weights)
         torch.manual_seed(2); assert not torch.allclose(layer(x, kv, kv, **kw)[0], fused)
     layer.eval()
-    _close(layer(x, mem, mem)[0], rope_reference(layer, x, mem, mem)[0])
+    close(layer(x, mem, mem)[0], rope_reference(layer, x, mem, mem)[0])
 
 
 def test_gradcheck(device):
@@ -188,7 +184,7 @@ def test_gradients_match_the_definition(device):
     wrt = [x.requires_grad_(), mem.requires_grad_(), *layer.parameters()]
     for need_weights in (False, True):
         grads = torch.autograd.grad(layer(x, mem, mem, need_weights=need_weights, **kw)[0].square().sum(), wrt)
-        for grad, ref in zip(grads, torch.autograd.grad(rope_reference(layer, x, mem, mem, **kw)[0].square().sum(), wrt)): _close(grad, ref)
+        for grad, ref in zip(grads, torch.autograd.grad(rope_reference(layer, x, mem, mem, **kw)[0].square().sum(), wrt)): close(grad, ref)
 
 
 def test_sequence_first_is_the_batch_first_layer(device):
@@ -200,9 +196,9 @@ def test_sequence_first_is_the_batch_first_layer(device):
     out, weights = seq_first(x.transpose(0, 1), mem.transpose(0, 1), mem.transpose(0, 1), **kw)
     ref, ref_weights = rope_reference(layer, x, mem, mem, **kw)
     assert out.shape == (6, 3, 16)
-    _close(out.transpose(0, 1), ref); _close(weights, ref_weights)
+    close(out.transpose(0, 1), ref); close(weights, ref_weights)
     xt = x.transpose(0, 1).contiguous()  # self-attention, one tensor, as a sequence-first model passes it
-    _close(seq_first(xt, xt, xt, is_causal=True)[0].transpose(0, 1), layer(x, x, x, is_causal=True)[0])
+    close(seq_first(xt, xt, xt, is_causal=True)[0].transpose(0, 1), layer(x, x, x, is_causal=True)[0])
     with pytest.raises(ValueError, match=r"q_positions must have shape \(6,\) or \(3, 6\), got \(6, 3\)"):
         seq_first(xt, xt, xt, q_positions=torch.zeros(6, 3, dtype=torch.long, device=device))
 
@@ -213,7 +209,7 @@ def test_the_conventions_differ_by_an_order_of_rows(device):
     heads = torch.randn(2, 3, 5, 8, dtype=DTYPE, device=device)
     positions = torch.randint(-100, 100, (2, 5), device=device)
     order = pair_order(8).to(device)
-    _close(rotate(heads, positions, interleaved=False), rotate(heads[..., order], positions)[..., order.argsort()])
+    close(rotate(heads, positions, interleaved=False), rotate(heads[..., order], positions)[..., order.argsort()])
     for source_interleaved in (True, False):
         source, x, mem = _case(device, interleaved=source_interleaved)
         target = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=not source_interleaved)
@@ -227,7 +223,7 @@ def test_the_conventions_differ_by_an_order_of_rows(device):
         target.load_state_dict(source.state_dict())  # the rows as they are: another layer
         assert (target(x, mem, mem, **kw)[0] - source(x, mem, mem, **kw)[0]).abs().max() > 1e-3
         target.load_state_dict(checkpoint)
-        for a, b in zip(target(x, mem, mem, **kw), source(x, mem, mem, **kw)): _close(a, b)
+        for a, b in zip(target(x, mem, mem, **kw), source(x, mem, mem, **kw)): close(a, b)
 
 
 def test_angles_are_float32_under_bfloat16_autocast():
@@ -235,13 +231,13 @@ def test_angles_are_float32_under_bfloat16_autocast():
     positions = torch.tensor([1001, 4097, 30001, 65537])
     exact = rope_angles(positions, 64, dtype=DTYPE)
     assert (rope_angles(positions, 64, dtype=torch.bfloat16).double() - exact).abs().max() > 40
-    _close(rope_angles(positions, 64).double(), exact, 2e-3)
+    close(rope_angles(positions, 64).double(), exact, 2e-3)
     torch.manual_seed(0)
     heads = torch.randn(2, 4, 4, 64)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         turned = rotate(heads.bfloat16(), positions)
     assert turned.dtype == torch.bfloat16
-    _close(turned.double(), rotate(heads.double(), positions), 0.05)  # bfloat16 rounding of values of size ~3
+    close(turned.double(), rotate(heads.double(), positions), 0.05)  # bfloat16 rounding of values of size ~3
     layer = RoPEMultiheadAttention(16, 4)
     x = torch.randn(2, 4, 16)
     kw = dict(q_positions=positions, k_positions=positions.flip(0), is_causal=True)
@@ -249,7 +245,7 @@ def test_angles_are_float32_under_bfloat16_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         for need_weights in (False, True):
             out = layer(x, x, x, need_weights=need_weights, **kw)[0]
-            _close(out.double(), ref, 0.03 * ref.abs().max().item())
+            close(out.double(), ref, 0.03 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize('dtype, eps', [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])  # relative to the largest output
@@ -259,7 +255,7 @@ def test_lower_precisions_follow_the_float64_definition(device, dtype, eps):
     ref = rope_reference(layer, x, mem, mem, **kw)[0]
     out = copy.deepcopy(layer).to(dtype)(x.to(dtype), mem.to(dtype), mem.to(dtype), **kw)[0]
     assert out.dtype == dtype
-    _close(out.double().detach(), ref.detach(), eps * ref.abs().max().item())
+    close(out.double().detach(), ref.detach(), eps * ref.abs().max().item())
 
 
 @pytest.mark.parametrize('embed_dim, num_heads, head_dim', [(12, 4, 3), (5, 1, 5), (6, 6, 1)])
@@ -328,7 +324,7 @@ def test_what_needs_a_call_of_attn_is_refused(device):
     with pytest.raises(ValueError, match=r"never calls its attn .*: attn has a forward of its own"): layer(x, x, x)
     del layer.attn.forward
     assert choose_path(layer.attn, need_weights=False).name == 'fused'
-    _close(layer(x, x, x)[0], expected)
+    close(layer(x, x, x)[0], expected)
 
 
 def test_reset_parameters_state_dict_and_repr(device):
@@ -339,7 +335,7 @@ def test_reset_parameters_state_dict_and_repr(device):
     loaded = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=False)
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
     kw = dict(q_positions=torch.tensor([2, 7, 1, 8, 2, 8], device=device))
-    _close(loaded(x, mem, mem, **kw)[0], layer(x, mem, mem, **kw)[0])
+    close(loaded(x, mem, mem, **kw)[0], layer(x, mem, mem, **kw)[0])
     plain = nn.MultiheadAttention(16, 4, batch_first=True, dtype=DTYPE, device=device)  # a plain checkpoint loads too
     loaded.attn.load_state_dict(plain.state_dict())
     layer.reset_parameters()
@@ -398,7 +394,7 @@ def test_layouts_and_dtypes_the_complex_view_cannot_take_use_the_plane_rotation(
     odd_offset, channels_apart = x[..., 1:9], x.transpose(-1, -2).contiguous().transpose(-1, -2)
     for heads in (odd_offset, channels_apart, x[..., ::2][..., :4]):
         assert not _pairs_as_complex(heads, True)
-        _close(rotate(heads, positions), _plane_rotation(heads, positions), eps=1e-14)
+        close(rotate(heads, positions), _plane_rotation(heads, positions), eps=1e-14)
     assert _pairs_as_complex(x, True) and _pairs_as_complex(x.float(), True)
     for dtype in (torch.float16, torch.bfloat16):  # no complex bfloat16, and complex32 (chalf) has few kernels
         assert not _pairs_as_complex(x.to(dtype), True)
@@ -433,8 +429,7 @@ def _draw_call(data, device):
                                    interleaved=data.draw(st.booleans(), label='interleaved'),
                                    batch_first=data.draw(st.booleans(), label='batch_first'),
                                    rope_base=data.draw(st.sampled_from([10000.0, 500.0, 2.0]), label='rope_base'))
-    with torch.no_grad():
-        for p in layer.parameters(): p.add_(torch.randn_like(p) * 0.3)
+    randomise(layer)
     layer.train(data.draw(st.booleans(), label='training'))  # dropout is 0: both modes are deterministic
     query = torch.randn(B, Tq, D, dtype=DTYPE)
     if Tq == Tk and data.draw(st.booleans(), label='self-attention'): key = value = query
@@ -464,6 +459,6 @@ def test_random_valid_calls_match_the_definition(device, data):
     inputs = {id(t): t if layer.batch_first else t.transpose(0, 1).contiguous() for t in (query, key, value)}  # `is` kept
     out, weights = layer(inputs[id(query)], inputs[id(key)], inputs[id(value)], **kw)
     ref, ref_weights = rope_reference(layer, query, key, value, **oracle_kw)
-    _close(out if layer.batch_first else out.transpose(0, 1), ref)
-    if kw['need_weights']: _close(weights, ref_weights)
+    close(out if layer.batch_first else out.transpose(0, 1), ref)
+    if kw['need_weights']: close(weights, ref_weights)
     else: assert weights is None

@@ -15,6 +15,7 @@ from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_r
 from additive_pos_attn.relative import relative_reference
 from additive_pos_attn.rotary import RoPEMultiheadAttention, rope_reference
 from additive_pos_attn.testing import example_call, random_layer
+from cases import randomise
 
 ATTN_KEYS = ['attn.in_proj_weight', 'attn.in_proj_bias', 'attn.out_proj.weight', 'attn.out_proj.bias']
 
@@ -34,12 +35,7 @@ class Kind:
     def random(self, device=None, dtype=torch.float64):
         "Seeded, every parameter moved off its initial value as `random_layer` does (it is `random_layer` for the additive layer)."
         torch.manual_seed(0)
-        layer = self.fresh(device, dtype)
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                if name == self.table: p.normal_()
-                else: p.add_(torch.randn_like(p) * 0.3)
-        return layer
+        return randomise(self.fresh(device, dtype))
 
     @property
     def tracked(self) -> str:

@@ -11,8 +11,8 @@ from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.rotary import RoPEMultiheadAttention
 from additive_pos_attn.viz import plot_relative_bias, plot_rotary_decay, rotary_score_decay
 from strategies import SETTINGS
+from cases import DTYPE
 
-DTYPE = torch.float64
 
 
 def _plotted(fig) -> dict:
