@@ -1,8 +1,8 @@
 """Run notebooks and store their outputs, so the docs and the README show them.
 
-Cells that `nbdev_test` would skip here (those flagged with one of `tst_flags` in `settings.ini`, such as
-`cuda`, and `#| eval: false` cells) are skipped here too, and keep no outputs. Afterwards the notebooks are
-cleaned with `nbdev_clean`.
+Cells that cannot run here are skipped and keep no outputs: those flagged with one of `tst_flags` in
+`settings.ini` (such as `cuda`), and `#| eval: false` cells. Cells flagged `slow` do run: `nbdev_test` skips them
+to stay fast, but the docs show what they compute. Afterwards the notebooks are cleaned with `nbdev_clean`.
 
     python tools/execute_notebooks.py                       # every notebook in nbs/
     python tools/execute_notebooks.py nbs/06_additive.ipynb # some of them
@@ -18,11 +18,13 @@ from nbdev.config import get_config
 
 from _nbread import directives
 
+RUN_HERE = {'slow'}  # flags whose cells run here all the same
+
 def skipped(cell, flags: set) -> bool:
-    "Whether `nbdev_test` (without `--flags`) would skip this cell."
+    "Whether this cell cannot run here: flagged with one of `flags` (but `slow`), or `eval: false`."
     if cell.cell_type != 'code': return True
     opts = directives(cell)
-    return bool(opts.keys() & flags) or opts.get('eval', '').lower() == 'false'
+    return bool(opts.keys() & (flags - RUN_HERE)) or opts.get('eval', '').lower() == 'false'
 
 def execute(path: Path, flags: set) -> float:
     "Run `path` in a fresh kernel, store its outputs in place; return the seconds it took."
