@@ -12,10 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from additive_pos_attn.decoder import PosTransformerDecoderLayer
-from additive_pos_attn.testing import decoder_twin
 from additive_pos_attn.blocks import ATTENTION_KINDS, positional_attention, positional_parameters
-from additive_pos_attn.testing import random_block
+from additive_pos_attn.decoder import PosTransformerDecoderLayer
+from additive_pos_attn.testing import decoder_twin, random_block, random_layer
 from additive_pos_attn.positions import causal_mask, padded_positions
 from additive_pos_attn.rotary import rotate
 from strategies import DTYPE, SETTINGS
@@ -28,12 +27,8 @@ PADS = (0, 2, 3)  # left padding of the three prompts of 5 tokens in the padded 
 
 
 def _layer(kind, device, seed=0, **layer_kwargs):
-    "`random_block`'s attention of `kind`: projections and biases moved off their initial values, positional parameters from N(0, 1)."
-    layer = random_block(attention=kind, max_len=MAX_LEN, seed=seed, device=device).self_attn
-    if not layer_kwargs: return layer
-    other = positional_attention(kind, D, H, max_len=MAX_LEN, dtype=DTYPE, device=device, **layer_kwargs)
-    other.load_state_dict(layer.state_dict())
-    return other.eval()
+    "`random_layer` of `kind`, in evaluation mode: every parameter moved off its initial value."
+    return random_layer(D, H, kind=kind, max_len=MAX_LEN, seed=seed, device=device, **layer_kwargs).eval()
 
 
 def _left_padding(B, prompt, total, device, pads=PADS):

@@ -13,18 +13,15 @@ from torch.func import functional_call
 from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import relative_reference
+from additive_pos_attn.testing import random_layer
 from cases import DTYPE, check_is_its_attn, close, mask_kinds, position_kinds, stream
 from strategies import SETTINGS, draw_attention_masks, draw_position_mask, draw_positions, valid_cases
 
 
 
 def _layer(device, D=16, H=4, max_distance=3, seed=0, **kw):
-    "A float64 layer whose table, biases and weights all differ from their initial values."
-    torch.manual_seed(seed)
-    layer = AdditiveRelMultiheadAttention(D, H, max_distance=max_distance, dtype=DTYPE, device=device, **kw)
-    with torch.no_grad():
-        for p in layer.parameters(): p.add_(torch.randn_like(p) * (1.0 if p is layer.rel_bias else 0.3))
-    return layer
+    "A float64 layer whose table, biases and weights all differ from their initial values (`random_layer`)."
+    return random_layer(D, H, kind='relative', max_len=max_distance + 1, seed=seed, device=device, **kw)
 
 
 def _inputs(device, B=3, Tq=6, Tk=9, D=16):

@@ -16,6 +16,7 @@ from additive_pos_attn.attention import choose_path, project_heads
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles,
                                       rope_reference, rotate)
+from additive_pos_attn.testing import random_layer
 from cases import DTYPE, close, randomise
 
 # Positions stay within ±1000 where the oracle is held to 1e-12: an angle near 10^4 radians carries ~1e-12 of float64
@@ -27,11 +28,9 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 
 
 def _case(device, *, bias=True, interleaved=True, batch_first=True, dropout=0.0, B=3, Tq=6, Tk=9, D=16, H=4, seed=0):
-    "A seeded layer with every parameter moved off its initial value, and inputs `x` `(B, Tq, D)`, `mem` `(B, Tk, D)`."
-    torch.manual_seed(seed)
-    layer = RoPEMultiheadAttention(D, H, bias=bias, interleaved=interleaved, batch_first=batch_first, dropout=dropout,
-                                   dtype=DTYPE, device=device)
-    randomise(layer)
+    "`random_layer` of the rotary kind, and inputs `x` `(B, Tq, D)`, `mem` `(B, Tk, D)` drawn after it."
+    layer = random_layer(D, H, kind='rotary', bias=bias, interleaved=interleaved, batch_first=batch_first,
+                         dropout=dropout, seed=seed, device=device)
     return layer, *(torch.randn(B, T, D, dtype=DTYPE, device=device) for T in (Tq, Tk))
 
 

@@ -94,11 +94,16 @@ def test_ci_installs_cpu_torch_then_runs_the_readme_commands():
     assert index_of(job, uses('actions/setup-python'), 'setting up Python') < torch_step
 
 
-def test_ci_pins_the_torch_of_ci_run():
-    "The workflow and .ci/run install the same torch."
+def test_every_set_up_pins_the_torch_of_ci_run():
+    """The workflows, the README and CONTRIBUTING.md install the torch that .ci/run tests, the README and
+    CONTRIBUTING.md from PyTorch's own CPU index."""
     pinned = set(re.findall(r'torch==([\d.]+)', (ROOT/'.ci'/'run').read_text()))
-    for wf in ('test.yaml', 'deploy.yaml'):
-        assert set(re.findall(r'torch==([\d.]+)', (WORKFLOWS/wf).read_text())) == pinned, wf
+    assert len(pinned) == 1, pinned
+    for path in (WORKFLOWS/'test.yaml', WORKFLOWS/'deploy.yaml', ROOT/'README.md', ROOT/'CONTRIBUTING.md'):
+        assert set(re.findall(r'torch==([\d.]+)', path.read_text())) == pinned, path.name
+    for path in (ROOT/'README.md', ROOT/'CONTRIBUTING.md'):
+        version, = pinned
+        assert f'pip install torch=={version} --index-url {CPU_INDEX}' in path.read_text(), path.name
 
 
 def test_ci_never_skips_the_browser_test():
