@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
            'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer',
-           'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table', 'sinusoidal_table']
+           'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table', 'sinusoidal_table',
+           'PosTransformerLM', 'generate']
 
-# %% ../nbs/index.ipynb #8b7249b5
+# %% ../nbs/index.ipynb #8e56a915
 from .base import PositionalAttentionBase
 from .cache import DecoderCache, KVCache
 from .positions import causal_mask, padded_positions, resample_table, sinusoidal_table
@@ -16,8 +17,10 @@ from .rotary import RoPEMultiheadAttention
 from .blocks import ATTENTION_KINDS, positional_attention
 from .encoder import PosTransformerEncoderLayer
 from .decoder import PosTransformerDecoderLayer
+from .lm import PosTransformerLM
+from .generation import generate
 
 _all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention',
          'RoPEMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer',
          'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table',
-         'sinusoidal_table']
+         'sinusoidal_table', 'PosTransformerLM', 'generate']

@@ -4,8 +4,8 @@
 __all__ = ['ATTENTION_KINDS', 'get_activation', 'apply_dropout', 'FeedForwardBlock', 'positional_attention',
            'positional_parameters']
 
-# %% ../nbs/09_blocks.ipynb #e8ebcafe
-from typing import Callable, Union
+# %% ../nbs/09_blocks.ipynb #a360e6d9
+from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,23 +65,27 @@ class FeedForwardBlock(nn.Module):
                            need_weights=False, is_causal=is_causal, cache=cache)[0]
         return apply_dropout(self.dropout1, x)
 
-# %% ../nbs/09_blocks.ipynb #23b75ed6
+# %% ../nbs/09_blocks.ipynb #699574ac
 ATTENTION_KINDS = ('additive', 'relative', 'rotary')
 
-def positional_attention(kind: str, embed_dim: int, num_heads: int, *, max_len: int,
+def positional_attention(kind: str, embed_dim: int, num_heads: int, *, max_len: Optional[int] = None,
                          **layer_kwargs) -> PositionalAttentionBase:
     """The attention layer of the scheme `kind`, one of `ATTENTION_KINDS`, for sequences of up to `max_len` tokens.
 
     ``'additive'``: `AdditivePosMultiheadAttention` with ``max_len`` rows; ``'relative'``:
     `AdditiveRelMultiheadAttention` with a row for every offset in such a sequence, ``max_distance = max_len - 1``;
-    ``'rotary'``: `RoPEMultiheadAttention`, which needs no size. ``layer_kwargs`` (``dropout``, ``bias``, ``device``,
-    ``dtype``, ``batch_first``, ...) go to the layer."""
-    check_positive_int('max_len', max_len)
+    ``'rotary'``: `RoPEMultiheadAttention`, which needs no size (``max_len`` may be left out). ``layer_kwargs``
+    (``dropout``, ``bias``, ``device``, ``dtype``, ``batch_first``, ...) go to the layer."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {kind!r}")
+    if max_len is None and kind != 'rotary':
+        needs = 'a row for each position' if kind == 'additive' else 'a row for each offset, max_len - 1 of them'
+        raise ValueError(f"max_len is required for {kind!r} attention ({needs}), got None")
+    if max_len is not None: check_positive_int('max_len', max_len)
     if kind == 'additive': return AdditivePosMultiheadAttention(embed_dim, num_heads, max_len=max_len, **layer_kwargs)
     if kind == 'relative':
         return AdditiveRelMultiheadAttention(embed_dim, num_heads, max_distance=max(max_len - 1, 1), **layer_kwargs)
-    if kind == 'rotary': return RoPEMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
-    raise ValueError(f"kind must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {kind!r}")
+    return RoPEMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
 
 # %% ../nbs/09_blocks.ipynb #70e276cc
 def positional_parameters(layer: PositionalAttentionBase) -> dict[str, nn.Parameter]:
