@@ -2,6 +2,7 @@
 positions and position masks for a stream, and the check that a layer with no positional signal is its own `attn`."""
 import torch
 
+from additive_pos_attn.lm import PosTransformerLM
 from additive_pos_attn.positions import causal_mask
 
 DTYPE = torch.float64  # every exact test computes in float64
@@ -63,3 +64,22 @@ def check_is_its_attn(layer, device):
         out, w = layer(x, kv, kv, is_causal=True, need_weights=True)
         close(out, layer.attn(x, kv, kv, attn_mask=causal_mask(6, kv.shape[1], device))[0])
         assert w[:, 0, 1:].abs().max() == 0
+
+
+LM_SIZES = (23, 16, 4, 16)  # the test language models' vocabulary, width, heads and longest sequence
+
+
+def lm(kind='additive', seed=0, device=None, num_layers=2, **kwargs):
+    "A seeded float64 model of `kind` in evaluation mode, every parameter moved off its initial value (`randomise`)."
+    torch.manual_seed(seed)
+    V, D, H, MAX_LEN = LM_SIZES
+    model = PosTransformerLM(V, D, H, num_layers, attention=kind, max_len=MAX_LEN, dtype=DTYPE, device=device, **kwargs)
+    return randomise(model).eval()
+
+
+def left_padded(lengths, T, device=None, seed=0):
+    "Tokens `(B, T)` of prompts of `lengths` left-padded (padding token 0) and their padding mask."
+    g = torch.Generator().manual_seed(seed)
+    padding = torch.arange(T) < T - torch.tensor(lengths)[:, None]
+    tokens = torch.randint(1, LM_SIZES[0], (len(lengths), T), generator=g).masked_fill(padding, 0)
+    return tokens.to(device), padding.to(device)

@@ -33,3 +33,12 @@ _CUDA_DESELECTED = pytest.StashKey[int]()
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     count = config.stash.get(_CUDA_DESELECTED, 0)
     if count: terminalreporter.write_line(f"{count} CUDA tests deselected: {_NO_CUDA_REASON}")
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "One CPU thread for a module of tiny tensors (a second costs more in synchronisation than it saves); restored after."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

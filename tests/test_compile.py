@@ -150,3 +150,41 @@ def test_compiled_decoding_does_not_recompile_every_step(case):
     print(f'compiled decoding of a prompt and 10 tokens: {counter.frame_count} compilations')
     assert counter.frame_count <= 3, counter.frame_count
     assert compiled_cache.length == eager_cache.length == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['additive', 'relative', 'rotary'])
+def test_compiled_stack_decodes_a_prompt_and_100_tokens_in_two_compilations(device, kind):
+    """A decoder-only stack's step (two `PosTransformerEncoderLayer` blocks, a `KVCache` each), compiled with inductor
+    and `fullgraph=True`, compiles twice for a prompt and 100 new tokens, up to a full cache: the prompt, then one
+    graph for every token (the filled length dynamic from the first token on); a second, fresh set of caches
+    compiles nothing more. Every step gives the eager output."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from additive_pos_attn.blocks import positional_attention
+    from additive_pos_attn.encoder import PosTransformerEncoderLayer
+    torch._dynamo.reset()
+    prompt_len, new, B = 5, 100, 2
+    stack = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        attention = positional_attention(kind, 16, 4, max_len=prompt_len + new, dtype=torch.float64, device=device)
+        stack.append(randomise(PosTransformerEncoderLayer(attention, dim_feedforward=32, dropout=0.0, dtype=torch.float64,
+                                                          device=device)).eval())
+
+    def step(x, caches):
+        for block, cache in zip(stack, caches): x = block(x, is_causal=True, cache=cache)
+        return x
+
+    counter = CompileCounterWithBackend('inductor')
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    x = torch.randn(B, prompt_len + new, 16, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for run in range(2):
+            caches = [block.init_cache(B, prompt_len + new) for block in stack]
+            eager_caches = [block.init_cache(B, prompt_len + new) for block in stack]
+            for tokens in [x[:, :prompt_len], *x[:, prompt_len:].split(1, dim=1)]:
+                torch.testing.assert_close(compiled(tokens, caches), step(tokens, eager_caches), rtol=1e-10, atol=1e-12)
+            assert caches[0].length == eager_caches[0].length == prompt_len + new
+    print(f'{kind}: {counter.frame_count} compilations for a prompt and {new} tokens, twice')
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()

@@ -15,18 +15,14 @@ from additive_pos_attn import generate
 from additive_pos_attn.blocks import ATTENTION_KINDS
 from additive_pos_attn.generation import filter_logits, generation_loop, next_tokens
 from strategies import SETTINGS
-from test_lm import V, left_padded, lm
+from cases import LM_SIZES, left_padded, lm
+
+V = LM_SIZES[0]
 
 KINDS = pytest.mark.parametrize('kind', ATTENTION_KINDS)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tensors this small compute fastest on one CPU thread (a second costs more in synchronisation than it saves)."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def both(model, prompt, n, **kwargs):

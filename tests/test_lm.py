@@ -12,35 +12,15 @@ from additive_pos_attn import PosTransformerLM
 from additive_pos_attn.blocks import ATTENTION_KINDS
 from additive_pos_attn.lm import LMCache
 from additive_pos_attn.positions import padded_positions
-from cases import close, randomise
+from cases import LM_SIZES, close, left_padded, lm, randomise
 from strategies import DTYPE
 
+V, D, H, MAX_LEN = LM_SIZES
+
 KINDS = pytest.mark.parametrize('kind', ATTENTION_KINDS)
-V, D, H, MAX_LEN = 23, 16, 4, 16
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tensors this small compute fastest on one CPU thread (a second costs more in synchronisation than it saves)."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def lm(kind='additive', seed=0, device=None, num_layers=2, **kwargs):
-    "A seeded float64 model of `kind` in evaluation mode, every parameter moved off its initial value (`randomise`)."
-    torch.manual_seed(seed)
-    model = PosTransformerLM(V, D, H, num_layers, attention=kind, max_len=MAX_LEN, dtype=DTYPE, device=device, **kwargs)
-    return randomise(model).eval()
-
-
-def left_padded(lengths, T, device=None, seed=0):
-    "Tokens `(B, T)` of prompts of `lengths` left-padded (padding token 0) and their padding mask."
-    g = torch.Generator().manual_seed(seed)
-    padding = torch.arange(T) < T - torch.tensor(lengths)[:, None]
-    tokens = torch.randint(1, V, (len(lengths), T), generator=g).masked_fill(padding, 0)
-    return tokens.to(device), padding.to(device)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @KINDS
