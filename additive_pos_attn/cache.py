@@ -17,7 +17,7 @@ from .checks import (check_attention_inputs, check_attention_masks, check_bool, 
                                       check_position_mask, check_positions, check_positive_int)
 from .positions import causal_mask, counted_positions
 
-# %% ../nbs/04_cache.ipynb #7a047062
+# %% ../nbs/04_cache.ipynb #431ae349
 class KVCache:
     r"""What a layer keeps of the tokens it has attended to, so that decoding attends one call at a time.
 
@@ -36,72 +36,113 @@ class KVCache:
             the largest position of a real token written (0 before any).
         length (int): Number of filled slots, the same for every sample.
         steps (int): Number of calls that wrote to the cache.
+        shared (bool): Whether every write took the cache's count, unpadded, unmasked: slot ``i`` has position ``i``.
     """
     def __init__(self, layer: nn.Module, batch_size: int, max_length: int, *, device=None, dtype=None):
         batch = check_positive_int('batch_size', batch_size)
         self.max_length = check_positive_int('max_length', max_length)
-        shape = (batch, layer.num_heads, max_length, layer.head_dim)
-        self.keys, self.values = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
-        self.positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+        # a spare slot: the filled slots are never the whole (contiguous) buffer, which a compiled step guards on
+        shape = (batch, layer.num_heads, max_length + 1, layer.head_dim)
+        self.keys, self.values = (torch.zeros(shape, device=device, dtype=dtype)[:, :, :max_length] for _ in range(2))
+        self._positions = torch.zeros(batch, max_length, dtype=torch.long, device=device)
         self.position_mask = torch.ones(batch, max_length, dtype=torch.bool, device=device)
         self.padding = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.seen = torch.zeros(batch, dtype=torch.bool, device=device)  # whether a sample has had a real token written
+        self._next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self._seen = torch.zeros(batch, dtype=torch.bool, device=device)  # whether a sample has a real token written
         self._everyone = torch.ones(batch, dtype=torch.bool, device=device)
         self._arange = torch.arange(max_length, device=device)  # made once: a step's positions are a shifted slice
         self.length = self.steps = 0
+        self.shared = True
         self.layer_id = id(layer)
         self.masked = self.padded = False  # whether any filled slot has a False position mask, or is padding
         self.position_bound = 0  # an upper bound of next_position, or None when explicit positions made it unknown
 
-# %% ../nbs/04_cache.ipynb #83f7b4a1
+# %% ../nbs/04_cache.ipynb #248d6292
 @patch(as_prop=True)
 def batch_size(self: KVCache) -> int:
     "Number of sequences the cache holds."
     return self.keys.shape[0]
+
+@patch(as_prop=True)
+def positions(self: KVCache) -> Tensor:
+    "Each slot's position, `(B, max_length)` int64 (while `shared`, filled in from the count when read)."
+    if self.shared: self._positions[:, :self.length] = self._arange[:self.length]
+    return self._positions
+
+@patch(as_prop=True)
+def next_position(self: KVCache) -> Tensor:
+    "`(B,)` int64: the position each sample's next real token gets (while `shared`, `length` for every sample)."
+    return torch.full_like(self._next_position, self.length) if self.shared else self._next_position
+
+# %% ../nbs/04_cache.ipynb #ec5e19a0
+@patch
+def filled_positions(self: KVCache) -> Tensor:
+    "Positions of the filled slots: one `(length,)` row for the batch while `shared`, else `(B, length)`."
+    return self._arange[:self.length] if self.shared else self._positions[:, :self.length]
 
 @patch
 def next_positions(self: KVCache, length: int,
                    key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Positions `(B, length)` of `length` new tokens, each sample counting on from its `next_position`, and their
     position mask (None without padding). Padding (True in the bool `key_padding_mask` `(B, length)`) takes no
-    place in the count, position 0 and a False mask, as `padded_positions` gives them."""
+    place in the count, position 0 and a False mask, as `padded_positions` gives them. While `shared` and without
+    padding, the same positions as one `(length,)` row for the batch."""
     if key_padding_mask is None:
-        return self.next_position[:, None] + self._arange[:length], None
+        if self.shared: return self._arange[self.length:self.length + length], None
+        return self._next_position[:, None] + self._arange[:length], None
     return counted_positions(key_padding_mask, self.next_position)
 
-# %% ../nbs/04_cache.ipynb #91caa249
+# %% ../nbs/04_cache.ipynb #27de4660
 @patch
 def write(self: KVCache, keys: Tensor, values: Tensor, positions: Tensor, position_mask: Optional[Tensor],
           padding: Optional[Tensor], *, derived: bool):
     """Write `T_new` heads `(B, H, T_new, d)` and their positions into the next slots; `derived`: the positions
-    came from `next_positions`."""
+    came from the cache's count (`step_positions`)."""
     start, count = self.length, keys.shape[2]
     self.check_room(count)
     end = start + count
     self.keys[:, :, start:end], self.values[:, :, start:end] = keys, values
-    self.positions[:, start:end] = positions
+    if not (derived and self.shared and position_mask is None and padding is None):  # shared: nothing more to keep
+        self._write_positions(positions, position_mask, padding, start, end, derived=derived)
+    self.position_bound = self.position_bound + count if derived and self.position_bound is not None else None
+    self.length, self.steps = end, self.steps + 1
+
+# %% ../nbs/04_cache.ipynb #0eebd3c4
+@patch
+def _unshare(self: KVCache):
+    "End `shared`: the per-sample positions and counts as the shared count made them."
+    if not self.shared: return
+    self._positions[:, :self.length] = self._arange[:self.length]
+    self._next_position = torch.full_like(self._next_position, self.length)
+    if self.length: self._seen = self._everyone
+    self.shared = False
+
+@patch
+def _write_positions(self: KVCache, positions: Tensor, position_mask: Optional[Tensor], padding: Optional[Tensor],
+                     start: int, end: int, *, derived: bool):
+    "Keep the new slots' positions, position mask and padding, and each sample's next position."
+    self._unshare()
+    count = end - start
+    self._positions[:, start:end] = positions
     if position_mask is not None: self.position_mask[:, start:end], self.masked = position_mask, True
     if padding is not None: self.padding[:, start:end], self.padded = padding, True
     if derived and padding is None:  # what the general rule gives, cheaply
-        self.next_position = self.next_position + count
-        if count: self.seen = self._everyone
+        self._next_position = self._next_position + count
+        if count: self._seen = self._everyone
     elif count:  # per sample, one past the largest position of a real token written, if any
         lowest = torch.iinfo(torch.long).min
         real = positions.long() if padding is None else positions.long().masked_fill(padding, lowest)
-        largest = real.amax(-1).expand_as(self.next_position)
-        grown = torch.where(self.seen, torch.maximum(self.next_position, largest + 1), largest + 1)
+        largest = real.amax(-1).expand_as(self._next_position)
+        grown = torch.where(self._seen, torch.maximum(self._next_position, largest + 1), largest + 1)
         has_real = largest > lowest
-        self.next_position, self.seen = torch.where(has_real, grown, self.next_position), self.seen | has_real
-    self.position_bound = self.position_bound + count if derived and self.position_bound is not None else None
-    self.length, self.steps = end, self.steps + 1
+        self._next_position, self._seen = torch.where(has_real, grown, self._next_position), self._seen | has_real
 
 @patch
 def written(self: KVCache, start: int) -> tuple[Tensor, Optional[Tensor]]:
     "Positions `(B, T)` and position mask (or None if no slot is masked) of the slots written from `start` on."
     return self.positions[:, start:self.length], (self.position_mask[:, start:self.length] if self.masked else None)
 
-# %% ../nbs/04_cache.ipynb #19233570
+# %% ../nbs/04_cache.ipynb #4e1104ad
 @patch
 def check_room(self: KVCache, count: int):
     "Refuse to write `count` more tokens than the cache has room for (`ValueError` naming its size and the step)."
@@ -112,12 +153,14 @@ def check_room(self: KVCache, count: int):
 @patch
 def state(self: KVCache) -> tuple:
     "What a write changes, to `restore` if a call fails after writing: slots beyond `length` are ignored."
-    return self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound
+    return (self.length, self.steps, self.shared, self._next_position, self._seen, self.masked, self.padded,
+            self.position_bound)
 
 @patch
 def restore(self: KVCache, state: tuple):
     "Go back to a `state()`; the slots after it are as new."
-    self.length, self.steps, self.next_position, self.seen, self.masked, self.padded, self.position_bound = state
+    (self.length, self.steps, self.shared, self._next_position, self._seen, self.masked, self.padded,
+     self.position_bound) = state
     self.position_mask[:, self.length:], self.padding[:, self.length:] = True, False
 
 # %% ../nbs/04_cache.ipynb #2894dcb6
@@ -151,14 +194,31 @@ def _check_queries(layer, query: Tensor, q_positions, q_position_mask, flags: di
                         device=device)
     return batch, q_len
 
-# %% ../nbs/04_cache.ipynb #bbe62b41
-def _check_arguments(layer, query, key, value, q_positions, k_positions, k_position_mask, key_padding_mask, attn_mask,
-                     is_causal: bool):
-    "The refusals that need no sizes: what the call asks for that a cache cannot give."
+# %% ../nbs/04_cache.ipynb #7ee48bd2
+def _check_attn_not_needed(layer):
+    "A cached call never calls `attn`: refuse a layer whose `attn` must be called (`call_needed`)."
     reason = call_needed(layer.attn)
     if reason is not None:
         raise ValueError(f"{type(layer).__name__} attends with a cache without calling its attn, so it cannot honour "
                          f"what needs that call: {reason}")
+
+def _check_step(layer, cache, query: Tensor, flags: dict) -> tuple[int, int, int]:
+    """`check_cached_call` of self-attention given no positions and no masks, a decoding step as blocks make it: the
+    same refusals in the same order, without those of the arguments not given."""
+    _check_attn_not_needed(layer)
+    batch, length, _ = layer.check_inputs(query, query, query, **flags)
+    check_cache(layer, cache, batch, query)
+    cache.check_room(length)
+    if length > 1 and not flags.get('is_causal', False):
+        raise ValueError(f"with a cache, self-attention that writes {length} tokens needs is_causal=True (each token "
+                         "sees those before it) or an attn_mask (how the new tokens see each other), got neither")
+    return batch, length, length
+
+# %% ../nbs/04_cache.ipynb #9f719cd7
+def _check_arguments(layer, query, key, value, q_positions, k_positions, k_position_mask, key_padding_mask, attn_mask,
+                     is_causal: bool):
+    "The refusals that need no sizes: what the call asks for that a cache cannot give."
+    _check_attn_not_needed(layer)
     if (key is None) != (value is None):
         raise ValueError(f"with a cache, key and value are both new tokens or both None, got key {_what(key)}, "
                          f"value {_what(value)}")
@@ -175,7 +235,7 @@ def _check_arguments(layer, query, key, value, q_positions, k_positions, k_posit
         raise ValueError("with a cache, is_causal=True is for self-attention (query is key), where the new queries are "
                          "the last keys; for cross-attention pass attn_mask")
 
-# %% ../nbs/04_cache.ipynb #772fbbd1
+# %% ../nbs/04_cache.ipynb #ce21d145
 def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *, q_positions=None,
                       k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                       key_padding_mask=None, **flags) -> tuple[int, int, int]:
@@ -185,6 +245,9 @@ def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value:
     queries that are not the keys without ``q_positions``, ``is_causal=True`` in cross-attention without
     ``attn_mask``, self-attention writing several tokens with neither ``is_causal=True`` nor ``attn_mask``, bad
     inputs (`check_inputs`), and a cache that is full, another layer's, or of another batch, device or dtype."""
+    if (key is query and value is query and q_positions is None and k_positions is None and q_position_mask is None
+            and k_position_mask is None and attn_mask is None and key_padding_mask is None):
+        return _check_step(layer, cache, query, flags)  # the usual step: fewer arguments to check
     is_causal = flags.get('is_causal', False)
     _check_arguments(layer, query, key, value, q_positions, k_positions, k_position_mask, key_padding_mask, attn_mask,
                      is_causal)
@@ -221,7 +284,7 @@ def step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, len
                          f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, mask, True
 
-# %% ../nbs/04_cache.ipynb #469c42b6
+# %% ../nbs/04_cache.ipynb #a217caa6
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -246,7 +309,7 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
     q_len, n = q.shape[2], cache.length
     if attn_mask is None and is_causal and q_len > 1: attn_mask = causal_mask(q_len, n, q.device, queries_last=True)
     k_mask = cache.position_mask[:, :n] if cache.masked else None
-    bias = layer.pair_bias(q_positions, cache.positions[:, :n], q_position_mask, k_mask, q_len=q_len, k_len=n)
+    bias = layer.pair_bias(q_positions, cache.filled_positions(), q_position_mask, k_mask, q_len=q_len, k_len=n)
     return attend_heads(layer.attn, q, cache.keys[:, :, :n], cache.values[:, :, :n], mask_dtype=query.dtype,
                         attn_mask=attn_mask, key_padding_mask=cache.padding[:, :n] if cache.padded else None,
                         logit_bias=None if bias is None else bias.to(query.dtype), need_weights=need_weights,

@@ -4,15 +4,16 @@
 __all__ = ['rope_frequencies', 'rope_angles', 'rotate', 'rope_reference', 'check_rope_base', 'RoPEMultiheadAttention',
            'pair_order']
 
-# %% ../nbs/08_rotary.ipynb #e49dc96c
+# %% ../nbs/08_rotary.ipynb #01e41e87
 import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from ._compat import is_compiling, reset_mha_parameters
+from ._compat import is_compiling, packed_in_projection, reset_mha_parameters
 from .attention import attend_heads, call_needed, project_heads
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
@@ -222,11 +223,13 @@ def forward(self: RoPEMultiheadAttention, query: Tensor, key: Tensor, value: Ten
 
 concrete(RoPEMultiheadAttention)  # forward is defined now: the class can be built
 
-# %% ../nbs/08_rotary.ipynb #e5d6a0c7
+# %% ../nbs/08_rotary.ipynb #f736168f
 @patch
 def positioned_heads(self: RoPEMultiheadAttention, query, key, value, q_positions=None, k_positions=None,
                      q_position_mask=None, k_position_mask=None):
     "The heads of `W_q query` and `W_k key` turned by their positions, and of `W_v value`: a cache keeps keys turned."
+    if _turned_together(self, query, key, value, q_positions, k_positions, q_position_mask, k_position_mask):
+        return _self_heads_turned(self.attn, query, q_positions, q_position_mask, self.rope_base)
     q, k, v = project_heads(self.attn, query, key, value)
     angles = _head_angles(q, q_positions, q_position_mask, self.rope_base)
     if k is None: return _turn(q, angles, self.interleaved), None, v
@@ -234,6 +237,30 @@ def positioned_heads(self: RoPEMultiheadAttention, query, key, value, q_position
     same = q_positions is k_positions and q_position_mask is k_position_mask and q.shape[2] == k.shape[2]
     k_angles = angles if same else _head_angles(k, k_positions, k_position_mask, self.rope_base)
     return _turn(q, angles, self.interleaved), _turn(k, k_angles, self.interleaved), v
+
+def _turned_together(layer, query, key, value, q_positions, k_positions, q_position_mask, k_position_mask) -> bool:
+    """Whether `_self_heads_turned` serves: self-attention (one input, one set of positions) through one packed
+    projection whose bias is in the input's dtype, in eager mode without gradients (in training its backward through
+    the complex view of the product costs more than it saves: `benchmarks/NOTES.md`), where `rotate` would turn
+    queries and keys alike by `_turn_complex` (interleaved pairs, float32 or float64)."""
+    attn = layer.attn
+    return (key is query and value is query and q_positions is k_positions and q_position_mask is k_position_mask
+            and layer.interleaved and query.dtype in _COMPLEX and packed_in_projection(attn) and not is_compiling()
+            and not torch.is_grad_enabled() and (attn.in_proj_bias is None or attn.in_proj_bias.dtype == query.dtype))
+
+def _self_heads_turned(attn: nn.MultiheadAttention, x: Tensor, positions, mask, base: float):
+    """`positioned_heads` of self-attention: the heads of one packed product, queries and keys turned by one complex
+    multiply of their pairs (`_turn_complex`'s, one call for both instead of one each: fewer operators a step)."""
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    d = width // heads
+    packed = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(batch, length, 3, heads, d)
+    if positions is None: positions = torch.arange(length, device=x.device)
+    angles = rope_angles(positions, d, base, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
+    cis = torch.polar(torch.ones_like(angles), angles).to(_COMPLEX[x.dtype])[..., None, None, :]  # (.., T, 1, 1, d/2)
+    pairs = torch.view_as_complex(packed[:, :, :2].unflatten(-1, (d // 2, 2)))  # (B, T, 2, H, d/2)
+    turned = torch.view_as_real(pairs * cis).flatten(-2)
+    return turned[:, :, 0].transpose(1, 2), turned[:, :, 1].transpose(1, 2), packed[:, :, 2].transpose(1, 2)
 
 # %% ../nbs/08_rotary.ipynb #ae24f2e7
 def pair_order(head_dim: int, num_heads: int = 1) -> Tensor:

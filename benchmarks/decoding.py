@@ -36,8 +36,18 @@ the cached stack computes with its positions off (tables zeroed; the rotary laye
 position mask False), to 1e-5, prefill and steps; and the cached stack, positions on, what recomputation
 computes, to 1e-4. So the floor is the same model without positions, and the cache the same model as recomputing.
 
-Goals (issue 14): the cache at most 1.10 times the floor for every layer (`GOAL_FLOOR`); at least 10 times
-faster than recomputation at N = 512 (`GOAL_SPEEDUP`, `SPEEDUP_AT`).
+Compiled (`--compiled`, on by default, off with `--quick`): the same two loops with each step, prefill included,
+through `torch.compile(fullgraph=True)` with inductor, the whole stack's step (`CompiledCached`) against the floor's
+step compiled alike (`CompiledFloor`), timed in the same rounds; the backend counts each one's compilations (the
+prefill, then one graph for every token). Generation (`--generation`, on by default): `generate` of a 2-layer
+`PosTransformerLM` (`D = 256`, `H = 8`, rotary), greedy, after 16 random ids, at batches of 1 and 8: tokens a
+second with the cache (median of 5 runs, 3 with `--quick`) and with `use_cache=False` (one run), 512 new tokens
+(32 with `--quick`), and whether both generated the same ids.
+
+Goals (issue 20): the cache at most 1.15 times the floor for every layer (`GOAL_FLOOR`; issue 14 asked 1.10);
+compiled, at most 1.05 times the compiled floor (`GOAL_COMPILED`); at least 10 times faster than recomputation
+at N = 512 (`GOAL_SPEEDUP`, `SPEEDUP_AT`), and cached generation at least 10 times faster than `use_cache=False`
+at 512 new tokens.
 
 Defaults differ from the other scripts: one torch thread and process time (`--threads`, `--timer`), the
 recommended options on a shared machine. `--shapes` picks among the lengths `N` (0: 256, 1: 512); `--layers`
@@ -58,7 +68,10 @@ BATCH, D_MODEL, HEADS, FFN, BLOCKS, PROMPT = 8, 256, 8, 1024, 2, 16
 LENGTHS, QUICK_LENGTHS = (256, 512), (8, 16)  # N, the tokens decoded after the prompt
 RECOMPUTE_STEPS = 16  # steps of the recomputation timed a round (the midpoints of equal runs)
 VARIANTS = ('cache', 'floor', 'recompute')
-GOAL_FLOOR, GOAL_SPEEDUP, SPEEDUP_AT = 1.10, 10.0, 512  # issue 14: cache <= 1.10 floor; >= 10x recomputation at N = 512
+COMPILED_VARIANTS = ('cache_compiled', 'floor_compiled')  # with --compiled: the same two loops, each step compiled
+GOAL_FLOOR, GOAL_SPEEDUP, SPEEDUP_AT = 1.15, 10.0, 512  # issue 20: cache <= 1.15 floor; >= 10x recomputation at N = 512
+GOAL_COMPILED = 1.05  # issue 20: the compiled cache at most 1.05 times the compiled floor
+LM_VOCAB, LM_BATCHES, LM_NEW, QUICK_LM_NEW = 1000, (1, 8), 512, 32  # generate() with a 2-layer PosTransformerLM
 
 
 def make_stack(kind, max_len, *, d_model=D_MODEL, heads=HEADS, ffn=FFN, blocks=BLOCKS, seed=0):
@@ -111,17 +124,23 @@ class FloorCache:
     "The floor's cache: preallocated key and value buffers per block, and the number of filled slots."
     def __init__(self, stack, batch, max_length):
         attn = stack[0].self_attn
-        shape = (batch, attn.num_heads, max_length, attn.head_dim)
+        shape = (batch, attn.num_heads, max_length + 1, attn.head_dim)  # a spare slot, as `KVCache` keeps (why: there)
         self.weights = [floor_weights(block) for block in stack]
-        self.keys, self.values = [torch.zeros(shape) for _ in stack], [torch.zeros(shape) for _ in stack]
+        self.keys = [torch.zeros(shape)[:, :, :max_length] for _ in stack]
+        self.values = [torch.zeros(shape)[:, :, :max_length] for _ in stack]
         self.length = 0
 
     def __call__(self, x):
         "The stack on the new tokens `x`, `(B, T, D)`: a prefill (`T > 1`) only into an empty cache."
         start = self.length
         if x.shape[1] > 1 and start: raise ValueError('the floor decodes one token a step after its prefill')
-        for w, keys, values in zip(self.weights, self.keys, self.values): x = floor_block(w, keys, values, x, start)
+        x = self.step(self.weights, self.keys, self.values, x, start)
         self.length = start + x.shape[1]
+        return x
+
+    @staticmethod
+    def step(weights, keys, values, x, start):
+        for w, k, v in zip(weights, keys, values): x = floor_block(w, k, v, x, start)
         return x
 
 
@@ -164,6 +183,41 @@ class Floor:
         cache = self.cache
         for x in self.tokens: cache(x)
         return len(self.tokens)
+
+
+def counted_compile(fn):
+    "`torch.compile(fn, fullgraph=True)` with inductor, and a counter of its compilations (`.frame_count`)."
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend('inductor')
+    return torch.compile(fn, fullgraph=True, backend=counter), counter
+
+
+class CompiledCached(Cached):
+    "`Cached`, each step (prefill included) through `torch.compile(fullgraph=True)` of the whole stack's step."
+    def __init__(self, stack, prompt, tokens):
+        super().__init__(stack, prompt, tokens)
+        self.step, self.counter = counted_compile(lambda x, caches: cached_step(stack, caches, x))
+
+    def prepare(self):
+        self.caches = [block.init_cache(self.prompt.shape[0], self.max_length) for block in self.stack]
+        return self.step(self.prompt, self.caches)
+
+    def run(self):
+        step, caches = self.step, self.caches
+        for x in self.tokens: step(x, caches)
+        return len(self.tokens)
+
+
+class CompiledFloor(Floor):
+    "`Floor`, each step through `torch.compile(fullgraph=True)` of the floor's stack step."
+    def __init__(self, stack, prompt, tokens):
+        super().__init__(stack, prompt, tokens)
+        self.step, self.counter = counted_compile(FloorCache.step)
+
+    def prepare(self):
+        self.cache = FloorCache(self.stack, self.prompt.shape[0], self.max_length)
+        self.cache.step = self.step
+        return self.cache(self.prompt)
 
 
 def recompute_steps(n, k):
@@ -281,6 +335,10 @@ def run(args):
         steps = recompute_steps(n, args.recompute_steps)
         variants = {'cache': Cached(stack, prompt, tokens), 'floor': Floor(stack, prompt, tokens),
                     'recompute': Recompute(stack, prompt, tokens, steps)}
+        if args.compiled:
+            torch._dynamo.reset()
+            variants.update(cache_compiled=CompiledCached(stack, prompt, tokens),
+                            floor_compiled=CompiledFloor(stack, prompt, tokens))
         bar = tqdm(total=opts['rounds'], desc=f'{kind} N={n} rounds', leave=False, disable=None) if tqdm else None
         with torch.no_grad():
             times, prepared, repeats = time_rounds(variants, rounds=opts['rounds'], min_run_time=opts['min_run_time'], timer=timer, bar=bar)
@@ -290,10 +348,44 @@ def run(args):
                          us={v: times[v][0] * 1e6 for v in VARIANTS}, iqr_us={v: times[v][1] * 1e6 for v in VARIANTS},
                          prefill_ms={v: prepared[v] * 1e3 for v in ('cache', 'floor')},
                          cache_vs_floor=paired(times, 'cache', 'floor'), speedup=paired(times, 'recompute', 'cache')))
+        if args.compiled:
+            rows[-1].update(compiled_us={v: times[v][0] * 1e6 for v in COMPILED_VARIANTS},
+                            compiled_vs_floor=paired(times, 'cache_compiled', 'floor_compiled'),
+                            compilations={v: variants[v].counter.frame_count for v in COMPILED_VARIANTS},
+                            compiled_vs_eager=paired(times, 'cache_compiled', 'cache'))
         del stack, variants
+    generation = time_generation(args, timer) if args.generation else None
     meta = dict(machine(opts['num_threads'], command_line('decoding.py', args.argv), args.timer, args.quick), malloc=opts['malloc'],
                 layers=kinds)
-    return dict(meta=meta, rows=rows)
+    return dict(meta=meta, rows=rows, generation=generation)
+
+
+def time_generation(args, timer):
+    """`generate` (greedy) of a 2-layer `PosTransformerLM` (`D = 256`, `H = 8`, the default rotary attention, eval,
+    `no_grad`) after a prompt of `PROMPT` random ids: tokens a second with the cache at each batch of `LM_BATCHES`
+    (median of `rounds` runs after a warm-up), and with `use_cache=False` (one run: it recomputes every prefix),
+    the two runs' outputs compared. Returns one row per batch."""
+    from additive_pos_attn.generation import generate
+    from additive_pos_attn.lm import PosTransformerLM
+    new, rows = QUICK_LM_NEW if args.quick else LM_NEW, []
+    torch.manual_seed(0)
+    model = PosTransformerLM(LM_VOCAB, D_MODEL, HEADS, BLOCKS, dim_feedforward=FFN, max_len=PROMPT + new).eval()
+    rounds = 3 if args.quick else 5
+    for batch in LM_BATCHES:
+        prompt = torch.randint(LM_VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(2))
+        def clocked(**kw):
+            t0 = timer(); out = generate(model, prompt, new, **kw); return timer() - t0, out
+        with torch.no_grad():
+            clocked()  # warm-up
+            cached = [clocked() for _ in range(rounds)]
+            recompute_s, recomputed = clocked(use_cache=False)
+        cached_s = statistics.median(t for t, _ in cached)
+        rows.append(dict(B=batch, new_tokens=new, prompt=PROMPT, cached_tokens_per_s=batch * new / cached_s,
+                         recompute_tokens_per_s=batch * new / recompute_s, speedup=recompute_s / cached_s,
+                         same_tokens=bool(torch.equal(cached[0][1], recomputed)), rounds=rounds))
+        log(f'generate, B={batch}: {rows[-1]["cached_tokens_per_s"]:.0f} tokens/s cached, '
+            f'{rows[-1]["recompute_tokens_per_s"]:.0f} recomputing, same tokens: {rows[-1]["same_tokens"]}')
+    return rows
 
 
 # ---- reporting
@@ -326,6 +418,30 @@ def cells(rows):
 def table(rows): return text_table(HEAD, cells(rows))
 
 
+COMPILED_HEAD = ['layer', 'N', 'compiled cache µs/token', 'compiled floor µs/token', 'compiled cache / floor',
+                 'middle half of rounds', 'compiled / eager cache', 'compilations: cache, floor',
+                 f'compiled / floor <= {GOAL_COMPILED:.2f}']
+
+
+def compiled_cells(rows):
+    "One row of cells per layer and N that ran compiled."
+    return [[r['layer'], str(r['N']), f'{r["compiled_us"]["cache_compiled"]:.0f}', f'{r["compiled_us"]["floor_compiled"]:.0f}',
+             f'{r["compiled_vs_floor"]["ratio"]:.3f}', quartiles_text(r['compiled_vs_floor']['quartiles']),
+             f'{r["compiled_vs_eager"]["ratio"]:.3f}',
+             f'{r["compilations"]["cache_compiled"]}, {r["compilations"]["floor_compiled"]}',
+             'yes' if r['compiled_vs_floor']['ratio'] <= GOAL_COMPILED else 'no'] for r in rows if 'compiled_us' in r]
+
+
+GENERATION_HEAD = ['B', 'new tokens', 'cached tokens/s', 'use_cache=False tokens/s', 'speed-up', 'same tokens',
+                   f'speed-up >= {GOAL_SPEEDUP:.0f}']
+
+
+def generation_cells(rows):
+    return [[str(r['B']), str(r['new_tokens']), f'{r["cached_tokens_per_s"]:.0f}', f'{r["recompute_tokens_per_s"]:.1f}',
+             f'{r["speedup"]:.1f}', 'yes' if r['same_tokens'] else 'no',
+             'yes' if r['speedup'] >= GOAL_SPEEDUP else 'no'] for r in rows or []]
+
+
 def markdown_table(rows): return markdown(HEAD, cells(rows), left=1)
 
 
@@ -347,7 +463,10 @@ def summary(rows):
 
 def report(results):
     "What the script prints: the run, the table, the closing lines."
-    return '\n'.join([header(results['meta']), table(results['rows']), summary(results['rows'])])
+    parts = [header(results['meta']), table(results['rows'])]
+    if compiled_cells(results['rows']): parts.append(text_table(COMPILED_HEAD, compiled_cells(results['rows'])))
+    if results.get('generation'): parts.append(text_table(GENERATION_HEAD, generation_cells(results['generation'])))
+    return '\n'.join(parts + [summary(results['rows'])])
 
 
 def main(argv=None):
@@ -358,7 +477,13 @@ def main(argv=None):
     p.add_argument('--recompute-steps', type=int, default=RECOMPUTE_STEPS, metavar='K',
                    help=f'steps of the recomputation timed each round, the midpoints of K equal runs (default {RECOMPUTE_STEPS}; '
                         'K >= N: every step)')
+    p.add_argument('--compiled', action=argparse.BooleanOptionalAction, default=None,
+                   help='also time each step compiled, against the compiled floor (default: on, off with --quick)')
+    p.add_argument('--generation', action=argparse.BooleanOptionalAction, default=True,
+                   help=f'time generate() of a 2-layer PosTransformerLM, cached and not ({LM_NEW} new tokens, '
+                        f'{QUICK_LM_NEW} with --quick)')
     args = p.parse_args(argv)
+    if args.compiled is None: args.compiled = not args.quick
     args.argv = argv
     results = run(args)
     print(report(results))
