@@ -71,21 +71,22 @@ def _forward_is_called(module: nn.Module, args):
     calling it, dropping the positions: it runs only where no module of the block has hooks (since
     pytorch/pytorch#128413 was fixed in 2024, hence the package's torch>=2.5; checked on torch 2.13.0)."""
 
-# %% ../nbs/05_base.ipynb #d6e872e6
+# %% ../nbs/05_base.ipynb #2be8ca3d
 @patch
 def check_inputs(self: PositionalAttentionBase, query, key, value, q_positions=None, k_positions=None,
-                 q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None,
-                 **flags) -> tuple[int, int, int]:
-    "Run every shared check on the forward arguments (`flags`: the bool ones, by name); return `(B, T_q, T_k)`."
+                 q_position_mask=None, k_position_mask=None, attn_mask=None, key_padding_mask=None, *,
+                 counted: bool = False, **flags) -> tuple[int, int, int]:
+    """Run every shared check on the forward arguments (`flags`: the bool ones, by name); return `(B, T_q, T_k)`.
+    `counted`: positions not given are a cache's count, which the cache bounds, not `arange(T)` of a padded width."""
     for name, flag in flags.items(): check_bool(name, flag)
     batch, q_len, k_len = check_attention_inputs(query, key, value, self.embed_dim, self.batch_first,
                                                  kdim=getattr(self, 'kdim', None), vdim=getattr(self, 'vdim', None))
     max_len, device = self.max_len, query.device
     streams = (('q', q_positions, q_position_mask, q_len), ('k', k_positions, k_position_mask, k_len))
     for stream, positions, mask, length in streams:
-        if positions is None and mask is None and (max_len is None or length <= max_len): continue  # nothing to check
-        check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=max_len,
-                        device=device)
+        if positions is None and mask is None and (max_len is None or counted or length <= max_len): continue
+        bound = None if counted and positions is None else max_len  # a cache bounds the positions it counts
+        check_positions(positions, name=f'{stream}_positions', batch=batch, length=length, max_len=bound, device=device)
         check_position_mask(mask, name=f'{stream}_position_mask', positions=positions, batch=batch, length=length,
                             device=device)
     if attn_mask is not None or key_padding_mask is not None:
@@ -162,9 +163,10 @@ def convert(cls: PositionalAttentionBase, module: nn.Module, **layer_kwargs) -> 
             setattr(module, name, cls.convert(child, **layer_kwargs))
     return module
 
-# %% ../nbs/05_base.ipynb #aa634a00
+# %% ../nbs/05_base.ipynb #76b86970
 def same_input(a, b) -> bool:
-    "Whether `b` is `a`, or a view of the same memory with the same shape, strides, dtype and `requires_grad`."
+    """Whether `b` is `a`, or a view of the same memory with the same shape, strides, dtype and `requires_grad`;
+    while compiling, where memory cannot be compared, only the same object (pass one tensor for self-attention)."""
     if a is b: return True
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or is_compiling(): return False
     if a.is_nested or b.is_nested: return False

@@ -194,7 +194,7 @@ def _check_queries(layer, query: Tensor, q_positions, q_position_mask, flags: di
                         device=device)
     return batch, q_len
 
-# %% ../nbs/04_cache.ipynb #7ee48bd2
+# %% ../nbs/04_cache.ipynb #358b24ea
 def _check_attn_not_needed(layer):
     "A cached call never calls `attn`: refuse a layer whose `attn` must be called (`call_needed`)."
     reason = call_needed(layer.attn)
@@ -206,7 +206,7 @@ def _check_step(layer, cache, query: Tensor, flags: dict) -> tuple[int, int, int
     """`check_cached_call` of self-attention given no positions and no masks, a decoding step as blocks make it: the
     same refusals in the same order, without those of the arguments not given."""
     _check_attn_not_needed(layer)
-    batch, length, _ = layer.check_inputs(query, query, query, **flags)
+    batch, length, _ = layer.check_inputs(query, query, query, counted=True, **flags)
     check_cache(layer, cache, batch, query)
     cache.check_room(length)
     if length > 1 and not flags.get('is_causal', False):
@@ -235,7 +235,7 @@ def _check_arguments(layer, query, key, value, q_positions, k_positions, k_posit
         raise ValueError("with a cache, is_causal=True is for self-attention (query is key), where the new queries are "
                          "the last keys; for cross-attention pass attn_mask")
 
-# %% ../nbs/04_cache.ipynb #ce21d145
+# %% ../nbs/04_cache.ipynb #d9e4c758
 def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *, q_positions=None,
                       k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                       key_padding_mask=None, **flags) -> tuple[int, int, int]:
@@ -253,7 +253,7 @@ def check_cached_call(layer, cache, query: Tensor, key: Optional[Tensor], value:
                      is_causal)
     if key is None: (batch, q_len), k_len = _check_queries(layer, query, q_positions, q_position_mask, flags), 0
     else: batch, q_len, k_len = layer.check_inputs(query, key, value, q_positions, k_positions, q_position_mask,
-                                                    k_position_mask, None, key_padding_mask, **flags)
+                                                    k_position_mask, None, key_padding_mask, counted=True, **flags)
     check_cache(layer, cache, batch, query)
     if key is not None: cache.check_room(k_len)
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:

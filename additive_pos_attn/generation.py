@@ -14,18 +14,17 @@ from torch import Tensor, nn
 from .checks import check_bool, check_positive_int
 from .lm import check_tokens
 
-# %% ../nbs/13_generation.ipynb #f7ddff1b
+# %% ../nbs/13_generation.ipynb #6b8319bf
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
 
 def check_sampling(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]):
-    """`do_sample` a bool, `temperature` positive when sampling, `top_k` a positive int or None, `top_p` in (0, 1] or
-    None; else `TypeError` or `ValueError` naming the argument and the value."""
+    """`do_sample` a bool, `temperature` a positive number, `top_k` a positive int or None, `top_p` in (0, 1] or None
+    (checked with greedy decoding too); else `TypeError` or `ValueError` naming the argument and the value."""
     check_bool('do_sample', do_sample)
-    if do_sample and not _number('temperature', temperature) > 0:
-        raise ValueError(f"temperature must be positive when sampling (do_sample=True), got {temperature}")
+    if not _number('temperature', temperature) > 0: raise ValueError(f"temperature must be positive, got {temperature}")
     if top_k is not None: check_positive_int('top_k', top_k)
     if top_p is not None and not 0 < _number('top_p', top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -48,15 +47,15 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[i
         logits = logits.masked_fill(removed, float('-inf'))
     return logits
 
-# %% ../nbs/13_generation.ipynb #d7a0b8a5
+# %% ../nbs/13_generation.ipynb #97302354
 def next_tokens(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """The next token `(B,)` for each row of `logits` `(B, V)`: the largest (greedy), or with `do_sample` drawn with
     `generator` from the softmax of `filter_logits`."""
     if not do_sample: return logits.argmax(-1)
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    low = filtered.dtype in (torch.float16, torch.bfloat16)  # softmax in float32 then, for probabilities that sum to 1
-    probs = filtered.softmax(-1, dtype=torch.float32 if low else None)
+    # half precision filtered and sampled in float32, as Hugging Face does: its cumulative sums and ties would differ
+    if logits.dtype in (torch.float16, torch.bfloat16): logits = logits.float()
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # %% ../nbs/13_generation.ipynb #a6aab757
@@ -103,11 +102,17 @@ def generation_loop(step: Callable[[Tensor, int], Tensor], prompt: Tensor, max_n
     if rest: tokens = torch.cat([tokens, tokens.new_full((batch, rest), fill)], dim=1)
     return tokens, torch.stack(logits, dim=1)
 
-# %% ../nbs/13_generation.ipynb #6f9496e3
+# %% ../nbs/13_generation.ipynb #829b5641
 def check_prompt(model: nn.Module, prompt: Tensor, padding_mask: Optional[Tensor], max_new_tokens: int):
     "A left-padded integer prompt `(B, T)` whose every row has a real token, and room in `model`'s table."
     check_tokens(prompt, padding_mask, name='prompt')
     check_positive_int('max_new_tokens', max_new_tokens)
+    vocab_size = getattr(model, 'vocab_size', None)
+    if vocab_size is not None and prompt.numel():
+        low, high = (int(v) for v in torch.aminmax(prompt))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"prompt must hold token ids in [0, vocab_size={vocab_size}), got values from {low} to "
+                             f"{high}")
     longest = prompt.shape[1]
     if padding_mask is not None:
         if (padding_mask[:, 1:] & ~padding_mask[:, :-1]).any() or padding_mask[:, -1].any():

@@ -4,8 +4,8 @@
 __all__ = ['TRAIN_MODULES', 'VALID_MODULES', 'UNKNOWN_CHAR', 'module_source', 'stdlib_text', 'CharVocab', 'random_batch',
            'train_lm', 'bits_per_char', 'continue_text', 'text_parser', 'main']
 
-# %% ../nbs/19_text.ipynb #6badf441
-import argparse, contextlib, math, sys, sysconfig, time, tokenize
+# %% ../nbs/19_text.ipynb #ae02eb22
+import argparse, math, sys, sysconfig, time, tokenize
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .blocks import ATTENTION_KINDS
 from .checks import check_positive_int
-from .demo import one_thread
+from .demo import CommandParser, one_thread, progress_bar
 from .generation import generate
 from .lm import PosTransformerLM
 
@@ -103,40 +103,13 @@ def random_batch(ids: Tensor, batch_size: int, context: int,
     windows = ids[starts[:, None] + torch.arange(context + 1)]
     return windows[:, :-1], windows[:, 1:]
 
-# %% ../nbs/19_text.ipynb #fa99f2b2
-class _Lines:
-    "A stream for tqdm that cannot redraw a line: each redraw, `'\\r'` and the bar, becomes a line of its own."
-    def __init__(self, stream): self.stream = stream
-    def write(self, text: str):
-        if text.strip('\r\n').rstrip(): self.stream.write(text.strip('\r\n').rstrip() + '\n')
-    def flush(self): getattr(self.stream, 'flush', lambda: None)()
-
-@contextlib.contextmanager
-def _progress(steps: int, progress: Union[bool, Callable[[int, float], None]]):
-    "The `(step, loss)` callback for `progress`: `True` is a tqdm bar on stderr, closed when the block ends."
-    if progress is not True:
-        yield progress or None
-        return
-    from tqdm import tqdm
-    stream = sys.stderr
-    if getattr(stream, 'isatty', lambda: False)(): bar = tqdm(total=steps, file=stream, unit='step')
-    else: bar = tqdm(total=steps, file=_Lines(stream), unit='step', ascii=True, leave=False, mininterval=0,
-                     maxinterval=float('inf'), miniters=-(-steps // 10))
-    def report(step: int, loss: float):
-        bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
-        bar.update(step - bar.n)
-    try: yield report
-    finally:
-        if not bar.leave and bar.n > bar.last_print_n: bar.refresh()
-        bar.close()
-
 # %% ../nbs/19_text.ipynb #57c21231
 def _schedule(steps: int, warmup: int = 20) -> Callable[[int], float]:
     "The learning rate's factor at each step: up over `warmup` steps, then down a cosine to a tenth at `steps`."
     warmup = min(warmup, steps)
     return lambda step: min(1., (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(step / steps, 1.)))
 
-# %% ../nbs/19_text.ipynb #64f7dae0
+# %% ../nbs/19_text.ipynb #1ca3dfe5
 def train_lm(train_ids: Tensor, vocab_size: int, *, attention: str = 'rotary', steps: int = 300, context: int = 128,
              batch_size: int = 32, d_model: int = 128, num_heads: int = 4, num_layers: int = 2, lr: float = 3e-3,
              seed: int = 0, device=None, progress: Union[bool, Callable[[int, float], None]] = False,
@@ -161,7 +134,7 @@ def train_lm(train_ids: Tensor, vocab_size: int, *, attention: str = 'rotary', s
     """
     for name, value in (('steps', steps), ('context', context), ('batch_size', batch_size)):
         check_positive_int(name, value)
-    with _progress(steps, progress) as report, torch.random.fork_rng(devices=[]), one_thread():
+    with progress_bar(steps, progress) as report, torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
         model = PosTransformerLM(vocab_size, d_model, num_heads, num_layers, attention=attention, max_len=context,
                                  device=device, **model_kwargs)
@@ -223,11 +196,7 @@ def continue_text(model: PosTransformerLM, vocab: CharVocab, prompt: str, length
                        generator=generator, **sampling)
     return vocab.decode(out[0, len(prompt):])
 
-# %% ../nbs/19_text.ipynb #fe454883
-class _Parser(argparse.ArgumentParser):
-    "An `ArgumentParser` whose errors are one line, `prog: error: message`, with exit status 2."
-    def error(self, message: str): self.exit(2, f"{self.prog}: error: {message}\n")
-
+# %% ../nbs/19_text.ipynb #3fbe726b
 def _number(kind: type, test: Callable, expected: str) -> Callable[[str], Union[int, float]]:
     "An argparse type: `text` as a `kind` that passes `test`, or an error that says what was `expected`."
     def parse(text: str):
@@ -247,13 +216,14 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"expected a device available here, got {text!r} ({first})") from None
     return device
 
-# %% ../nbs/19_text.ipynb #8596e4ba
+# %% ../nbs/19_text.ipynb #d0d1be66
 def text_parser() -> argparse.ArgumentParser:
     "The command's arguments."
     positive, seed = _number(int, lambda v: v > 0, 'a positive integer'), _number(int, lambda v: v >= 0,
                                                                                    'a non-negative integer')
-    p = _Parser(prog='additive-pos-attn-lm', description='Train a character-level language model with positions on the '
-                'source of standard-library modules; report held-out bits per character and continue a prompt.')
+    p = CommandParser(prog='additive-pos-attn-lm',
+                      description='Train a character-level language model with positions on the source of '
+                                  'standard-library modules; report held-out bits per character and continue a prompt.')
     p.add_argument('--attention', choices=ATTENTION_KINDS, default='rotary',
                    help='the positional scheme (default: rotary)')
     p.add_argument('--steps', type=positive, default=300, metavar='N', help='training steps (default: 300)')
@@ -276,17 +246,21 @@ def text_parser() -> argparse.ArgumentParser:
                    metavar='P', help='sample from the likeliest holding probability P (default: 0.95)')
     return p
 
-# %% ../nbs/19_text.ipynb #b1993c9e
+# %% ../nbs/19_text.ipynb #dbd1fa96
 def main(argv: Optional[list[str]] = None) -> int:
     "Run the command with `argv` (default: the command line); return the exit status."
     parser = text_parser()
     args = parser.parse_args(argv)
     if not args.prompt: parser.error("argument --prompt: expected a non-empty text, got ''")
-    if len(args.prompt) + args.length > args.context:
+    if len(args.prompt) + args.length - 1 > args.context:  # the last character written is never read
         parser.error(f"argument --length: the prompt ({len(args.prompt)} characters) and the continuation must fit "
                      f"in --context {args.context}, got {len(args.prompt)} + {args.length}")
     if args.d_model % args.heads:
         parser.error(f"argument --heads: expected a divisor of --d-model {args.d_model}, got {args.heads}")
+    try: import tqdm  # noqa: F401 (the progress bar)
+    except ImportError as e:
+        parser.error(f"the command shows a tqdm bar, of the viz extra; tqdm is missing ({e}); "
+                     f"pip install \"additive_pos_attn[viz]\"")
     start = time.time()
     train_text, valid_text = stdlib_text(TRAIN_MODULES), stdlib_text(VALID_MODULES)
     vocab = CharVocab.from_text(train_text)

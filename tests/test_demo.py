@@ -251,7 +251,7 @@ def test_progress_callable():
 def test_generate_with_caches_is_recomputation(attention, device):
     "Greedy decoding with caches gives the tokens and, in float64, the logits of recomputing the output at every step."
     import torch
-    from additive_pos_attn.demo import ToySeq2Seq, generate, reversal_batch
+    from additive_pos_attn.demo import ToySeq2Seq, reversal_batch, seq2seq_generate as generate
     from additive_pos_attn.blocks import positional_parameters
     torch.manual_seed(0)
     model = ToySeq2Seq(attention=attention, num_layers=2).double().to(device).eval()
@@ -270,7 +270,7 @@ def test_generate_with_caches_is_recomputation(attention, device):
 def test_seq2seq_trains_reproducibly_and_learns():
     "One seed gives one model (twice 20 steps: the same); 250 steps already generate the reversals with the additive table."
     import torch
-    from additive_pos_attn.demo import generate, reversal_batch, train_seq2seq
+    from additive_pos_attn.demo import reversal_batch, seq2seq_generate as generate, train_seq2seq
     (a, losses_a), (b, losses_b) = train_seq2seq(20), train_seq2seq(20)
     assert losses_a == losses_b and not a.training
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), name

@@ -228,10 +228,11 @@ def test_refusals():
         (ValueError, r"max_new_tokens must be a positive int, got 0", lambda: g(model, prompt, 0)),
         (ValueError, r"max_new_tokens must be a positive int, got -2", lambda: g(model, prompt, -2)),
         (TypeError, r"max_new_tokens must be an int, got float 3.0", lambda: g(model, prompt, 3.0)),
-        (ValueError, r"temperature must be positive when sampling \(do_sample=True\), got 0",
-         lambda: g(model, prompt, 2, do_sample=True, temperature=0)),
-        (ValueError, r"temperature must be positive when sampling \(do_sample=True\), got -0.5",
-         lambda: g(model, prompt, 2, do_sample=True, temperature=-0.5)),
+        (ValueError, r"temperature must be positive, got 0", lambda: g(model, prompt, 2, do_sample=True, temperature=0)),
+        (ValueError, r"temperature must be positive, got -0.5", lambda: g(model, prompt, 2, temperature=-0.5)),
+        (TypeError, r"temperature must be a number, got str 'hot'", lambda: g(model, prompt, 2, temperature='hot')),
+        (ValueError, r"prompt must hold token ids in \[0, vocab_size=23\), got values from 1 to 23",
+         lambda: g(model, torch.tensor([[1, 2, 3, 23]]), 2)),
         (TypeError, r"temperature must be a number, got str 'hot'", lambda: g(model, prompt, 2, do_sample=True, temperature='hot')),
         (ValueError, r"top_p must be in \(0, 1\], got 0", lambda: g(model, prompt, 2, do_sample=True, top_p=0)),
         (ValueError, r"top_p must be in \(0, 1\], got 1.2", lambda: g(model, prompt, 2, top_p=1.2)),
@@ -267,5 +268,13 @@ def test_the_toy_encoder_decoder_generates_through_the_same_loop(monkeypatch):
     torch.manual_seed(0)
     model = ToySeq2Seq().eval()
     source, _ = reversal_batch(3, 16, torch.Generator().manual_seed(0))
-    tokens, logits = demo.generate(model, source, 4)
+    tokens, logits = demo.seq2seq_generate(model, source, 4)
     assert calls == [1] and tokens.shape == (3, 4) and logits.shape == (3, 4, 16)
+
+
+def test_a_padded_prompt_wider_than_the_table_generates_with_the_cache():
+    "Padding takes no position: a left-padded prompt wider than the additive table decodes as it recomputes."
+    model = lm('additive')
+    prompt, padding = left_padded([3, 2], LM_SIZES[3] + 2)
+    tokens = generate(model, prompt, 6, padding_mask=padding)
+    assert torch.equal(tokens, generate(model, prompt, 6, padding_mask=padding, use_cache=False))

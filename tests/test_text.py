@@ -117,8 +117,8 @@ def parse_error(argv):
     (['--top-p', '0'], "argument --top-p: expected a number in (0, 1], got 0.0"),
     (['--top-k', '0'], "argument --top-k: expected a positive integer, got 0"),
     (['--prompt', ''], "argument --prompt: expected a non-empty text, got ''"),
-    (['--context', '16', '--prompt', 'class ', '--length', '11'],
-     "argument --length: the prompt (6 characters) and the continuation must fit in --context 16, got 6 + 11"),
+    (['--context', '16', '--prompt', 'class ', '--length', '12'],
+     "argument --length: the prompt (6 characters) and the continuation must fit in --context 16, got 6 + 12"),
     (['--d-model', '30', '--heads', '4'], "argument --heads: expected a divisor of --d-model 30, got 4"),
     (['--stpes', '3'], "unrecognized arguments: --stpes 3"),
 ])
