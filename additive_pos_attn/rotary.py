@@ -223,7 +223,7 @@ def forward(self: RoPEMultiheadAttention, query: Tensor, key: Tensor, value: Ten
 
 concrete(RoPEMultiheadAttention)  # forward is defined now: the class can be built
 
-# %% ../nbs/08_rotary.ipynb #f736168f
+# %% ../nbs/08_rotary.ipynb #1e99190a
 @patch
 def positioned_heads(self: RoPEMultiheadAttention, query, key, value, q_positions=None, k_positions=None,
                      q_position_mask=None, k_position_mask=None):
@@ -250,16 +250,14 @@ def _turned_together(layer, query, key, value, q_positions, k_positions, q_posit
 
 def _self_heads_turned(attn: nn.MultiheadAttention, x: Tensor, positions, mask, base: float):
     """`positioned_heads` of self-attention: the heads of one packed product, queries and keys turned by one complex
-    multiply of their pairs (`_turn_complex`'s, one call for both instead of one each: fewer operators a step)."""
+    multiply of their pairs (`_turn_complex` once for both instead of once each: fewer operators a step)."""
     batch, length, width = x.shape
     heads = attn.num_heads
     d = width // heads
     packed = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(batch, length, 3, heads, d)
     if positions is None: positions = torch.arange(length, device=x.device)
     angles = rope_angles(positions, d, base, mask=mask, dtype=torch.promote_types(x.dtype, torch.float32))
-    cis = torch.polar(torch.ones_like(angles), angles).to(_COMPLEX[x.dtype])[..., None, None, :]  # (.., T, 1, 1, d/2)
-    pairs = torch.view_as_complex(packed[:, :, :2].unflatten(-1, (d // 2, 2)))  # (B, T, 2, H, d/2)
-    turned = torch.view_as_real(pairs * cis).flatten(-2)
+    turned = _turn_complex(packed[:, :, :2], angles[..., None, None, :])  # (B, T, 2, H, d): queries and keys
     return turned[:, :, 0].transpose(1, 2), turned[:, :, 1].transpose(1, 2), packed[:, :, 2].transpose(1, 2)
 
 # %% ../nbs/08_rotary.ipynb #ae24f2e7
