@@ -29,6 +29,7 @@ lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
 viz_requirements = (cfg.get('viz_requirements') or '').split()
 docs_requirements = (cfg.get('docs_requirements') or '').split()
+interop_requirements = (cfg.get('interop_requirements') or '').split()
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -49,7 +50,8 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements, 'viz': viz_requirements, 'docs': docs_requirements },
+    extras_require={ 'dev': dev_requirements, 'viz': viz_requirements, 'docs': docs_requirements,
+                     'interop': interop_requirements },
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

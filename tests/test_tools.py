@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT/'nbs'/'14_demo.ipynb'  # a real notebook, with outputs; only ever read, through copies
+NOTEBOOK = ROOT/'nbs'/'15_demo.ipynb'  # a real notebook, with outputs; only ever read, through copies
 
 
 def _load(name: str):
