@@ -3,17 +3,18 @@ __version__ = "0.1.0"
 
 # %% auto #0
 __all__ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention', 'RoPEMultiheadAttention',
-           'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer',
-           'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table', 'sinusoidal_table',
-           'PosTransformerLM', 'generate']
+           'ALiBiMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer',
+           'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table',
+           'sinusoidal_table', 'PosTransformerLM', 'generate']
 
-# %% ../nbs/index.ipynb #8e56a915
+# %% ../nbs/index.ipynb #c3e16940
 from .base import PositionalAttentionBase
 from .cache import DecoderCache, KVCache
 from .positions import causal_mask, padded_positions, resample_table, sinusoidal_table
 from .additive import AdditivePosMultiheadAttention
 from .relative import AdditiveRelMultiheadAttention
 from .rotary import RoPEMultiheadAttention
+from .alibi import ALiBiMultiheadAttention
 from .blocks import ATTENTION_KINDS, positional_attention
 from .encoder import PosTransformerEncoderLayer
 from .decoder import PosTransformerDecoderLayer
@@ -21,6 +22,6 @@ from .lm import PosTransformerLM
 from .generation import generate
 
 _all_ = ['PositionalAttentionBase', 'AdditivePosMultiheadAttention', 'AdditiveRelMultiheadAttention',
-         'RoPEMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS', 'PosTransformerEncoderLayer',
-         'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'causal_mask', 'padded_positions', 'resample_table',
-         'sinusoidal_table', 'PosTransformerLM', 'generate']
+         'RoPEMultiheadAttention', 'ALiBiMultiheadAttention', 'positional_attention', 'ATTENTION_KINDS',
+         'PosTransformerEncoderLayer', 'PosTransformerDecoderLayer', 'KVCache', 'DecoderCache', 'causal_mask',
+         'padded_positions', 'resample_table', 'sinusoidal_table', 'PosTransformerLM', 'generate']

@@ -4,13 +4,14 @@
 __all__ = ['ATTENTION_KINDS', 'get_activation', 'apply_dropout', 'FeedForwardBlock', 'positional_attention',
            'positional_parameters']
 
-# %% ../nbs/10_blocks.ipynb #a360e6d9
+# %% ../nbs/10_blocks.ipynb #d888c9a3
 from typing import Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .additive import AdditivePosMultiheadAttention
+from .alibi import ALiBiMultiheadAttention
 from .base import PositionalAttentionBase
 from .checks import check_positive_int
 from .relative import AdditiveRelMultiheadAttention
@@ -65,26 +66,32 @@ class FeedForwardBlock(nn.Module):
                            need_weights=False, is_causal=is_causal, cache=cache)[0]
         return apply_dropout(self.dropout1, x)
 
-# %% ../nbs/10_blocks.ipynb #699574ac
-ATTENTION_KINDS = ('additive', 'relative', 'rotary')
+# %% ../nbs/10_blocks.ipynb #79504a51
+ATTENTION_KINDS = ('additive', 'relative', 'rotary', 'alibi')
 
 def positional_attention(kind: str, embed_dim: int, num_heads: int, *, max_len: Optional[int] = None,
                          **layer_kwargs) -> PositionalAttentionBase:
     """The attention layer of the scheme `kind`, one of `ATTENTION_KINDS`, for sequences of up to `max_len` tokens.
 
     ``'additive'``: `AdditivePosMultiheadAttention` with ``max_len`` rows; ``'relative'``:
-    `AdditiveRelMultiheadAttention` with a row for every offset in such a sequence, ``max_distance = max_len - 1``;
-    ``'rotary'``: `RoPEMultiheadAttention`, which needs no size (``max_len`` may be left out). ``layer_kwargs``
-    (``dropout``, ``bias``, ``device``, ``dtype``, ``batch_first``, ...) go to the layer."""
+    `AdditiveRelMultiheadAttention` with a row for every offset in such a sequence, ``max_distance = max_len - 1``,
+    unless ``max_distance`` is given (then ``max_len`` may be left out); ``'rotary'``: `RoPEMultiheadAttention` and
+    ``'alibi'``: `ALiBiMultiheadAttention`, which need no size (``max_len`` may be left out). ``layer_kwargs``
+    (``dropout``, ``bias``, ``device``, ``dtype``, ``batch_first``; each scheme's own: ``num_buckets`` and
+    ``bidirectional``, ``rope_scaling`` and ``rotary_dim``, ``slopes``, ...) go to the layer."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, ATTENTION_KINDS))}, got {kind!r}")
-    if max_len is None and kind != 'rotary':
-        needs = 'a row for each position' if kind == 'additive' else 'a row for each offset, max_len - 1 of them'
+    sized = kind == 'additive' or (kind == 'relative' and 'max_distance' not in layer_kwargs)
+    if max_len is None and sized:
+        needs = ('a row for each position' if kind == 'additive'
+                 else 'a row for each offset, max_len - 1 of them, unless max_distance is given')
         raise ValueError(f"max_len is required for {kind!r} attention ({needs}), got None")
     if max_len is not None: check_positive_int('max_len', max_len)
     if kind == 'additive': return AdditivePosMultiheadAttention(embed_dim, num_heads, max_len=max_len, **layer_kwargs)
     if kind == 'relative':
-        return AdditiveRelMultiheadAttention(embed_dim, num_heads, max_distance=max(max_len - 1, 1), **layer_kwargs)
+        layer_kwargs.setdefault('max_distance', None if max_len is None else max(max_len - 1, 1))
+        return AdditiveRelMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
+    if kind == 'alibi': return ALiBiMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
     return RoPEMultiheadAttention(embed_dim, num_heads, **layer_kwargs)
 
 # %% ../nbs/10_blocks.ipynb #70e276cc

@@ -284,7 +284,7 @@ def step_positions(layer, cache: KVCache, positions, mask, key_padding_mask, len
                          f"max_len={max_len} positions: pass positions, or build the layer with a larger max_len")
     return positions, mask, True
 
-# %% ../nbs/04_cache.ipynb #a217caa6
+# %% ../nbs/04_cache.ipynb #71a7ba85
 def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor], value: Optional[Tensor], *,
                      q_positions=None, k_positions=None, q_position_mask=None, k_position_mask=None, attn_mask=None,
                      key_padding_mask=None, need_weights: bool = False, is_causal: bool = False,
@@ -304,6 +304,8 @@ def cached_attention(layer, cache: KVCache, query: Tensor, key: Optional[Tensor]
         if key is query and q_positions is None:
             q_positions = k_positions
             q_position_mask = k_position_mask if q_position_mask is None else q_position_mask
+    check = getattr(layer, 'check_cached_positions', None)  # positions a layer cannot decode at (rotary 'dynamic')
+    if check is not None: check(cache, q_positions, k_positions, derived)
     q, k, v = layer.positioned_heads(query, key, value, q_positions, k_positions, q_position_mask, k_position_mask)
     if key is not None: cache.write(k, v, k_positions, k_position_mask, key_padding_mask, derived=derived)
     q_len, n = q.shape[2], cache.length

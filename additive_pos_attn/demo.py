@@ -31,7 +31,7 @@ def positions_off(length: int, device=None) -> Tensor:
     "An all-`False` position mask for `length` tokens: with it, every block attends without positions."
     return torch.zeros(length, dtype=torch.bool, device=device)
 
-# %% ../nbs/15_demo.ipynb #87e1eb6e
+# %% ../nbs/15_demo.ipynb #32183a30
 TOY_SCHEMES = ATTENTION_KINDS + ('none',)
 
 class ToyModel(nn.Module):
@@ -47,7 +47,7 @@ class ToyModel(nn.Module):
         max_len (int, optional): The longest sequence the attention is built for (see `positional_attention`): the
             rows of each additive table. Default: ``vocab_size``.
         attention (str): The positional scheme, one of `TOY_SCHEMES`: ``'additive'`` (default), ``'relative'``,
-            ``'rotary'``, or ``'none'``, rotary layers whose positions are always switched off.
+            ``'rotary'``, ``'alibi'``, or ``'none'``, rotary layers whose positions are always switched off.
 
     Shape:
 

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['PosTransformerEncoderLayer', 'encoder_reference']
 
-# %% ../nbs/11_encoder.ipynb #f42131c7
+# %% ../nbs/11_encoder.ipynb #692cb61c
 from typing import Callable, Optional, Union
 
 import torch
@@ -17,6 +17,7 @@ from .blocks import FeedForwardBlock, apply_dropout, get_activation
 from .cache import KVCache
 from .relative import AdditiveRelMultiheadAttention, relative_reference
 from .rotary import RoPEMultiheadAttention, rope_reference
+from .alibi import ALiBiMultiheadAttention, alibi_reference
 
 # %% ../nbs/11_encoder.ipynb #2a42dd60
 class PosTransformerEncoderLayer(FeedForwardBlock):
@@ -89,9 +90,9 @@ def init_cache(self: PosTransformerEncoderLayer, batch_size: int, max_length: in
     "The attention's cache (`PositionalAttentionBase.init_cache`), for decoding with the block in a decoder-only model."
     return self.self_attn.init_cache(batch_size, max_length, device=device, dtype=dtype)
 
-# %% ../nbs/11_encoder.ipynb #c486fb3a
+# %% ../nbs/11_encoder.ipynb #672fa730
 _REFERENCES = {AdditivePosMultiheadAttention: additive_reference, AdditiveRelMultiheadAttention: relative_reference,
-               RoPEMultiheadAttention: rope_reference}
+               RoPEMultiheadAttention: rope_reference, ALiBiMultiheadAttention: alibi_reference}
 
 def _reference_of(layer: PositionalAttentionBase) -> Callable:
     "The exported oracle of `layer`'s scheme."
@@ -106,8 +107,8 @@ def encoder_reference(block: PosTransformerEncoderLayer, x: Tensor, positions: O
 
     For a batch-first block without dropout (or in evaluation mode). ``attention_reference(layer, query, key, value,
     **kwargs)`` returns ``(output, ...)``; by default it is the oracle of the attention's class, `additive_reference`,
-    `relative_reference` or `rope_reference`. ``positions`` and ``position_mask`` serve the query and the key;
-    ``attn_kwargs`` go to the attention as they are. A test oracle.
+    `relative_reference`, `rope_reference` or `alibi_reference`. ``positions`` and ``position_mask`` serve the query
+    and the key; ``attn_kwargs`` go to the attention as they are. A test oracle.
     """
     reference = attention_reference or _reference_of(block.self_attn)
     ln = lambda norm, t: F.layer_norm(t, (t.shape[-1],), norm.weight, norm.bias, norm.eps)

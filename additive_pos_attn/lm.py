@@ -17,7 +17,7 @@ from .checks import check_bool, check_positive_int
 from .encoder import PosTransformerEncoderLayer
 from .positions import padded_positions
 
-# %% ../nbs/13_lm.ipynb #842ca581
+# %% ../nbs/13_lm.ipynb #984fd2ed
 class PosTransformerLM(nn.Module):
     r"""A decoder-only language model: embedding, pre-norm blocks of causal self-attention, layer norm, read-out.
 
@@ -30,7 +30,8 @@ class PosTransformerLM(nn.Module):
         dim_feedforward (int, optional): Width of each feed-forward network. Default: ``4 * d_model``.
         dropout (float): Dropout in each block and its attention. Default: ``0.0``.
         max_len (int, optional): The longest sequence; required for ``'additive'`` (the table's rows) and
-            ``'relative'`` (``max_distance = max_len - 1``), not for ``'rotary'``. Default: ``None``.
+            ``'relative'`` (``max_distance = max_len - 1`` unless ``max_distance`` is given), not for ``'rotary'`` or
+            ``'alibi'``. Default: ``None``.
         tie_weights (bool): If ``True``, the read-out's weight is the embedding's. Default: ``True``.
         device, dtype (optional): Factory options of every parameter.
         **attention_kwargs: Further options of the attention layers (``bias``, ``rope_base``, ``init``, ...).

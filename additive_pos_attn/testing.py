@@ -14,7 +14,7 @@ from .blocks import positional_attention, positional_parameters
 from .decoder import PosTransformerDecoderLayer
 from .encoder import PosTransformerEncoderLayer
 
-# %% ../nbs/22_testing.ipynb #5ae78a93
+# %% ../nbs/22_testing.ipynb #414c20e2
 def random_layer(embed_dim: int = 16, num_heads: int = 4, *, kind: str = 'additive', max_len: int = 20, seed: int = 0,
                  device: Optional[torch.device] = None, dtype: torch.dtype = torch.float64, bias: bool = True,
                  batch_first: bool = True, **layer_kwargs) -> PositionalAttentionBase:
@@ -23,7 +23,8 @@ def random_layer(embed_dim: int = 16, num_heads: int = 4, *, kind: str = 'additi
 
     The global generator is seeded with ``seed`` before the layer is built. Its positional parameters (the table,
     the bias) are drawn from N(0, 1); every other parameter is moved by 0.3·N(0, 1), so the biases (zero in a fresh
-    torch layer) are not zero. The other arguments are the layer's. Returned in training mode, as any fresh module.
+    torch layer) are not zero. ALiBi's slopes, a fixed buffer, keep their values (the paper's unless ``slopes`` is
+    given). The other arguments are the layer's. Returned in training mode, as any fresh module.
     """
     torch.manual_seed(seed)
     layer = positional_attention(kind, embed_dim, num_heads, max_len=max_len, bias=bias, device=device, dtype=dtype,
@@ -88,13 +89,14 @@ def random_block(embed_dim: int = 16, num_heads: int = 4, dim_feedforward: int =
         block.self_attn = other
     return block.eval()
 
-# %% ../nbs/22_testing.ipynb #2359b1d5
+# %% ../nbs/22_testing.ipynb #e1cccec3
 def torch_twin(block: PosTransformerEncoderLayer) -> nn.TransformerEncoderLayer:
     """An `nn.TransformerEncoderLayer(norm_first=True)` holding `block`'s weights, in evaluation mode; a test oracle.
 
     For a block without dropout. The attention's positional parameters (see `positional_parameters`) are left out
-    and must be zero; then an additive or relative block computes what the twin computes, and a rotary block does
-    where no token is turned (every position mask False).
+    and must be zero; then an additive or relative block computes what the twin computes, a rotary block does
+    where no token is turned (every position mask False), and an ALiBi block (whose slopes, a buffer, are left out
+    too) where its slopes are zero or every position mask is False.
     """
     weight = block.linear1.weight
     twin = nn.TransformerEncoderLayer(block.d_model, block.self_attn.num_heads, block.linear1.out_features, dropout=0.0,
@@ -111,7 +113,9 @@ def _load_twin(twin: nn.Module, block: nn.Module, attentions: tuple, caller: str
     if nonzero: raise ValueError(f"{caller} leaves out the positional parameters, so they must be zero: "
                                  f"{', '.join(nonzero)} is not")
     state = block.state_dict()
-    for a in attentions: state = {k.replace(f'{a}.attn.', f'{a}.'): v for k, v in state.items() if k not in positional}
+    for a in attentions:  # all but the wrapped attn's own entries: positional parameters, ALiBi's slopes buffer
+        state = {k.replace(f'{a}.attn.', f'{a}.'): v for k, v in state.items()
+                 if not k.startswith(f'{a}.') or k.startswith(f'{a}.attn.')}
     twin.load_state_dict(state)
     return twin.eval()
 

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['plot_training', 'plot_pos_emb', 'pos_similarity', 'plot_pos_similarity', 'plot_attention_maps', 'LogitTerms',
            'logit_terms', 'term_magnitudes', 'plot_logit_terms', 'plot_relative_bias', 'RotaryDecay',
-           'rotary_score_decay', 'plot_rotary_decay']
+           'rotary_score_decay', 'plot_rotary_decay', 'plot_alibi_penalty']
 
 # %% ../nbs/16_visualise.ipynb #e357b45e
 import math
@@ -167,10 +167,13 @@ def plot_logit_terms(terms: LogitTerms, *, example: int = 0, head: Optional[int]
     ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/16_visualise.ipynb #4cd303c4
+# %% ../nbs/16_visualise.ipynb #f589a069
 def _relative_table(source) -> Tensor:
-    "The relative table of `source`, a layer with a `rel_bias` or a `(2m+1, H)` or `(2m+1,)` table, as CPU float32."
+    """The relative table of `source`, a layer with a `rel_bias` or a `(2m+1, H)` or `(2m+1,)` table, as CPU float32;
+    a layer with T5's buckets gives the row of each offset's bucket, offsets `-m … m`."""
     table = getattr(source, 'rel_bias', source)
+    buckets = getattr(source, 'offset_buckets', None)
+    if isinstance(table, Tensor) and buckets is not None: table = table[buckets]
     if not isinstance(table, Tensor) or table.dim() not in (1, 2):
         raise TypeError(f"expected a layer with a rel_bias or a (2m+1, H) or (2m+1,) table, "
                         f"got {type(source).__name__}")
@@ -265,4 +268,36 @@ def plot_rotary_decay(head_dim, rope_base: Optional[float] = None, *, max_distan
     if log_distance: ax.set_xscale('symlog', linthresh=1)
     ax.set(xlabel='distance p_q − p_k', ylabel='score q·k, all-ones q and k', title=title, xlim=(0, max_distance))
     ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5), title='band: wavelengths', title_fontsize=8)
+    return fig
+
+# %% ../nbs/16_visualise.ipynb #d4acd31b
+def _alibi_slopes_of(source) -> Tensor:
+    "The slopes of `source`, an ALiBi layer (its `slopes`) or a 1-D tensor of them, as CPU float64."
+    slopes = getattr(source, 'slopes', source)
+    if not isinstance(slopes, Tensor) or slopes.dim() != 1 or not slopes.is_floating_point():
+        raise TypeError(f"expected an ALiBi layer (with slopes) or a 1-D float tensor of slopes, "
+                        f"got {type(source).__name__}")
+    return slopes.detach().double().cpu()
+
+# %% ../nbs/16_visualise.ipynb #52f03313
+def plot_alibi_penalty(source, *, max_distance: int = 64, heads: Optional[Sequence[int]] = None,
+                       title: str = 'ALiBi penalty per head') -> Figure:
+    """Each head's ALiBi bias ``-m_h |p_q - p_k|`` against the offset ``p_q - p_k`` in ``[-max_distance, max_distance]``
+    (left), and the weights a query gives ``max_distance + 1`` keys alike but for their distance, causally, against that
+    distance, on a log scale (right); from a layer or its slopes ``(H,)``; `heads` picks some."""
+    slopes, max_distance = _alibi_slopes_of(source), check_positive_int('max_distance', max_distance)
+    heads = list(range(len(slopes))) if heads is None else list(heads)
+    if not all(isinstance(h, int) and 0 <= h < len(slopes) for h in heads):
+        raise ValueError(f"heads must lie in [0, {len(slopes)}), got {heads}")
+    fig = Figure(figsize=(9, 3.4), dpi=90, layout='constrained')
+    penalty_ax, weight_ax = fig.subplots(1, 2)
+    offsets, distance = torch.arange(-max_distance, max_distance + 1), torch.arange(max_distance + 1)
+    for h in heads:
+        label = f'head {h}: m = {slopes[h].item():.3g}'
+        penalty_ax.plot(offsets.numpy(), (-slopes[h] * offsets.abs()).numpy(), label=label)
+        weight_ax.plot(distance.numpy(), (-slopes[h] * distance).softmax(0).numpy(), label=label)
+    penalty_ax.set(xlabel='offset p_q − p_k', ylabel='bias added to the logit', title=title)
+    weight_ax.set(xlabel='distance p_q − p_k', ylabel='weight among alike keys', yscale='log',
+                  title=f'Attention over {max_distance + 1} alike keys')
+    weight_ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5))
     return fig

@@ -82,7 +82,20 @@ class LayerSpec(NamedTuple):
 # change the cost. The rotary layer has no table.
 LAYERS = {'additive': LayerSpec('additive', 'AdditivePosMultiheadAttention', lambda T: dict(max_len=2 * T), 'pos_emb', 0.02),
           'relative': LayerSpec('relative', 'AdditiveRelMultiheadAttention', lambda T: dict(max_distance=128), 'rel_bias', 1.0),
-          'rotary': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: {})}
+          # T5's buckets (its 32 and max_distance of 128): the same gather from a table of 32 rows, through the bucket
+          # of each clipped offset, computed once when the layer is built
+          'relative-t5': LayerSpec('relative', 'AdditiveRelMultiheadAttention',
+                                   lambda T: dict(num_buckets=32, max_distance=128), 'rel_bias', 1.0),
+          'rotary': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: {}),
+          # rotary extended 4 times past a training length of T/4 (its frequencies kept, or, 'dynamic', per call), and
+          # partial rotary on 16 channels: half a head in three CPU shapes, a quarter (GPT-NeoX's) in the last
+          'rotary-yarn': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: dict(rope_scaling=dict(
+              rope_type='yarn', factor=4.0, original_max_position_embeddings=max(T // 4, 1)))),
+          'rotary-dynamic': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: dict(rope_scaling=dict(
+              rope_type='dynamic', factor=4.0, original_max_position_embeddings=max(T // 4, 1)))),
+          'rotary-partial': LayerSpec('rotary', 'RoPEMultiheadAttention', lambda T: dict(rotary_dim=16)),
+          # ALiBi: the paper's fixed slopes (a buffer, not a table), its bias a float mask of the fused kernel
+          'alibi': LayerSpec('alibi', 'ALiBiMultiheadAttention', lambda T: {})}
 
 
 def make_layer(cls, shape, device='cpu', dtype=torch.float32, seed=0, spec=LAYERS['additive']):

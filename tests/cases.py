@@ -15,7 +15,8 @@ def close(actual, expected, eps=1e-12):
 
 def randomise(module, *, positional: bool = True):
     """`module` with every parameter moved off its initial value by 0.3·N(0, 1) (biases, bias_k, layer norms included),
-    as after training; its positional parameters (`pos_emb`, `rel_bias`) drawn from N(0, 1), or zero. In place; returned."""
+    as after training; its positional parameters (`pos_emb`, `rel_bias`) drawn from N(0, 1), or zero. ALiBi's slopes, a
+    buffer that nothing trains, keep their values. In place; returned."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.rsplit('.', 1)[-1] in ('pos_emb', 'rel_bias'): p.normal_() if positional else p.zero_()
@@ -83,3 +84,11 @@ def left_padded(lengths, T, device=None, seed=0):
     padding = torch.arange(T) < T - torch.tensor(lengths)[:, None]
     tokens = torch.randint(1, LM_SIZES[0], (len(lengths), T), generator=g).masked_fill(padding, 0)
     return tokens.to(device), padding.to(device)
+
+
+# T5's bucket options, (max_distance, num_buckets, bidirectional): T5's own (32 buckets up to 128, each direction),
+# odd counts, the smallest sizes, and counts whose float64 arithmetic would put some offset in another bucket than
+# float32's (18 and 9 at 128)
+T5_OPTIONS = [(128, 32, True), (128, 32, False), (128, 18, True), (128, 9, False), (16, 38, True), (32, 36, False),
+              (3, 4, True), (2, 2, False), (5, 5, True), (9, 33, True), (1000, 64, True), (200, 7, False),
+              (17, 32, True)]

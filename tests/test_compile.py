@@ -14,6 +14,7 @@ from torch import Tensor
 
 from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
+from additive_pos_attn.alibi import ALiBiMultiheadAttention, alibi_reference
 from additive_pos_attn.attention import choose_path
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import relative_reference
@@ -38,7 +39,9 @@ KINDS = [pytest.param(Kind(lambda device: AdditivePosMultiheadAttention(16, 4, m
          pytest.param(Kind(lambda device: AdditiveRelMultiheadAttention(16, 4, max_distance=16, dtype=torch.float64, device=device),
                            relative_reference, *_WRONG_LENGTH), id='relative'),
          pytest.param(Kind(lambda device: RoPEMultiheadAttention(16, 4, dtype=torch.float64, device=device),
-                           rope_reference, *_WRONG_LENGTH), id='rotary')]
+                           rope_reference, *_WRONG_LENGTH), id='rotary'),
+         pytest.param(Kind(lambda device: ALiBiMultiheadAttention(16, 4, dtype=torch.float64, device=device),
+                           alibi_reference, *_WRONG_LENGTH), id='alibi')]
 
 
 @pytest.fixture(params=KINDS)
@@ -153,7 +156,7 @@ def test_compiled_decoding_does_not_recompile_every_step(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('kind', ['additive', 'relative', 'rotary'])
+@pytest.mark.parametrize('kind', ['additive', 'relative', 'rotary', 'alibi'])
 def test_compiled_stack_decodes_a_prompt_and_100_tokens_in_two_compilations(device, kind):
     """A decoder-only stack's step (two `PosTransformerEncoderLayer` blocks, a `KVCache` each), compiled with inductor
     and `fullgraph=True`, compiles twice for a prompt and 100 new tokens, up to a full cache: the prompt, then one

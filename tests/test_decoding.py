@@ -1,11 +1,11 @@
 """Incremental decoding (`KVCache`, `cached_attention`, `DecoderCache`) exhaustively, on every device, in float64 to
-1e-12: for each of the three layers, decoding a sequence with a cache (the prompt in one call, then a token or a chunk
+1e-12: for each of the layers, decoding a sequence with a cache (the prompt in one call, then a token or a chunk
 per call) gives what the layer gives on the whole sequence with the causal mask, at every step: positions counted by
 the cache, with and without left padding (prompts of different lengths, positions as `padded_positions` gives them),
 explicit positions shared or per sample (negative ones where the layer takes them), position masks, attention masks,
 sequence-first inputs and the attention weights; the cache holds the keys as the scheme attends to them; two encoder
 blocks as a decoder-only model and two decoder blocks (memory projected once) decode as they recompute; with zero
-positional parameters a decoding decoder block is `nn.TransformerDecoderLayer`; every refusal, with its message,
+positional parameters (zero ALiBi slopes) a decoding decoder block is `nn.TransformerDecoderLayer`; every refusal, with its message,
 leaves the caches as they were; and property tests over random prompts, lengths, chunks and positions."""
 import pytest
 import torch
@@ -137,7 +137,7 @@ def test_positions_count_on_from_an_explicit_prompt(device, kind):
     assert cache.next_position.tolist() == (offsets + 7).tolist() and cache.position_bound is None
 
 
-@pytest.mark.parametrize('kind', ['relative', 'rotary'])
+@pytest.mark.parametrize('kind', ['relative', 'rotary', 'alibi'])
 def test_positions_count_on_from_a_negative_prompt(device, kind):
     layer = _layer(kind, device)
     x = torch.randn(1, 4, D, dtype=DTYPE, device=device)
@@ -239,7 +239,7 @@ def _encoder_stack(kind, device):
 
 def _decoder_stack(kind, device, *, zero=False, count=2):
     """`count` decoder blocks of `kind`, dropout off, every weight drawn (layer norms from N(0, 1)); the positional
-    parameters from N(0, 1), or zero."""
+    parameters from N(0, 1), or zero (and ALiBi's slopes, else the paper's, zero too)."""
     blocks = []
     for seed in range(count):
         layers = [_layer(kind, device, seed=2 * seed + i) for i in (0, 1)]
@@ -248,6 +248,8 @@ def _decoder_stack(kind, device, *, zero=False, count=2):
             for norm in (block.norm1, block.norm2, block.norm3): norm.weight.normal_(); norm.bias.normal_()
             for p in (p for layer in layers for p in positional_parameters(layer).values()):
                 if zero: p.zero_()
+            for layer in layers:
+                if zero and kind == 'alibi': layer.slopes.zero_()
         blocks.append(block.eval())
     return blocks
 
@@ -309,7 +311,7 @@ def test_two_decoder_blocks_decode_as_they_recompute(device, kind, positions_giv
 
 @KINDS
 def test_zero_tables_decode_as_torchs_decoder_layer(device, kind):
-    """With zero positional parameters (rotary: every position mask False) a decoder block decoding with its cache gives
+    """With zero positional parameters (ALiBi: zero slopes; rotary: every position mask False) a decoder block decoding with its cache gives
     what `nn.TransformerDecoderLayer` (`decoder_twin`) gives on the whole target."""
     block, = _decoder_stack(kind, device, zero=True, count=1)
     tgt = torch.randn(3, 7, D, dtype=DTYPE, device=device)
@@ -413,7 +415,7 @@ def test_random_decoder_decodings_are_recomputing(device):
 
 @torch.no_grad()
 def test_largest_difference_of_decoding_and_recomputing(device):
-    """The largest |cached - recomputed| over real tokens, in float64, across the three kinds: layers decoding left-padded
+    """The largest |cached - recomputed| over real tokens, in float64, across the kinds: layers decoding left-padded
     prompts token by token and in chunks, two encoder blocks and two decoder blocks. Printed (`pytest -s`) and held to 1e-12."""
     largest = {}
     x = torch.randn(3, 8, D, dtype=DTYPE, device=device)

@@ -59,7 +59,7 @@ def test_demo_writes_the_figures(tmp_path):
         assert path.is_file() and path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
 
 
-@pytest.mark.parametrize('attention', ['relative', 'rotary'])
+@pytest.mark.parametrize('attention', ['relative', 'rotary', 'alibi'])
 def test_demo_with_another_scheme(tmp_path, capsys, attention):
     "`--attention` trains that scheme, with and without positions, and writes the two figures that picture any attention."
     pytest.importorskip('matplotlib')
@@ -76,14 +76,14 @@ def test_demo_with_another_scheme(tmp_path, capsys, attention):
 
 
 def test_unknown_attention_is_a_one_line_error(tmp_path, capsys):
-    code, stdout, stderr = demo_in_process(capsys, '--out', tmp_path, '--attention', 'alibi')
+    code, stdout, stderr = demo_in_process(capsys, '--out', tmp_path, '--attention', 'xpos')
     assert code == 2 and stdout == '' and list(tmp_path.iterdir()) == []
     # Python 3.12.8 and later name the choices without quotes
-    assert re.fullmatch(r"additive-pos-attn-demo: error: argument --attention: invalid choice: 'alibi' "
-                        r"\(choose from '?additive'?, '?relative'?, '?rotary'?\)\n", stderr), stderr
+    assert re.fullmatch(r"additive-pos-attn-demo: error: argument --attention: invalid choice: 'xpos' "
+                        r"\(choose from '?additive'?, '?relative'?, '?rotary'?, '?alibi'?\)\n", stderr), stderr
 
 
-@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary', 'none'])
+@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary', 'alibi', 'none'])
 def test_each_scheme_trains_reproducibly(attention):
     "Every scheme trains, from the same initial weights for one seed but for its positional parameters, and reproducibly."
     import torch
@@ -99,11 +99,11 @@ def test_each_scheme_trains_reproducibly(attention):
 
 
 def test_schemes_past_the_table():
-    "Relative, rotary and no positions take sequences longer than max_len; the table refuses them, naming the limit."
+    "Relative, rotary, ALiBi and no positions take sequences longer than max_len; the table refuses them, naming the limit."
     import torch
     from additive_pos_attn.demo import ToyModel
     tokens = torch.randint(0, 16, (2, 24))
-    for attention in ('relative', 'rotary', 'none'): assert ToyModel(attention=attention)(tokens).shape == (2, 24, 16)
+    for attention in ('relative', 'rotary', 'alibi', 'none'): assert ToyModel(attention=attention)(tokens).shape == (2, 24, 16)
     with pytest.raises(ValueError, match=r'sequence length for q_positions is 24, which exceeds max_len=16'): ToyModel()(tokens)
 
 
@@ -247,7 +247,7 @@ def test_progress_callable():
 
 # Generating: the encoder-decoder and greedy decoding with caches
 
-@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary'])
+@pytest.mark.parametrize('attention', ['additive', 'relative', 'rotary', 'alibi'])
 def test_generate_with_caches_is_recomputation(attention, device):
     "Greedy decoding with caches gives the tokens and, in float64, the logits of recomputing the output at every step."
     import torch
@@ -278,5 +278,5 @@ def test_seq2seq_trains_reproducibly_and_learns():
     source, expected = reversal_batch(200, 16, torch.Generator().manual_seed(5))
     assert (generate(a, source)[0] == expected).float().mean() > 0.99
     with pytest.raises(ValueError, match=r"steps must be a positive int, got 0"): generate(a, source, 0)
-    with pytest.raises(ValueError, match=r"attention must be one of 'additive', 'relative', 'rotary', got 'none'"):
+    with pytest.raises(ValueError, match=r"attention must be one of 'additive', 'relative', 'rotary', 'alibi', got 'none'"):
         train_seq2seq(1, attention='none')

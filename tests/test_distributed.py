@@ -21,15 +21,18 @@ from torch import nn
 
 from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.additive import AdditivePosMultiheadAttention
+from additive_pos_attn.alibi import ALiBiMultiheadAttention
 from additive_pos_attn.rotary import RoPEMultiheadAttention
 
 WORLD_SIZE, STEPS, DEADLINE_S = 2, 4, 120
 B, T, D, H, MAX_LEN = 4, 6, 8, 2, 16
-# Each kind of layer, built in float64, and its positional table (None: rotary has none). The relative table is
-# shorter than the offsets, so its end rows are shared.
+# Each kind of layer, built in float64, and its positional table (None: rotary and ALiBi have none; ALiBi's fixed
+# slopes are a buffer, which DDP broadcasts from rank 0). The relative table is shorter than the offsets, so its end rows
+# are shared.
 LAYERS = {'additive': (lambda: AdditivePosMultiheadAttention(D, H, max_len=MAX_LEN, dtype=torch.float64), 'pos_emb'),
           'relative': (lambda: AdditiveRelMultiheadAttention(D, H, max_distance=3, dtype=torch.float64), 'rel_bias'),
-          'rotary': (lambda: RoPEMultiheadAttention(D, H, dtype=torch.float64), None)}
+          'rotary': (lambda: RoPEMultiheadAttention(D, H, dtype=torch.float64), None),
+          'alibi': (lambda: ALiBiMultiheadAttention(D, H, dtype=torch.float64), None)}
 
 
 class TinyModel(nn.Module):

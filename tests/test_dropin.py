@@ -1,7 +1,7 @@
 """The layers as drop-in replacements for `nn.MultiheadAttention` (issue 15), on every device, in float64 to 1e-12.
 
 - Every constructor option of `nn.MultiheadAttention` (``bias``, ``dropout``, ``batch_first``, ``kdim``, ``vdim``,
-  ``add_bias_kv``, ``add_zero_attn``): with no positional signal (zero table; rotary: every position mask False) a
+  ``add_bias_kv``, ``add_zero_attn``): with no positional signal (zero table; rotary, ALiBi: every position mask False) a
   layer computes what `nn.MultiheadAttention` built with the same arguments and weights computes, outputs and weights,
   self- and cross-attention, under every mask, ``is_causal`` as the mask it stands for, and with dropout in training
   mode (the same seed drops the same weights); torch's own hinted call (``attn_mask`` with ``is_causal=True``) gives
@@ -13,7 +13,8 @@
   with non-zero positional parameters give, in evaluation mode without gradients, what they give in training mode
   without dropout, not what they give without positions, and the layers' forward hooks see every call.
 - `from_mha` and `convert`: a converted model computes what it computed (additive, relative), holds copies of the
-  weights, and learns its table; rotary conversion is exact only where nothing turns."""
+  weights, and learns its table; rotary and ALiBi conversion is exact only where no position acts (ALiBi: or with zero
+  slopes)."""
 import copy
 import warnings
 
@@ -22,12 +23,16 @@ import torch
 from torch import nn
 
 from additive_pos_attn import AdditivePosMultiheadAttention, AdditiveRelMultiheadAttention, RoPEMultiheadAttention
+from additive_pos_attn.alibi import ALiBiMultiheadAttention
 from additive_pos_attn.blocks import positional_parameters
 from additive_pos_attn.positions import causal_mask
 from cases import DTYPE, close, mask_kinds, randomise
 
-LAYERS = {'additive': AdditivePosMultiheadAttention, 'relative': AdditiveRelMultiheadAttention, 'rotary': RoPEMultiheadAttention}
-SIZES = {AdditivePosMultiheadAttention: dict(max_len=32), AdditiveRelMultiheadAttention: dict(max_distance=6), RoPEMultiheadAttention: {}}
+LAYERS = {'additive': AdditivePosMultiheadAttention, 'relative': AdditiveRelMultiheadAttention, 'rotary': RoPEMultiheadAttention,
+          'alibi': ALiBiMultiheadAttention}
+SIZES = {AdditivePosMultiheadAttention: dict(max_len=32), AdditiveRelMultiheadAttention: dict(max_distance=6), RoPEMultiheadAttention: {},
+         ALiBiMultiheadAttention: {}}
+UNTABLED = (RoPEMultiheadAttention, ALiBiMultiheadAttention)  # positions act at a fresh layer's default positions
 KINDS = pytest.mark.parametrize('cls', list(LAYERS.values()), ids=list(LAYERS))
 TABLED = pytest.mark.parametrize('cls', [AdditivePosMultiheadAttention, AdditiveRelMultiheadAttention], ids=['additive', 'relative'])
 MHA_ATTRIBUTES = ('in_proj_weight', 'in_proj_bias', 'q_proj_weight', 'k_proj_weight', 'v_proj_weight', 'bias_k', 'bias_v',
@@ -42,8 +47,8 @@ def _layer(cls, *args, **kwargs):
 
 
 def _off(cls, q_len: int, k_len: int, device) -> dict:
-    "What switches a layer's positions off: nothing for a zero table, every position mask False for rotary."
-    if cls is not RoPEMultiheadAttention: return {}
+    "What switches a layer's positions off: nothing for a zero table, every position mask False for rotary and ALiBi."
+    if cls not in UNTABLED: return {}
     return dict(q_position_mask=torch.zeros(q_len, dtype=torch.bool, device=device),
                 k_position_mask=torch.zeros(k_len, dtype=torch.bool, device=device))
 
@@ -299,6 +304,7 @@ def test_attributes_are_the_wrapped_modules(device, cls, options):
         setattr(layer, name, new)
         assert getattr(layer.attn, name) is new and getattr(layer, name) is new, name
     assert set(layer.state_dict()) == keys and not layer._parameters.keys() - positional_parameters(layer).keys()
+    if cls is ALiBiMultiheadAttention: assert set(layer._buffers) == {'slopes'}  # its fixed slopes: state, not a parameter
 
 
 @KINDS
@@ -321,7 +327,7 @@ def test_attributes_are_assigned_to_the_wrapped_module(device, cls):
         assert getattr(layer.attn, name) is value and getattr(layer, name) is value, name
         assert name not in vars(layer) and name not in layer._parameters and name not in layer._modules, name
     assert set(layer.state_dict()) == keys, set(layer.state_dict()) ^ keys
-    assert all(k.startswith('attn.') or k in positional_parameters(layer) for k in keys)
+    assert all(k.startswith('attn.') or k in positional_parameters(layer) or k in layer._buffers for k in keys)
     assert torch.equal(layer.state_dict()['attn.in_proj_weight'], new['in_proj_weight'])
     x, mem = torch.randn(B, TQ, D, dtype=DTYPE, device=device), torch.randn(B, TK, D, dtype=DTYPE, device=device)
     for train in (False, True):
@@ -414,13 +420,13 @@ CONTAINERS = ['encoder layer', 'encoder layer, norm first', 'encoder, nested', '
 def test_containers_call_the_layer(device, cls, name):
     """In evaluation mode without gradients (where torch's fast paths would run), each container around layers with
     positional parameters gives (a) what it gives in training mode (no dropout), (b) not what it gives without positions
-    (zero tables; rotary: torch's own attention), and (c) every layer's forward ran, on nested tensors where the encoder nests.
+    (zero tables; rotary, ALiBi: torch's own attention), and (c) every layer's forward ran, on nested tensors where the encoder nests.
     Without the layers' own forward pre-hook, torch's fast path would be taken (and fail: the layer has no `merge_masks`)."""
     container, run, rows = _container(name, device)
     model, layers = _positional_twin(cls, container, positional=True)
     assert len(layers) == (6 if name == 'transformer' else 2 if name.startswith(('decoder', 'encoder,')) else 1)
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules() if not any(m is layer.attn for layer in layers))
-    without = container if cls is RoPEMultiheadAttention else _positional_twin(cls, container, positional=False)[0]
+    without = container if cls in UNTABLED else _positional_twin(cls, container, positional=False)[0]
     counts = _count_calls(layers)
     with torch.no_grad(): out = run(model.eval())
     assert counts[0] == len(layers), counts
@@ -554,26 +560,34 @@ def test_converted_models_compute_what_they_computed(device, cls, name):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize('cls', UNTABLED, ids=['rotary', 'alibi'])
 @pytest.mark.parametrize('name', MODELS)
 @pytest.mark.filterwarnings('ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning')
-def test_converted_models_with_rotary_layers_differ(device, name):
-    "Rotary layers turn queries and keys at their default positions: a converted model does not compute what it computed."
+def test_converted_models_with_rotary_or_alibi_layers_differ(device, cls, name):
+    """Rotary layers turn queries and keys, ALiBi's penalise distance, at their default positions: a converted model does
+    not compute what it computed. ALiBi with zero slopes does, and keeps its slopes zero while it learns."""
     model, run, count = _models(device)[name]
     before = copy.deepcopy(model)
-    converted = RoPEMultiheadAttention.convert(model)
-    assert sum(isinstance(m, RoPEMultiheadAttention) for m in converted.modules()) == count
+    converted = cls.convert(copy.deepcopy(model))
+    assert sum(isinstance(m, cls) for m in converted.modules()) == count
     with torch.no_grad(): assert (run(converted.eval()) - run(before.eval())).abs().max() > 1e-3
+    if cls is RoPEMultiheadAttention: return
+    zero = ALiBiMultiheadAttention.convert(model, slopes=torch.zeros(H))
+    with torch.no_grad(): close(run(zero.eval()), run(before.eval()))
+    close(run(zero.train()), run(before.train()))
+    run(zero).pow(2).mean().backward()
+    assert all(not m.slopes.any() and m.slopes.grad is None for m in zero.modules() if isinstance(m, cls))
 
 
 @KINDS
 def test_converting_an_attention_converts_it(device, cls):
-    """An nn.MultiheadAttention passed to `convert` comes back converted. Rotary conversion is exact only at the layer,
-    with every position mask False; at default positions it turns queries and keys, so it differs."""
+    """An nn.MultiheadAttention passed to `convert` comes back converted. Rotary and ALiBi conversion is exact only at
+    the layer with every position mask False; at default positions they turn queries and keys or penalise distance."""
     torch.manual_seed(0)
     mha = randomise(nn.MultiheadAttention(D, H, batch_first=True, dtype=DTYPE, device=device)).eval()
     layer = cls.convert(mha, **SIZES[cls])
     assert type(layer) is cls and layer is not mha
     x = torch.randn(B, TQ, D, dtype=DTYPE, device=device)
     close(layer(x, x, x, **_off(cls, TQ, TQ, device))[0], mha(x, x, x)[0])
-    if cls is RoPEMultiheadAttention: assert (layer(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-3
+    if cls in UNTABLED: assert (layer(x, x, x)[0] - mha(x, x, x)[0]).abs().max() > 1e-3
     else: close(layer(x, x, x)[0], mha(x, x, x)[0])

@@ -1,7 +1,7 @@
-"""`PosTransformerEncoderLayer` exhaustively, around each of the three positional layers, on every device, in float64 to
+"""`PosTransformerEncoderLayer` exhaustively, around each of the positional layers, on every device, in float64 to
 1e-12: against `encoder_reference` for every kind of positions, position masks and attention masks; against
 `nn.TransformerEncoderLayer` (via `torch_twin`) for every mask torch accepts and each activation, with and without bias
-(zero positional parameters; for rotary, every position mask False); the positional keywords reaching the attention;
+(zero positional parameters; zero ALiBi slopes; for rotary, every position mask False); the positional keywords reaching the attention;
 stacked blocks; gradients. The chapter keeps one or two of each as examples.
 
 The block's parameters also line up with `nn.TransformerEncoderLayer`'s, in the same order, so state dicts and optimiser
@@ -60,9 +60,11 @@ def test_block_is_the_definition(device, kind):
                          ids=['gelu', 'relu', 'callable', 'no bias'])
 def test_zero_table_is_torchs_layer(device, kind, activation, bias):
     """With zero positional parameters (a fresh layer), every mask torch accepts gives what `nn.TransformerEncoderLayer`
-    gives with the same weights; a rotary block does so with every position mask False, where no token is turned."""
+    gives with the same weights; a rotary block does so with every position mask False, where no token is turned, and
+    an ALiBi block with zero slopes."""
     torch.manual_seed(1)
-    block = PosTransformerEncoderLayer(positional_attention(kind, 16, 4, max_len=8, bias=bias, dtype=DTYPE, device=device),
+    zero = dict(slopes=torch.zeros(4)) if kind == 'alibi' else {}
+    block = PosTransformerEncoderLayer(positional_attention(kind, 16, 4, max_len=8, bias=bias, dtype=DTYPE, device=device, **zero),
                                        24, dropout=0.0, activation=activation, bias=bias, dtype=DTYPE, device=device).eval()
     twin = torch_twin(block)
     x = torch.randn(3, 6, 16, dtype=DTYPE, device=device)
@@ -97,19 +99,27 @@ def test_torch_twin_refuses_positional_parameters_it_would_drop(kind, name):
 
 def test_positional_parameters_are_those_beside_attn():
     names = {kind: list(positional_parameters(positional_attention(kind, 8, 2, max_len=4))) for kind in ATTENTION_KINDS}
-    assert names == {'additive': ['pos_emb'], 'relative': ['rel_bias'], 'rotary': []}
+    assert names == {'additive': ['pos_emb'], 'relative': ['rel_bias'], 'rotary': [], 'alibi': []}  # ALiBi's slopes: a buffer
 
 
 def test_positional_attention_builds_each_kind():
-    additive, relative, rotary = (positional_attention(kind, 8, 2, max_len=5, batch_first=False, dropout=0.1) for kind in ATTENTION_KINDS)
+    additive, relative, rotary, alibi = (positional_attention(kind, 8, 2, max_len=5, batch_first=False, dropout=0.1) for kind in ATTENTION_KINDS)
     assert (type(additive).__name__, additive.max_len, additive.pos_emb.shape) == ('AdditivePosMultiheadAttention', 5, (5, 8))
     assert (type(relative).__name__, relative.max_distance, relative.max_len) == ('AdditiveRelMultiheadAttention', 4, None)
     assert (type(rotary).__name__, rotary.max_len) == ('RoPEMultiheadAttention', None)
-    assert all(not layer.batch_first and layer.attn.dropout == 0.1 for layer in (additive, relative, rotary))
+    assert (type(alibi).__name__, alibi.max_len, alibi.slopes.tolist()) == ('ALiBiMultiheadAttention', None, [2 ** -4, 2 ** -8])
+    assert all(not layer.batch_first and layer.attn.dropout == 0.1 for layer in (additive, relative, rotary, alibi))
+    assert positional_attention('relative', 8, 2, max_len=5, max_distance=2).max_distance == 2  # given, it wins
+    assert positional_attention('relative', 8, 2, max_distance=3).max_distance == 3  # then max_len may be left out
+    assert positional_attention('alibi', 8, 2, slopes=[0.0, 0.0]).slopes.tolist() == [0.0, 0.0]
     assert positional_attention('relative', 8, 2, max_len=1).max_distance == 1  # a one-token model still gets a bias row each side
-    with pytest.raises(ValueError, match=r"kind must be one of 'additive', 'relative', 'rotary', got 'none'"):
+    with pytest.raises(ValueError, match=r"kind must be one of 'additive', 'relative', 'rotary', 'alibi', got 'none'"):
         positional_attention('none', 8, 2, max_len=4)
     with pytest.raises(ValueError, match=r"max_len must be a positive int, got 0"): positional_attention('rotary', 8, 2, max_len=0)
+    with pytest.raises(ValueError, match=r"max_len must be a positive int, got 0"): positional_attention('alibi', 8, 2, max_len=0)
+    with pytest.raises(ValueError, match=r"max_len is required for 'relative' attention \(a row for each offset, max_len - 1 of "
+                                         r"them, unless max_distance is given\), got None"):
+        positional_attention('relative', 8, 2)
 
 
 def test_encoder_reference_takes_a_named_oracle_and_refuses_an_unknown_layer():
@@ -127,10 +137,11 @@ def test_encoder_reference_takes_a_named_oracle_and_refuses_an_unknown_layer():
 
 
 def test_one_seed_gives_one_block_but_for_the_scheme(device):
-    "`random_block` of each scheme shares every weight but the positional ones; switched off, all three are torch's layer."
+    "`random_block` of each scheme shares every weight but the positional ones; switched off, all are torch's layer."
     blocks = {kind: random_block(attention=kind, device=device) for kind in ATTENTION_KINDS}
-    shared = lambda block: {k: v for k, v in block.state_dict().items() if k.removeprefix('self_attn.') not in positional_parameters(block.self_attn)}
-    for kind in ('relative', 'rotary'):
+    # all but the attention's own entries beside its attn: positional parameters, ALiBi's slopes buffer
+    shared = lambda block: {k: v for k, v in block.state_dict().items() if not k.startswith('self_attn.') or k.startswith('self_attn.attn.')}
+    for kind in ATTENTION_KINDS[1:]:
         assert shared(blocks[kind]).keys() == shared(blocks['additive']).keys()
         for name, value in shared(blocks['additive']).items(): assert torch.equal(shared(blocks[kind])[name], value), (kind, name)
     x = torch.randn(3, 6, 16, dtype=DTYPE, device=device)
@@ -154,7 +165,8 @@ def test_positional_keywords_reach_the_attention(device, kind):
     assert not torch.allclose(block(x), without_positions)
     in_order = torch.arange(6, device=device)
     close(block(x, positions=in_order), block(x))
-    assert not torch.allclose(block(x, positions=in_order.flip(0)), block(x))
+    # a swap, not the reversal, which changes no distance |p_i - p_j| (ALiBi's bias)
+    assert not torch.allclose(block(x, positions=in_order[[1, 0, 2, 3, 4, 5]]), block(x))
     per_sample = torch.stack([torch.randperm(20, device=device)[:6] for _ in range(3)])
     out = block(x, positions=per_sample)
     for b in range(3): close(out[b], block(x[b:b + 1], positions=per_sample[b])[0])

@@ -192,10 +192,11 @@ def test_refusals():
          lambda: model(tokens, cache=model.blocks[0].init_cache(2, 4))),
         (ValueError, r"max_len is required for 'additive' attention \(a row for each position\), got None",
          lambda: PosTransformerLM(V, D, H, 1, attention='additive')),
-        (ValueError, r"max_len is required for 'relative' attention \(a row for each offset, max_len - 1 of them\), got None",
+        (ValueError, r"max_len is required for 'relative' attention \(a row for each offset, max_len - 1 of them, unless "
+                     r"max_distance is given\), got None",
          lambda: PosTransformerLM(V, D, H, 1, attention='relative')),
         (ValueError, r"max_len must be a positive int, got 0", lambda: PosTransformerLM(V, D, H, 1, attention='additive', max_len=0)),
-        (ValueError, r"kind must be one of 'additive', 'relative', 'rotary', got 'none'", lambda: PosTransformerLM(V, D, H, 1, attention='none')),
+        (ValueError, r"kind must be one of 'additive', 'relative', 'rotary', 'alibi', got 'none'", lambda: PosTransformerLM(V, D, H, 1, attention='none')),
         (ValueError, r"vocab_size must be a positive int, got 0", lambda: PosTransformerLM(0, D, H, 1)),
         (TypeError, r"d_model must be an int, got float 16.0", lambda: PosTransformerLM(V, 16.0, H, 1)),
         (TypeError, r"num_layers must be an int, got str '2'", lambda: PosTransformerLM(V, D, H, '2')),

@@ -461,3 +461,228 @@ def test_random_valid_calls_match_the_definition(device, data):
     close(out if layer.batch_first else out.transpose(0, 1), ref)
     if kw['need_weights']: close(weights, ref_weights)
     else: assert weights is None
+
+
+# ---- context extension (rope_scaling) and partial rotary (rotary_dim); Hugging Face parity: tests/test_hf_rope.py
+
+from additive_pos_attn.blocks import positional_attention  # noqa: E402
+from additive_pos_attn.lm import PosTransformerLM  # noqa: E402
+from additive_pos_attn.rotary import check_rope_scaling, rope_frequencies, rope_scaled_frequencies  # noqa: E402
+
+SCALINGS = {'linear': dict(rope_type='linear', factor=4.0),
+            'dynamic': dict(rope_type='dynamic', factor=4.0, original_max_position_embeddings=8),
+            'yarn': dict(rope_type='yarn', factor=8.0, original_max_position_embeddings=8),
+            'yarn-mscale': dict(rope_type='yarn', factor=8.0, original_max_position_embeddings=8, mscale=0.7,
+                                mscale_all_dim=1.0, beta_fast=8, beta_slow=2, truncate=False),
+            'llama3': dict(rope_type='llama3', factor=8.0, original_max_position_embeddings=8, low_freq_factor=1.0,
+                           high_freq_factor=4.0)}
+
+
+def _scaled(device, name, *, interleaved=True, rotary_dim=None, D=32, H=2, seed=0):
+    torch.manual_seed(seed)
+    layer = RoPEMultiheadAttention(D, H, rope_scaling=SCALINGS.get(name), rotary_dim=rotary_dim, interleaved=interleaved,
+                                   dtype=DTYPE, device=device)
+    return randomise(layer)
+
+
+@pytest.mark.parametrize('name', [None, *SCALINGS])
+@pytest.mark.parametrize('interleaved', [True, False])
+@pytest.mark.parametrize('rotary_dim', [None, pytest.param(6, marks=pytest.mark.slow)])
+def test_every_scaling_matches_the_definition(device, name, interleaved, rotary_dim):
+    "Each rope_type, convention and partial width equals the float64 oracle, for every kind of positions and masks."
+    layer = _scaled(device, name, interleaved=interleaved, rotary_dim=rotary_dim)
+    x, mem = (torch.randn(3, T, 32, dtype=DTYPE, device=device) for T in (6, 9))
+    # every form of positions and position masks once for each stream (shared, per sample, masked, small dtypes)
+    for q_kind, k_kind in zip(_stream_kinds('q', 3, 6, device)[1:], _stream_kinds('k', 3, 9, device)[:0:-1]):
+        close(layer(x, mem, mem, **q_kind, **k_kind)[0], rope_reference(layer, x, mem, mem, **q_kind, **k_kind)[0])
+    _check_against_reference(layer, x, x, x, attn_mask=causal_mask(6, 6, device))
+    masks = _attention_masks(3, 2, 6, 9, device)['both']
+    _check_against_reference(layer, x, mem, mem, q_positions=torch.arange(6, device=device) * 5, **masks)
+
+
+def test_partial_rotary_of_every_scaling_matches_the_definition(device):
+    "A partial turn, each rope_type and convention once (every combination: the slow cases above)."
+    x, mem = (torch.randn(2, T, 32, dtype=DTYPE, device=device) for T in (5, 7))
+    kw = dict(q_positions=torch.randint(0, 60, (2, 5), device=device), k_position_mask=torch.rand(7, device=device) < .5)
+    for i, name in enumerate(SCALINGS):
+        layer = _scaled(device, name, interleaved=bool(i % 2), rotary_dim=6)
+        close(layer(x, mem, mem, **kw)[0], rope_reference(layer, x, mem, mem, **kw)[0])
+
+
+@pytest.mark.parametrize('name', [None, *SCALINGS])
+def test_scaled_self_attention_fast_path_is_the_general_path(device, name):
+    "Without gradients, self-attention turns queries and keys together; it gives what the general path gives."
+    layer = _scaled(device, name)
+    x, p = torch.randn(2, 7, 32, dtype=DTYPE, device=device), torch.randint(0, 50, (2, 7), device=device)
+    with torch.no_grad(): fast = layer(x, x, x, q_positions=p, k_positions=p)[0]
+    close(fast, layer(x, x, x, q_positions=p, k_positions=p)[0], eps=1e-13)
+    close(fast, rope_reference(layer, x, x, x, q_positions=p, k_positions=p)[0])
+
+
+def test_plain_options_are_the_plain_layer(device):
+    "'default', rotary_dim = head_dim and factor 1 are the plain layer, bit for bit or to rounding."
+    plain = _scaled(device, None)
+    x = torch.randn(2, 12, 32, dtype=DTYPE, device=device)
+    want = plain(x, x, x, is_causal=True)[0]
+    for options in (dict(rope_scaling={'rope_type': 'default'}), dict(rotary_dim=16),
+                    dict(rope_scaling=dict(rope_type='linear', factor=1))):
+        other = RoPEMultiheadAttention(32, 2, dtype=DTYPE, device=device, **options)
+        other.load_state_dict(plain.state_dict())
+        close(other(x, x, x, is_causal=True)[0], want, eps=1e-14)
+
+
+def test_state_dicts_load_both_ways_and_casts_keep_the_frequencies(device):
+    "A plain checkpoint loads into a scaled layer and back; .half()/.to(dtype) never round the kept frequencies."
+    plain, scaled = _scaled(device, None), _scaled(device, 'yarn', rotary_dim=8, seed=1)
+    assert list(plain.state_dict()) == list(scaled.state_dict())
+    scaled.load_state_dict(plain.state_dict()); plain.load_state_dict(copy.deepcopy(scaled).state_dict())
+    bits = scaled.frequency_bits.clone()
+    assert torch.equal(copy.deepcopy(scaled).half().double().frequency_bits, bits)
+    buffer = io.BytesIO(); torch.save(scaled, buffer); buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False).frequency_bits, bits)
+    theta = rope_scaled_frequencies(8, 10000.0, SCALINGS['yarn'], device=device)[0]
+    assert torch.equal(bits.view(torch.float64)[0], theta)
+    assert 'frequency_bits' not in scaled.state_dict()
+    empty = copy.deepcopy(scaled).to_empty(device=device)  # uninitialised buffers, as for meta-device models
+    empty.reset_parameters()
+    assert torch.equal(empty.frequency_bits, bits)
+
+
+def test_dynamic_is_plain_below_the_original_length_and_follows_the_call_past_it(device):
+    plain, dynamic = _scaled(device, None), _scaled(device, 'dynamic')
+    dynamic.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 32, dtype=DTYPE, device=device)
+    assert torch.equal(dynamic(x[:, :8], x[:, :8], x[:, :8])[0], plain(x[:, :8], x[:, :8], x[:, :8])[0])
+    assert (dynamic(x, x, x)[0] - plain(x, x, x)[0]).abs().max() > 1e-6
+    # the length is one past the largest position of either stream, shared or per sample
+    far = torch.tensor([[0, 30], [1, 2]], device=device)
+    close(dynamic(x[:, :2], x[:, :2], x[:, :2], q_positions=far, k_positions=far)[0],
+          rope_reference(dynamic, x[:, :2], x[:, :2], x[:, :2], q_positions=far, k_positions=far)[0])
+
+
+def test_dynamic_decoding_is_exact_below_the_original_length_and_refused_past_it(device):
+    "Decoding a dynamic layer equals recomputation up to its original length; a step reaching it is refused."
+    layer = _scaled(device, 'dynamic')
+    x = torch.randn(2, 10, 32, dtype=DTYPE, device=device)
+    want = rope_reference(layer, x[:, :8], x[:, :8], x[:, :8], attn_mask=causal_mask(8, 8, device))[0]
+    cache = layer.init_cache(2, 10)
+    got = [layer(x[:, :5], x[:, :5], x[:, :5], cache=cache, is_causal=True)[0]]
+    got += [layer(t, t, t, cache=cache)[0] for t in x[:, 5:8].split(1, dim=1)]
+    close(torch.cat(got, dim=1), want)
+    with pytest.raises(ValueError, match=r"decoding step 4 would reach position 9: rope_scaling 'dynamic' turns by the "
+                                         r"plain frequencies below original_max_position_embeddings=8"):
+        layer(x[:, 8:], x[:, 8:], x[:, 8:], cache=cache, is_causal=True)
+    assert cache.length == 8
+    cache = layer.init_cache(2, 10)  # given positions are read
+    with pytest.raises(ValueError, match=r"decoding step 0 would reach position 8"):
+        layer(x[:, :1], x[:, :1], x[:, :1], cache=cache, k_positions=torch.tensor([8], device=device))
+    other = _scaled(device, 'yarn')  # the other types decode past the original length
+    cache = other.init_cache(2, 10)
+    got = [other(t, t, t, cache=cache)[0] for t in x.split(1, dim=1)]
+    close(torch.cat(got, dim=1), rope_reference(other, x, x, x, attn_mask=causal_mask(10, 10, device))[0])
+
+
+@pytest.mark.slow
+def test_dynamic_frequencies_compile_to_one_graph():
+    "The dynamic frequencies are torch operators on the positions: one graph, no value read back."
+    torch._dynamo.reset()
+    layer = _scaled('cpu', 'dynamic').float()
+    x, p = torch.randn(2, 12, 32), torch.randint(0, 40, (2, 12))
+    compiled = torch.compile(layer, fullgraph=True)
+    for positions in (p, p + 100):
+        got = compiled(x, x, x, q_positions=positions, k_positions=positions, is_causal=True)[0]
+        want = layer(x, x, x, q_positions=positions, k_positions=positions, is_causal=True)[0]
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_the_factories_pass_the_options():
+    scaling = dict(rope_type='yarn', factor=8.0, original_max_position_embeddings=128)
+    layer = positional_attention('rotary', 32, 4, rope_scaling=scaling, rotary_dim=4)
+    assert layer.rope_scaling == check_rope_scaling(scaling) and layer.rotary_dim == 4
+    model = PosTransformerLM(11, 32, 4, 2, attention='rotary', rope_scaling=scaling)
+    plain = PosTransformerLM(11, 32, 4, 2, attention='rotary')
+    model.load_state_dict(plain.state_dict()); plain.load_state_dict(model.state_dict())
+    rotary = [m for m in model.modules() if isinstance(m, RoPEMultiheadAttention)]
+    assert len(rotary) == 2 and all(m.rope_scaling == check_rope_scaling(scaling) for m in rotary)
+
+
+@pytest.mark.parametrize('scaling, error, message', [
+    ('yarn', TypeError, r"rope_scaling must be None or a dict of Hugging Face's rope parameters .*, got str 'yarn'"),
+    ({}, ValueError, r"rope_scaling needs the key 'rope_type' \(one of default, linear, dynamic, yarn, llama3\), "
+                     r"got keys none"),
+    ({'rope_type': 'longrope'}, ValueError, r"rope_scaling\['rope_type'\] must be one of 'default', 'linear', "
+                                            r"'dynamic', 'yarn', 'llama3', got 'longrope'"),
+    ({'rope_type': 'linear'}, ValueError, r"rope_scaling of rope_type 'linear' needs the key 'factor', got keys "
+                                          r"'rope_type'"),
+    ({'rope_type': 'dynamic', 'factor': 2.0}, ValueError, r"needs the key 'original_max_position_embeddings'"),
+    ({'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 500.0}, ValueError,
+     r"unknown key 'rope_theta' for rope_type 'linear' \(the base is the layer's rope_base\): it takes rope_type, "
+     r"factor"),
+    ({'rope_type': 'linear', 'factor': '2'}, ValueError, r"rope_scaling\['factor'\] must be a real number >= 1, "
+                                                         r"got '2'"),
+    ({'rope_type': 'linear', 'factor': True}, ValueError, r"rope_scaling\['factor'\] must be a real number >= 1"),
+    ({'rope_type': 'linear', 'factor': float('inf')}, ValueError, r"rope_scaling\['factor'\] must be a real number"),
+    (dict(rope_type='yarn', factor=2.0, original_max_position_embeddings=64.0), ValueError,
+     r"rope_scaling\['original_max_position_embeddings'\] must be an integer >= 1, got 64.0"),
+    (dict(rope_type='yarn', factor=2.0, original_max_position_embeddings=64, beta_fast=1, beta_slow=2), ValueError,
+     r"rope_scaling\['beta_fast'\] must be greater than rope_scaling\['beta_slow'\], got beta_fast=1.0, beta_slow=2.0"),
+    (dict(rope_type='yarn', factor=2.0, original_max_position_embeddings=64, truncate=1), ValueError,
+     r"rope_scaling\['truncate'\] must be a bool, got 1"),
+    (dict(rope_type='yarn', factor=2.0, original_max_position_embeddings=64, attention_factor=0), ValueError,
+     r"rope_scaling\['attention_factor'\] must be a real number > 0, got 0"),
+    (dict(rope_type='llama3', factor=8.0, original_max_position_embeddings=64, low_freq_factor=4.0,
+          high_freq_factor=1.0), ValueError, r"rope_scaling\['high_freq_factor'\] must be greater than "
+                                             r"rope_scaling\['low_freq_factor'\]"),
+])
+def test_bad_rope_scaling_is_refused(scaling, error, message):
+    with pytest.raises(error, match=message): RoPEMultiheadAttention(16, 2, rope_scaling=scaling)
+
+
+@pytest.mark.parametrize('rotary_dim, error, message', [
+    (3, ValueError, r"rotary_dim must be an even integer in \[2, 8\], got 3"),
+    (0, ValueError, r"rotary_dim must be an even integer in \[2, 8\], got 0"),
+    (10, ValueError, r"rotary_dim must be an even integer in \[2, 8\], got 10"),
+    (4.0, TypeError, r"rotary_dim must be None or an int, got float 4.0"),
+    (True, TypeError, r"rotary_dim must be None or an int, got bool True")])
+def test_bad_rotary_dim_is_refused(rotary_dim, error, message):
+    with pytest.raises(error, match=message): RoPEMultiheadAttention(16, 2, rotary_dim=rotary_dim)
+
+
+def test_partial_rotary_allows_an_odd_head_and_dynamic_needs_four_channels():
+    layer = RoPEMultiheadAttention(18, 2, rotary_dim=4, dtype=DTYPE)  # head_dim 9
+    x = torch.randn(1, 5, 18, dtype=DTYPE)
+    close(layer(x, x, x)[0], rope_reference(layer, x, x, x)[0])
+    with pytest.raises(ValueError, match=r"'dynamic' raises the base .* needs rotary_dim >= 4, got 2"):
+        RoPEMultiheadAttention(16, 2, rotary_dim=2, rope_scaling=SCALINGS['dynamic'])
+
+
+def test_normalised_options_and_their_repr():
+    yarn = check_rope_scaling(dict(type='yarn', factor=4, original_max_position_embeddings=16))  # HF's old key name
+    assert yarn == dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+                        beta_slow=1.0, truncate=True)
+    assert check_rope_scaling(yarn) == yarn
+    layer = RoPEMultiheadAttention(16, 2, rope_scaling=yarn, rotary_dim=4)
+    assert repr(layer).splitlines()[1] == f"  embed_dim=16, num_heads=2, rope_base=10000.0, rotary_dim=4, rope_scaling={yarn}"
+    assert layer.attention_factor == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1)
+    theta = rope_scaled_frequencies(8, 10000.0, None)[0]
+    assert torch.equal(theta, rope_frequencies(8, dtype=torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['dynamic', 'yarn'])
+def test_compiled_scaled_decoding_does_not_recompile_every_step(name):
+    """A scaled layer's decoding step compiles to one graph and at most 3 times for a prompt and 10 tokens, as the
+    plain layer's (tests/test_compile.py), 'dynamic' below its original length; it gives the eager outputs."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    scaling = dict(SCALINGS[name], original_max_position_embeddings=16)
+    torch.manual_seed(0)
+    layer = randomise(RoPEMultiheadAttention(16, 4, dtype=DTYPE, rope_scaling=scaling)).eval()
+    counter = CompileCounter()
+    step = torch.compile(lambda t, cache: layer(t, t, t, cache=cache, is_causal=True)[0], backend=counter, fullgraph=True)
+    compiled_cache, eager_cache = layer.init_cache(2, 12), layer.init_cache(2, 12)
+    with torch.no_grad():
+        for tokens in torch.randn(2, 12, 16, dtype=DTYPE).split([2] + [1] * 10, dim=1):
+            close(step(tokens, compiled_cache), layer(tokens, tokens, tokens, cache=eager_cache, is_causal=True)[0])
+    assert counter.frame_count <= 3, counter.frame_count
+    torch._dynamo.reset()

@@ -1,6 +1,7 @@
 """Serialisation and movement, for every positional layer: `state_dict`, `torch.save`/`torch.load` of the whole
 module, `copy.deepcopy`, `.to(dtype)`, `.to(device)` and `torch.autocast` all give results consistent with the
-original layer; loading a table of another size fails with a message that gives both sizes."""
+original layer; loading a table of another size fails with a message that gives both sizes. ALiBi's slopes, a buffer,
+travel in the state_dict and move and cast with the module."""
 import copy
 import io
 import re
@@ -12,6 +13,7 @@ import torch
 
 from additive_pos_attn import AdditiveRelMultiheadAttention
 from additive_pos_attn.additive import AdditivePosMultiheadAttention, additive_reference
+from additive_pos_attn.alibi import ALiBiMultiheadAttention, alibi_reference
 from additive_pos_attn.relative import relative_reference
 from additive_pos_attn.rotary import RoPEMultiheadAttention, rope_reference
 from additive_pos_attn.testing import example_call, random_layer
@@ -28,6 +30,7 @@ class Kind:
     table: Optional[str]          # the positional parameter, if the layer has one
     reference: Callable           # the oracle
     oracle_autocasts: bool = True  # whether the oracle runs its products under autocast (rotary's is float64 throughout)
+    buffers: tuple = ()            # the layer's own state_dict entries beside its parameters (ALiBi's slopes)
 
     def fresh(self, device=None, dtype=torch.float64):
         return self.cls(16, 4, **self.config, device=device, dtype=dtype)
@@ -49,7 +52,10 @@ KINDS = [pytest.param(ADDITIVE, id='additive'),
          pytest.param(Kind(AdditiveRelMultiheadAttention, dict(max_distance=5, per_head=False), 'rel_bias', relative_reference),
                       id='relative-shared'),
          pytest.param(Kind(RoPEMultiheadAttention, dict(rope_base=500.0, interleaved=False), None, rope_reference, oracle_autocasts=False),
-                      id='rotary')]
+                      id='rotary'),
+         pytest.param(Kind(AdditiveRelMultiheadAttention, dict(max_distance=6, num_buckets=8), 'rel_bias', relative_reference),
+                      id='relative-t5'),
+         pytest.param(Kind(ALiBiMultiheadAttention, {}, None, alibi_reference, buffers=('slopes',)), id='alibi')]
 
 
 def run(layer, x, memory, kw, **extra):
@@ -72,7 +78,7 @@ def test_the_additive_kind_is_random_layer():
 def test_state_dict_into_a_fresh_layer(device, kind):
     layer = kind.random(device)
     x, memory, kw = example_call(device)
-    assert list(layer.state_dict()) == [kind.table] * bool(kind.table) + ATTN_KEYS
+    assert list(layer.state_dict()) == [kind.table] * bool(kind.table) + list(kind.buffers) + ATTN_KEYS
     fresh = kind.fresh(device)
     fresh.load_state_dict(layer.state_dict())
     assert_same_outputs(run(fresh, x, memory, kw), run(layer, x, memory, kw))

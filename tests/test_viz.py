@@ -27,11 +27,15 @@ def _weights_of_bias(layer, q_positions, k_positions):
     return layer(x, kv, kv, q_positions=q_positions, k_positions=k_positions, need_weights=True, average_attn_weights=False)[1][0]
 
 
+@pytest.mark.parametrize('max_distance, buckets', [(1, None), (2, None), (7, None), (3, dict(num_buckets=4)),
+                                                    (7, dict(num_buckets=4, bidirectional=False))],
+                         ids=['clipped-1', 'clipped-2', 'clipped-7', 't5', 't5-causal'])
 @pytest.mark.parametrize('per_head', [True, False])
-@pytest.mark.parametrize('max_distance', [1, 2, 7])
-def test_plotted_bias_is_the_bias_the_layer_adds(per_head, max_distance):
+def test_plotted_bias_is_the_bias_the_layer_adds(per_head, max_distance, buckets):
+    "Clipped or in T5's buckets, the figure shows the bias of each offset from -m to m, which longer offsets take."
     torch.manual_seed(max_distance)
-    layer = AdditiveRelMultiheadAttention(8, 2, max_distance=max_distance, per_head=per_head, dtype=DTYPE)
+    layer = AdditiveRelMultiheadAttention(8, 2, max_distance=max_distance, per_head=per_head, dtype=DTYPE,
+                                          **(buckets or {}))
     with torch.no_grad(): layer.rel_bias.normal_()
     lines = _plotted(plot_relative_bias(layer))
     labels = ['head 0', 'head 1'] if per_head else ['all heads']
