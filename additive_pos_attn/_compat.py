@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['autocast_enabled', 'is_compiling', 'assert_async', 'has_hooks', 'packed_in_projection', 'reset_mha_parameters',
-           'register_load_state_dict_pre_hook']
+           'attention_with_lse', 'register_load_state_dict_pre_hook']
 
 # %% ../nbs/23_compat.ipynb #0d40dd83
 import torch
@@ -53,6 +53,56 @@ def packed_in_projection(attn: nn.MultiheadAttention) -> bool:
 def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:
     "Initialise `attn`'s parameters as its constructor does: `attn._reset_parameters()` (checked on torch 2.13.0)."
     attn._reset_parameters()
+
+# %% ../nbs/23_compat.ipynb #f877287d
+_flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+_flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
+
+class _FlashWithLSE(torch.autograd.Function):
+    "Torch's CPU flash attention, its output and log-sum-exp both differentiable."
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal: bool, scale: float):
+        out, lse = _flash_cpu(q, k, v, 0.0, is_causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        if grad_lse is None:
+            grads = _flash_cpu_backward(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.is_causal, scale=ctx.scale)
+            return (*grads, None, None)
+        pad = lambda t, value=0.0: nn.functional.pad(t, (0, 1), value=value)  # noqa: E731
+        grad = torch.cat([grad_out, grad_lse.unsqueeze(-1).to(grad_out.dtype)], -1)
+        grads = _flash_cpu_backward(grad, pad(q), pad(k), pad(v, 1.0), pad(out), lse, 0.0, ctx.is_causal,
+                                    scale=ctx.scale)
+        return (*(g[..., :-1] for g in grads), None, None)
+
+# %% ../nbs/23_compat.ipynb #2ad0612c
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+                       scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)` and the log-sum-exp of each
+    query's scaled scores, `(…, T_q)`, both differentiable; `is_causal`: key `j` hidden from query `i < j`.
+
+    On CPU in float32 and float64, torch's flash kernel `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`
+    and its backward (private; checked on torch 2.13.0); else the scores written out (public operations)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if (_flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == 'cpu'
+            and q.dtype in (torch.float32, torch.float64) and q.shape[-1] == v.shape[-1]):
+        return _FlashWithLSE.apply(q, k, v, is_causal, scale)
+    return _scores_with_lse(q, k, v, is_causal, scale)
+
+def _scores_with_lse(q, k, v, is_causal: bool, scale: float):
+    "`attention_with_lse` by its scores: the public fallback."
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float('-inf'))
+    lse = scores.logsumexp(-1)
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
 
 # %% ../nbs/23_compat.ipynb #bae2a4e6
 def register_load_state_dict_pre_hook(module: nn.Module, hook) -> None:

@@ -23,6 +23,16 @@ Beside them run the floor (`harness.floor_attention` and bare MHA without positi
 
 The rule (the issue's): a path is kept where it gains at least 3% over the next simpler path (fused over
 plain; per_call and cached over fused), paired median over rounds, at two or more of the four CPU shapes.
+
+With `--bias` the script measures instead the paths of a positional bias (issue 22), the package's own layers at
+the default positions, causal self-attention: the relative layer (clipped at 128, and T5's 32 buckets) and ALiBi
+(the paper's slopes), each its new path (`layer(x, x, x, is_causal=True)`: the band path, the channel path, as
+`choose_path` decides) and the mask path it replaces (`fused_attention` with the bias as a mask, as before), beside
+the causal floor (`causal_floor`: packed projection, SDPA's causal kernel, out-projection), at the four CPU shapes
+and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where its (B, H, T, T) tensors would not fit
+beside the others, `MASK_MAX_T`). In training it counts the bytes saved for backward in units of one (B, T, D):
+
+    python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
 import sys
 from pathlib import Path
@@ -176,8 +186,104 @@ def report(results):
     return '\n'.join([header(results['meta']), text_table(HEAD, cells(results['rows'])), verdicts(results['rows'])])
 
 
+BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
+BIAS_LAYERS = ('relative', 'relative-t5', 'alibi')
+MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
+
+
+def causal_floor(attn, x):
+    "Causal attention without positions at its cheapest: packed in-projection, SDPA's causal kernel, out-projection."
+    B, T, D = x.shape
+    q, k, v = split_heads(F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads, 3)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.linear(out.transpose(1, 2).reshape(B, T, D), attn.out_proj.weight, attn.out_proj.bias)
+
+
+def bias_calls(shape, x, mode):
+    "The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the layers."
+    from additive_pos_attn.alibi import alibi_channel_attention
+    from additive_pos_attn.attention import fused_attention
+    import harness
+    calls, layers = {}, {}
+    T = shape[1]
+    for name in BIAS_LAYERS:
+        spec = harness.LAYERS[name]
+        module = __import__(f'additive_pos_attn.{spec.module}', fromlist=[spec.cls])
+        layer = harness.make_layer(getattr(module, spec.cls), shape, spec=spec).train(mode != 'forward')
+        layers[name] = layer
+        if name == 'alibi':
+            calls[f'{name}:new'] = lambda layer=layer: alibi_channel_attention(layer.attn, x, layer.slopes)
+        elif T > max(layer.band_reaches(True)):
+            calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x, True)
+        if T <= MASK_MAX_T[mode]:
+            calls[f'{name}:mask'] = lambda layer=layer: fused_attention(
+                layer.attn, x, x, x, is_causal=True, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))
+    attn = layers['relative'].attn
+    calls['floor'] = lambda: causal_floor(attn, x)
+    return calls, layers
+
+
+def layer_path(layer, x):
+    "The path `choose_path` takes for the layer's causal self-attention call of `x`, and why."
+    from additive_pos_attn.attention import BiasCall, choose_path
+    kind = 'alibi' if hasattr(layer, 'slopes') else 'relative'
+    reach = float(layer.slopes.abs().max()) if kind == 'alibi' else max(layer.band_reaches(True))
+    return choose_path(layer.attn, need_weights=False, bias=BiasCall(kind, x, x, x, True, None, reach))._asdict()
+
+
+def run_bias(args):
+    from harness import saved_bytes
+    opts = setup(args)
+    shapes = [BIAS_SHAPES[i] for i in args.shapes] if args.shapes else BIAS_SHAPES
+    rows = []
+    for shape, mode in progress([(s, m) for s in shapes for m in MODES], lambda c: f'(B, T, D, H)={c[0]} {c[1]}'):
+        x, _, grad = make_inputs(shape, 'self', mode)
+        calls, layers = bias_calls(shape, x, mode)
+        units = {}
+        if grad is not None:
+            unit = x.numel() * x.element_size()
+            for name, fn in calls.items():
+                units[name] = saved_bytes(layers[name.split(':')[0]] if ':' in name else layers['relative'], fn) / unit
+        times = time_case(timed(calls, grad), rounds=opts['rounds'], min_run_time=opts['min_run_time'],
+                          num_threads=opts['num_threads'], timer=clock('cpu', args.timer))
+        with torch.set_grad_enabled(mode != 'forward'):
+            chosen = {name: layer_path(layer, x) for name, layer in layers.items()}
+        rows.append(dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], mode=mode, rounds=opts['rounds'],
+                         ms={n: t[0] * 1e3 for n, t in times.items()}, saved_units=units, chosen=chosen,
+                         vs_floor={n: paired(times, n, 'floor') for n in calls if n != 'floor'}))
+    argv = None if args.argv is None else ['--bias', *args.argv]  # main took --bias out
+    meta = dict(machine(opts['num_threads'], command_line('paths.py', argv), args.timer, args.quick), malloc=opts['malloc'])
+    return dict(meta=meta, rows=rows)
+
+
+BIAS_HEAD = ['mode', '(B, T, D, H)', 'layer', 'new / floor', 'middle half', 'mask / floor', 'saved: new', 'mask', 'floor',
+             'dispatch']
+
+
+def bias_cells(rows):
+    "One row per shape, mode and layer: new and mask path to the floor (paired), saved-for-backward units."
+    out = []
+    for r in rows:
+        for name in BIAS_LAYERS:
+            new, mask, saved = r['vs_floor'].get(f'{name}:new'), r['vs_floor'].get(f'{name}:mask'), r['saved_units']
+            unit = lambda key: f'{saved[key]:.2f}' if key in saved else ''  # noqa: E731
+            out.append([r['mode'], shape_text(r), name, f'{new["ratio"]:.3f}' if new else 'none',
+                        quartiles_text(new['quartiles']) if new else '',
+                        f'{mask["ratio"]:.3f}' if mask else 'not timed', unit(f'{name}:new'), unit(f'{name}:mask'),
+                        unit('floor'), r['chosen'][name]['name']])
+    return out
+
+
+def report_bias(results):
+    return '\n'.join([header(results['meta']), text_table(BIAS_HEAD, bias_cells(results['rows']))])
+
+
 def main(argv=None):
-    return script(__doc__, run, report, quick_help='fewer, shorter rounds: a smoke run under a minute', argv=argv)
+    given = sys.argv[1:] if argv is None else argv
+    bias = '--bias' in given
+    if bias: argv = [a for a in given if a != '--bias']
+    return script(__doc__, run_bias if bias else run, report_bias if bias else report,
+                  quick_help='fewer, shorter rounds: a smoke run under a minute', argv=argv)
 
 if __name__ == '__main__':
     main()

@@ -8,11 +8,12 @@ import copy, io
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from additive_pos_attn.attention import choose_path, project_heads
+from additive_pos_attn.attention import attend_heads, choose_path, project_heads
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.rotary import (RoPEMultiheadAttention, _pairs_as_complex, pair_order, rope_angles,
                                       rope_reference, rotate)
@@ -329,7 +330,10 @@ def test_what_needs_a_call_of_attn_is_refused(device):
 def test_reset_parameters_state_dict_and_repr(device):
     layer, x, mem = _case(device, interleaved=False)
     assert list(layer.state_dict()) == ['attn.in_proj_weight', 'attn.in_proj_bias', 'attn.out_proj.weight', 'attn.out_proj.bias']
-    assert list(layer.buffers()) == []
+    assert [name for name, _ in layer.named_buffers()] == ['pair_rows']  # not persistent: no state_dict key
+    empty = RoPEMultiheadAttention(16, 4, interleaved=False, device='meta').to_empty(device=device)
+    empty.reset_parameters()  # to_empty leaves buffers uninitialised
+    assert torch.equal(empty.pair_rows, layer.pair_rows)
     buffer = io.BytesIO(); torch.save(layer.state_dict(), buffer); buffer.seek(0)
     loaded = RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=False)
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
@@ -686,3 +690,162 @@ def test_compiled_scaled_decoding_does_not_recompile_every_step(name):
             close(step(tokens, compiled_cache), layer(tokens, tokens, tokens, cache=eager_cache, is_causal=True)[0])
     assert counter.frame_count <= 3, counter.frame_count
     torch._dynamo.reset()
+
+
+# At the floor's memory (issue 22): the heads made by the layer itself, half-split pairs through reordered weights,
+# the angles as one operator while compiling.
+
+def _close_to_scale(actual, expected):
+    "`close` to 1e-12 of the larger of 1 and the largest expected value (gradients of a sum of squares run to tens)."
+    close(actual, expected, eps=1e-12 * max(1.0, expected.abs().max().item()))
+
+
+def _outputs_and_gradients(layer, query, key, value, fn=None, **kw):
+    "The output of `fn` (the layer by default) and the gradients of its squares' sum by the inputs and parameters."
+    inputs = [t.detach().clone().requires_grad_() for t in (query, key, value)]
+    if key is query: inputs[1] = inputs[0]
+    if value is key: inputs[2] = inputs[1]
+    if value is query: inputs[2] = inputs[0]
+    out = (fn or (lambda *a, **k: layer(*a, **k)[0]))(*inputs, **kw)
+    wrt = list(dict.fromkeys(inputs)) + list(layer.parameters())
+    return [out, *torch.autograd.grad(out.square().sum(), wrt)]
+
+
+@pytest.mark.parametrize('interleaved', [True, False])
+@pytest.mark.parametrize('rotary_dim', [None, 6])
+@pytest.mark.parametrize('name', [None, *SCALINGS])
+def test_the_layers_heads_give_the_definition_with_their_gradients(device, interleaved, rotary_dim, name):
+    """Outputs and every gradient (inputs, weights, biases) equal the oracle's, in self-attention (one input: two
+    products with gradients, one turned in place without) and cross-attention, with per-sample positions and masks."""
+    layer = _scaled(device, name, interleaved=interleaved, rotary_dim=rotary_dim)
+    x, mem = (torch.randn(2, T, 32, dtype=DTYPE, device=device) for T in (6, 9))
+    p = torch.randint(-60, 60, (2, 6), device=device)
+    calls = [((x, x, x), dict(is_causal=True)), ((x, x, x), dict(q_positions=p, k_positions=p)),
+             ((x, x, x), dict(q_positions=p, k_positions=p.flip(-1), q_position_mask=p > 0)),
+             ((x, mem, mem), dict(q_positions=p, k_position_mask=torch.rand(9, device=device) < .5))]
+    for args, kw in calls:
+        mask = dict(attn_mask=causal_mask(6, 6, device)) if kw.get('is_causal') else {}
+        rest = {k: v for k, v in kw.items() if k != 'is_causal'}
+        want = _outputs_and_gradients(layer, *args, lambda *a, **k: rope_reference(layer, *a, **k)[0], **rest, **mask)
+        for got, expected in zip(_outputs_and_gradients(layer, *args, **kw), want): _close_to_scale(got, expected)
+        with torch.no_grad(): close(layer(*args, **kw)[0], want[0])
+
+
+@pytest.mark.parametrize('interleaved', [True, False])
+def test_every_other_projection_gives_the_plain_path_with_its_gradients(device, interleaved):
+    """Three weights (kdim, vdim), add_bias_kv (its key joins the heads unturned and not reordered), add_zero_attn, no
+    biases: outputs and every gradient equal `project_heads`, `rotate` and `attend_heads` (the plain path)."""
+    x, k, v, k12, v10 = (torch.randn(2, T, W, dtype=DTYPE, device=device) for T, W in ((5, 16), (7, 16), (7, 16), (7, 12), (7, 10)))
+    for options in (dict(kdim=12, vdim=10), dict(add_bias_kv=True), dict(add_zero_attn=True), dict(bias=False)):
+        torch.manual_seed(0)
+        layer = randomise(RoPEMultiheadAttention(16, 4, dtype=DTYPE, device=device, interleaved=interleaved, **options))
+        for args in ([(x, k12, v10)] if 'kdim' in options else [(x, x, x), (x, k, v)]):
+            want = _outputs_and_gradients(layer, *args, lambda *a: _plain_path(layer, *a))
+            for got, expected in zip(_outputs_and_gradients(layer, *args), want): _close_to_scale(got, expected)
+            with torch.no_grad(): close(layer(*args)[0], want[0])
+
+
+def _plain_path(layer, query, key, value):
+    "The layer's output from `project_heads`, `rotate` and `attend_heads` (extra keys appended there)."
+    q, k, v = project_heads(layer.attn, query, key, value)
+    turn = lambda h: rotate(h, base=layer.rope_base, interleaved=layer.interleaved)
+    return attend_heads(layer.attn, turn(q), turn(k), v, mask_dtype=query.dtype)[0]
+
+
+def test_half_split_pairs_are_reordered_only_within_a_call(device):
+    """`forward` may take a half-split layer's query and key channels in `pair_order` (scores unchanged); the heads a
+    cache keeps are in the channels' own order, and decoding gives the whole sequence's attention."""
+    layer, x, _ = _case(device, interleaved=False)
+    q, k, v = project_heads(layer.attn, x, x, x)
+    turn = lambda h: rotate(h, base=layer.rope_base, interleaved=False)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = layer.positioned_heads(x, x, x)
+            reordered = layer.positioned_heads(x, x, x, reorder=True)
+        for a, b in zip(got, (turn(q), turn(k), v)): close(a, b, eps=1e-14)
+        order = pair_order(layer.head_dim)
+        close(reordered[0], turn(q)[..., order], eps=1e-14); close(reordered[1], turn(k)[..., order], eps=1e-14)
+    cache = layer.init_cache(batch_size=3, max_length=6)
+    steps = [layer(t, t, t, cache=cache, is_causal=True)[0] for t in x.split([3, 1, 2], dim=1)]
+    close(cache.keys[:, :, :6], turn(k))
+    close(torch.cat(steps, dim=1), rope_reference(layer, x, x, x, attn_mask=causal_mask(6, 6, device))[0])
+    assert torch.equal(layer.pair_rows.cpu(), torch.cat((pair_order(4, 4), pair_order(4, 4) + 16, torch.arange(32, 48))))
+    assert RoPEMultiheadAttention(16, 4).pair_rows is None and 'pair_rows' not in layer.state_dict()
+
+
+def test_without_gradients_the_heads_are_the_floors_views(device):
+    "Self-attention without gradients: one packed product turned in place, the heads views of it, as the floor's."
+    for interleaved in (True, False):
+        layer, x, _ = _case(device, interleaved=interleaved)
+        with torch.no_grad(): q, k, v = layer.positioned_heads(x, x, x, reorder=True)
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        assert q.stride() == (6 * 48, 4, 48, 1) and v.storage_offset() == 32
+
+
+def _saved_units(module, fn, x):
+    "What autograd keeps for backward in one call of `fn` (distinct storages, parameters left out), in `x`'s size."
+    params, seen = {p.untyped_storage().data_ptr() for p in module.parameters()}, {}
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params: seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): fn()
+    return sum(seen.values()) / (x.numel() * x.element_size())
+
+
+def _floor(attn, x, mem):
+    "Attention without positions at its cheapest (`benchmarks/harness.py`'s floor): packed products, the kernel."
+    w, b, D, H = attn.in_proj_weight, attn.in_proj_bias, attn.embed_dim, attn.num_heads
+    heads = lambda t, n: [h.transpose(1, 2) for h in t.unflatten(-1, (n, H, -1)).unbind(2)]
+    if mem is None: q, k, v = heads(F.linear(x, w, b), 3)
+    else: (q,), (k, v) = heads(F.linear(x, w[:D], b[:D]), 1), heads(F.linear(mem, w[D:], b[D:]), 2)
+    return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize('rotary_dim', [None, 8])
+def test_autograd_keeps_what_attention_without_positions_keeps(rotary_dim):
+    """Float32, training: the layer keeps what the floor keeps, plus the angles and, half-split, the query and key
+    rows of `W_q`, `W_k` in pair order (`2D²` elements, half a `(B, T, D)` tensor here)."""
+    B, T, D, H = 4, 64, 64, 4
+    x, mem = torch.randn(B, T, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True)
+    for interleaved in (True, False):
+        layer = RoPEMultiheadAttention(D, H, interleaved=interleaved, rotary_dim=rotary_dim).train()
+        for kv in (None, mem):
+            y = x if kv is None else kv
+            floor = _saved_units(layer, lambda: _floor(layer.attn, x, kv), x)
+            units = _saved_units(layer, lambda: layer(x, y, y)[0], x)
+            weights = 0 if interleaved else 2 * D * D / (B * T * D)
+            angles = 2 * (D // H) / (B * D)  # e^(iφ), (T, d/2) complex, once or (cross-attention) twice; and the rows
+            assert floor + weights <= units <= floor + weights + angles + 0.03, (interleaved, kv is None, units, floor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('options', [dict(), dict(interleaved=False), dict(rotary_dim=2, interleaved=False),
+                                     dict(rope_scaling=SCALINGS['yarn'])])
+def test_compiled_angles_are_one_operator_of_their_own(options):
+    """Compiled whole (`fullgraph=True`), the cosines and sines are the operator `additive_pos_attn::rope_cos_sin`
+    (computed once per angle, not in the turning kernel), and the layer gives the eager output and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = randomise(RoPEMultiheadAttention(16, 4, dtype=DTYPE, **options))
+    x, p = torch.randn(2, 6, 16, dtype=DTYPE), torch.randint(0, 40, (2, 6))
+    try:
+        explanation = torch._dynamo.explain(layer)(x, x, x, q_positions=p, k_positions=p)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        assert 'rope_cos_sin' in explanation.graphs[0].code
+        compiled = torch.compile(layer, fullgraph=True)
+        for kw in (dict(q_positions=p, k_positions=p), dict(is_causal=True)):
+            for got, want in zip(_outputs_and_gradients(layer, x, x, x, lambda *a, **k: compiled(*a, **k)[0], **kw),
+                                 _outputs_and_gradients(layer, x, x, x, **kw)):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_partial_turn_is_the_plane_rotation_of_its_channels(device):
+    "Partial rotary by the complex multiply, the pairs past rotary_dim times exactly 1: the plane rotation, the rest as is."
+    x = torch.randn(2, 3, 5, 10, dtype=DTYPE, device=device)
+    positions = torch.randint(-50, 50, (2, 5), device=device)
+    assert _pairs_as_complex(x, True)
+    got = rotate(x, positions, rotary_dim=4)
+    close(got[..., :4], _plane_rotation(x[..., :4], positions), eps=1e-14)
+    assert torch.equal(got[..., 4:], x[..., 4:])
