@@ -1,5 +1,7 @@
 """Hypothesis strategies shared by the property tests of every layer: sizes, positions, position masks and
 attention masks of random valid calls, and the settings that make each run check the same examples."""
+import warnings
+
 import torch
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
@@ -67,3 +69,26 @@ def valid_cases(draw, square=False):
     max_len = draw(st.integers(1, 10), label='max_len')
     seed = draw(st.integers(0, 2**31 - 1), label='seed')
     return dict(H=H, D=D, B=B, Tq=Tq, Tk=Tk, max_len=max_len, seed=seed)
+
+
+def check_random_call(data, layer, reference, g, *, B, Tq, Tk, low, high):
+    """Draw query and key inputs (from `g`), positions in `[low, high]`, position masks, attention masks, `is_causal`
+    and `need_weights` for a cross-attention call of `layer`, and assert it equals `reference` (float64, 1e-12)."""
+    D, H = layer.embed_dim, layer.num_heads
+    query, key = torch.randn(B, Tq, D, generator=g, dtype=DTYPE), torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
+    q_positions, q_shape = draw_positions(data, 'q', B, Tq, low, high)
+    k_positions, k_shape = draw_positions(data, 'k', B, Tk, low, high)
+    kw = dict(q_positions=q_positions, k_positions=k_positions, q_position_mask=draw_position_mask(data, 'q', B, Tq, q_shape),
+              k_position_mask=draw_position_mask(data, 'k', B, Tk, k_shape))
+    is_causal = data.draw(st.booleans(), label='is_causal')
+    attn_mask, key_padding_mask = draw_attention_masks(data, g, B, H, Tq, Tk, is_causal)
+    need_weights = data.draw(st.booleans(), label='need_weights')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)
+        out, weights = layer(query, key, key, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                             need_weights=need_weights, **kw)
+        oracle_mask = causal_mask(Tq, Tk) if is_causal and attn_mask is None else attn_mask
+        ref, ref_weights = reference(layer, query, key, key, attn_mask=oracle_mask, key_padding_mask=key_padding_mask,
+                                     need_weights=True, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if need_weights: torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12, equal_nan=True)

@@ -19,7 +19,7 @@ from torch import nn
 from additive_pos_attn.alibi import ALiBiMultiheadAttention, alibi_bias, alibi_reference, alibi_slopes, check_slopes
 from additive_pos_attn.positions import causal_mask, padded_positions
 from cases import DTYPE, check_is_its_attn, close, lm, mask_kinds, position_kinds, randomise, stream
-from strategies import SETTINGS, draw_attention_masks, draw_position_mask, draw_positions, valid_cases
+from strategies import SETTINGS, check_random_call, valid_cases
 
 
 def _layer(device, D=16, H=4, seed=0, **kw):
@@ -370,20 +370,4 @@ def test_random_valid_calls_match_the_definition(data):
     g = torch.Generator().manual_seed(seed)
     given_slopes = None if slopes is None else torch.zeros(H) if slopes == 'zero' else torch.rand(H, generator=g) * 2 - 0.5
     layer = _layer('cpu', D=D, H=H, seed=seed, slopes=given_slopes)
-    query, key = torch.randn(B, Tq, D, generator=g, dtype=DTYPE), torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
-    q_positions, q_shape = draw_positions(data, 'q', B, Tq, -1000, 1000)
-    k_positions, k_shape = draw_positions(data, 'k', B, Tk, -1000, 1000)
-    kw = dict(q_positions=q_positions, k_positions=k_positions, q_position_mask=draw_position_mask(data, 'q', B, Tq, q_shape),
-              k_position_mask=draw_position_mask(data, 'k', B, Tk, k_shape))
-    is_causal = data.draw(st.booleans(), label='is_causal')
-    attn_mask, key_padding_mask = draw_attention_masks(data, g, B, H, Tq, Tk, is_causal)
-    need_weights = data.draw(st.booleans(), label='need_weights')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning)
-        out, weights = layer(query, key, key, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                             need_weights=need_weights, **kw)
-        oracle_mask = causal_mask(Tq, Tk) if is_causal and attn_mask is None else attn_mask
-        ref, ref_weights = alibi_reference(layer, query, key, key, attn_mask=oracle_mask, key_padding_mask=key_padding_mask,
-                                           need_weights=True, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
-    if need_weights: torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12, equal_nan=True)
+    check_random_call(data, layer, alibi_reference, g, B=B, Tq=Tq, Tk=Tk, low=-1000, high=1000)

@@ -20,7 +20,7 @@ from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import relative_reference, t5_bucket_reference
 from additive_pos_attn.testing import random_layer
 from cases import DTYPE, check_is_its_attn, close, mask_kinds, position_kinds, randomise, stream
-from strategies import SETTINGS, draw_attention_masks, draw_position_mask, draw_positions, valid_cases
+from strategies import SETTINGS, check_random_call, valid_cases
 
 
 
@@ -159,23 +159,7 @@ def test_random_valid_calls_match_the_definition(data):
                   max_distance=data.draw(st.integers(exact + 1, exact + 6), label='max_distance'))
         layer = _t5_layer('cpu', t5, D=D, H=H, seed=seed, per_head=per_head)
     g = torch.Generator().manual_seed(seed)
-    query, key = torch.randn(B, Tq, D, generator=g, dtype=DTYPE), torch.randn(B, Tk, D, generator=g, dtype=DTYPE)
-    q_positions, q_shape = draw_positions(data, 'q', B, Tq, -10, 10)
-    k_positions, k_shape = draw_positions(data, 'k', B, Tk, -10, 10)
-    kw = dict(q_positions=q_positions, k_positions=k_positions, q_position_mask=draw_position_mask(data, 'q', B, Tq, q_shape),
-              k_position_mask=draw_position_mask(data, 'k', B, Tk, k_shape))
-    is_causal = data.draw(st.booleans(), label='is_causal')
-    attn_mask, key_padding_mask = draw_attention_masks(data, g, B, H, Tq, Tk, is_causal)
-    need_weights = data.draw(st.booleans(), label='need_weights')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning)
-        out, weights = layer(query, key, key, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                             need_weights=need_weights, **kw)
-        oracle_mask = causal_mask(Tq, Tk) if is_causal and attn_mask is None else attn_mask
-        ref, ref_weights = relative_reference(layer, query, key, key, attn_mask=oracle_mask, key_padding_mask=key_padding_mask,
-                                              need_weights=True, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
-    if need_weights: torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12, equal_nan=True)
+    check_random_call(data, layer, relative_reference, g, B=B, Tq=Tq, Tk=Tk, low=-10, high=10)
 
 
 def test_a_zero_bucketed_table_is_the_wrapped_module(device):
