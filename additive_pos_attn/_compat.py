@@ -2,9 +2,11 @@
 
 # %% auto #0
 __all__ = ['autocast_enabled', 'is_compiling', 'assert_async', 'has_hooks', 'packed_in_projection', 'reset_mha_parameters',
-           'attention_with_lse', 'register_load_state_dict_pre_hook']
+           'flash_serves', 'flash_forward', 'flash_backward', 'register_load_state_dict_pre_hook']
 
-# %% ../nbs/23_compat.ipynb #0d40dd83
+# %% ../nbs/23_compat.ipynb #cb81ff37
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -54,55 +56,59 @@ def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:
     "Initialise `attn`'s parameters as its constructor does: `attn._reset_parameters()` (checked on torch 2.13.0)."
     attn._reset_parameters()
 
-# %% ../nbs/23_compat.ipynb #f877287d
+# %% ../nbs/23_compat.ipynb #5b4bae59
 _flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 _flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
 
-class _FlashWithLSE(torch.autograd.Function):
-    "Torch's CPU flash attention, its output and log-sum-exp both differentiable."
-    @staticmethod
-    def forward(ctx, q, k, v, is_causal: bool, scale: float):
-        out, lse = _flash_cpu(q, k, v, 0.0, is_causal, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.is_causal, ctx.scale = is_causal, scale
-        return out, lse
+def flash_serves(q: torch.Tensor, k: Optional[torch.Tensor] = None) -> bool:
+    """Whether torch's CPU flash kernel computes `flash_forward` and `flash_backward` for heads like `q` (and `k`:
+    no query or no key stops the kernel with a floating-point exception, torch 2.13.0)."""
+    return (_flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == 'cpu'
+            and q.dtype in (torch.float32, torch.float64) and (k is None or q.shape[-2] * k.shape[-2] > 0))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        if grad_lse is None:
-            grads = _flash_cpu_backward(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.is_causal, scale=ctx.scale)
-            return (*grads, None, None)
-        pad = lambda t, value=0.0: nn.functional.pad(t, (0, 1), value=value)  # noqa: E731
-        grad = torch.cat([grad_out, grad_lse.unsqueeze(-1).to(grad_out.dtype)], -1)
-        grads = _flash_cpu_backward(grad, pad(q), pad(k), pad(v, 1.0), pad(out), lse, 0.0, ctx.is_causal,
-                                    scale=ctx.scale)
-        return (*(g[..., :-1] for g in grads), None, None)
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+                  attn_mask=None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the heads `(B, H, T_q, d)` over `(B, H, T_k, d)`, with the float `attn_mask` (broadcast to
+    `(B, H, T_q, T_k)`) added to the scaled scores and `is_causal` applied too; the output `(B, H, T_q, d)` (the
+    kernel's is `(B, T_q, H, d)` in memory: heads merge by a view) and each query's log-sum-exp `(B, H, T_q)`;
+    no autograd.
 
-# %% ../nbs/23_compat.ipynb #2ad0612c
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
-                       scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)` and the log-sum-exp of each
-    query's scaled scores, `(…, T_q)`, both differentiable; `is_causal`: key `j` hidden from query `i < j`.
+    Torch's CPU flash kernel where `flash_serves` (private; checked on torch 2.13.0), else the scores written out."""
+    if flash_serves(q, k): return _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    return _written_forward(q, k, v, is_causal=is_causal, attn_mask=attn_mask, scale=scale)
 
-    On CPU in float32 and float64, torch's flash kernel `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`
-    and its backward (private; checked on torch 2.13.0); else the scores written out (public operations)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if (_flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == 'cpu'
-            and q.dtype in (torch.float32, torch.float64) and q.shape[-1] == v.shape[-1]):
-        return _FlashWithLSE.apply(q, k, v, is_causal, scale)
-    return _scores_with_lse(q, k, v, is_causal, scale)
+# %% ../nbs/23_compat.ipynb #cab830fd
+def flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, *, is_causal: bool = False, attn_mask=None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `q`, `k`, `v` of `flash_forward`'s call, from the output's gradient, given the output and
+    log-sum-exp to take as the softmax's (those of the call, or of a merge the call is part of).
 
-def _scores_with_lse(q, k, v, is_causal: bool, scale: float):
-    "`attention_with_lse` by its scores: the public fallback."
+    Torch's CPU flash kernel's backward where `flash_serves` (private; checked on torch 2.13.0), else written out."""
+    if flash_serves(q, k):
+        return _flash_cpu_backward(grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0,
+                                   is_causal, attn_mask=attn_mask, scale=scale)
+    return _written_backward(grad_out, q, k, v, out, lse, is_causal=is_causal, attn_mask=attn_mask, scale=scale)
+
+# %% ../nbs/23_compat.ipynb #6308bacf
+def _scores(q, k, is_causal: bool, attn_mask, scale: float):
+    "The scaled scores plus `attn_mask`, `-inf` where `is_causal` hides a key."
     scores = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(hidden, float('-inf'))
+    if attn_mask is not None: scores = scores + attn_mask
+    if not is_causal: return scores
+    return scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float('-inf'))
+
+def _written_forward(q, k, v, *, is_causal: bool, attn_mask, scale: float):
+    "`flash_forward` by its scores (public operations)."
+    scores = _scores(q, k, is_causal, attn_mask, scale)
     lse = scores.logsumexp(-1)
     return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+
+def _written_backward(grad_out, q, k, v, out, lse, *, is_causal: bool, attn_mask, scale: float):
+    "`flash_backward` by its scores (public operations)."
+    weights = torch.exp(_scores(q, k, is_causal, attn_mask, scale) - lse.unsqueeze(-1))
+    grad_scores = weights * (grad_out @ v.transpose(-2, -1) - (grad_out * out).sum(-1, keepdim=True)) * scale
+    return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, weights.transpose(-2, -1) @ grad_out
 
 # %% ../nbs/23_compat.ipynb #bae2a4e6
 def register_load_state_dict_pre_hook(module: nn.Module, hook) -> None:

@@ -26,7 +26,7 @@ plain; per_call and cached over fused), paired median over rounds, at two or mor
 
 With `--bias` the script measures instead the paths of a positional bias (issue 22), the package's own layers at
 the default positions, causal self-attention: the relative layer (clipped at 128, and T5's 32 buckets) and ALiBi
-(the paper's slopes), each its new path (`layer(x, x, x, is_causal=True)`: the band path, the channel path, as
+(the paper's slopes), each its new path (`layer(x, x, x, is_causal=True)`: the band path, the ramp path, as
 `choose_path` decides) and the mask path it replaces (`fused_attention` with the bias as a mask, as before), beside
 the causal floor (`causal_floor`: packed projection, SDPA's causal kernel, out-projection), at the four CPU shapes
 and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where its (B, H, T, T) tensors would not fit
@@ -201,7 +201,7 @@ def causal_floor(attn, x):
 
 def bias_calls(shape, x, mode):
     "The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the layers."
-    from additive_pos_attn.alibi import alibi_channel_attention
+    from additive_pos_attn.alibi import alibi_ramp_attention
     from additive_pos_attn.attention import fused_attention
     import harness
     calls, layers = {}, {}
@@ -212,9 +212,9 @@ def bias_calls(shape, x, mode):
         layer = harness.make_layer(getattr(module, spec.cls), shape, spec=spec).train(mode != 'forward')
         layers[name] = layer
         if name == 'alibi':
-            calls[f'{name}:new'] = lambda layer=layer: alibi_channel_attention(layer.attn, x, layer.slopes)
+            calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
         elif T > max(layer.band_reaches(True)):
-            calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x, True)
+            calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
         if T <= MASK_MAX_T[mode]:
             calls[f'{name}:mask'] = lambda layer=layer: fused_attention(
                 layer.attn, x, x, x, is_causal=True, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))

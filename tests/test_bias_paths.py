@@ -1,8 +1,8 @@
 """The paths of a positional bias (issue 22), each against the mask path it replaces, in float64 to 1e-12, outputs and
-every gradient (the table's included): `attention_with_lse` against its scores written out; the relative layer's band
-path (clipped and T5's buckets, one table or one per head, every length around the band and the block); ALiBi's
-channel path (the paper's slopes and any, zero and negative ones); the float32 rounding that bounds the channel
-path; every reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no
+every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
+out, and attention in parts against one call; the relative layer's band path (clipped and T5's buckets, one table
+or one per head, every length around the band and the block); ALiBi's ramp path (the paper's slopes and any, zero
+and negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no
 `T x T` tensor saved on the band path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
 import warnings
 
@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from additive_pos_attn import ALiBiMultiheadAttention, AdditiveRelMultiheadAttention
-from additive_pos_attn._compat import _scores_with_lse, attention_with_lse
-from additive_pos_attn.alibi import alibi_channel_attention, alibi_reference
-from additive_pos_attn.attention import (ALIBI_FLOAT32_SPAN, RELATIVE_BAND_MIN, BiasCall, bias_path, choose_path,
-                                         flex_bias_attention)
+from additive_pos_attn._compat import _written_backward, _written_forward, flash_backward, flash_forward
+from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_attention, alibi_reference
+from additive_pos_attn.attention import (BIAS_PATH_MIN, BiasCall, FlashPart, attention_in_parts, bias_path,
+                                         choose_path, flex_bias_attention, project_heads)
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import band_attention, relative_reference
 from cases import DTYPE, close, mask_kinds, position_kinds, randomise, stream
@@ -35,36 +35,61 @@ def _same(out, ref, inputs, eps=1e-12):
     for a, b in zip(_grads(out, inputs), _grads(ref, inputs)): close(a, b, eps)
 
 
-# --- attention_with_lse -----------------------------------------------------------------------------------------------
+# --- torch's flash kernel, and attention in parts ---------------------------------------------------------------------
 
 @pytest.mark.parametrize('is_causal', [False, True])
+@pytest.mark.parametrize('masked', [False, True], ids=['no mask', 'mask'])
 @pytest.mark.parametrize('sizes', [(2, 3, 7, 7, 4), (1, 2, 5, 9, 8), (2, 1, 1, 1, 3)],
                          ids=['square', 'more keys', 'one'])
-def test_attention_with_lse_is_its_scores(is_causal, sizes):
-    "Output, log-sum-exp, and the gradients of both together and of each alone, against the scores written out."
+def test_flash_kernel_is_its_scores(is_causal, masked, sizes):
+    "Output, log-sum-exp and the backward's three gradients, against the scores written out (and autograd's)."
     B, H, Tq, Tk, d = sizes
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, Tq, d, generator=g, dtype=DTYPE, requires_grad=True)
     k, v = (torch.randn(B, H, Tk, d, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(2))
-    out, lse = attention_with_lse(q, k, v, is_causal=is_causal, scale=0.3)
-    ref_out, ref_lse = _scores_with_lse(q, k, v, is_causal, 0.3)
+    mask = torch.randn(1, H, 1, Tk, generator=g, dtype=DTYPE) if masked else None
+    kw = dict(is_causal=is_causal, attn_mask=mask, scale=0.3)
+    with torch.no_grad(): out, lse = flash_forward(q, k, v, **kw)
+    ref_out, ref_lse = _written_forward(q, k, v, **kw)
     close(out, ref_out); close(lse, ref_lse)
-    for pick in (lambda o, l: o.sum() + (l * l).sum(), lambda o, l: (o * o).sum(), lambda o, l: l.sum() * 0.5):
-        ours = torch.autograd.grad(pick(out, lse), (q, k, v), retain_graph=True, allow_unused=True)
-        theirs = torch.autograd.grad(pick(ref_out, ref_lse), (q, k, v), retain_graph=True, allow_unused=True)
-        for a, b in zip(ours, theirs): close(a, torch.zeros_like(a) if b is None else b)
+    grad = torch.randn(out.shape, generator=g, dtype=DTYPE)
+    for a, b, c in zip(flash_backward(grad, q, k, v, out, lse, **kw),
+                       _written_backward(grad, q, k, v, out, lse, **kw),
+                       torch.autograd.grad(ref_out, (q, k, v), grad)):
+        close(a, b); close(a, c)
 
 
-def test_attention_with_lse_takes_strided_heads_and_falls_back():
-    "Heads that are views of a packed projection, shifted slices of them, and half precision (the public fallback)."
-    x = torch.randn(2, 9, 3, 2, 4, dtype=DTYPE, requires_grad=True)
+@settings(max_examples=15, **SETTINGS)
+@given(cuts=st.lists(st.integers(1, 29), max_size=3, unique=True), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_parts_are_one_call(cuts, causal, seed):
+    """Any split of the queries into blocks, each block's keys split again (causal within the block's own keys), with
+    a mask per key, is one call: output and every gradient; the heads views of a packed projection."""
+    g = torch.Generator().manual_seed(seed)
+    T, edges = 30, [0, *sorted(cuts), 30]
+    x = torch.randn(2, T, 3, 2, 4, generator=g, dtype=DTYPE, requires_grad=True)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
-    out, lse = attention_with_lse(q[:, :, 3:], k[:, :, :6], v[:, :, :6], is_causal=True)
-    ref_out, ref_lse = _scores_with_lse(q[:, :, 3:], k[:, :, :6], v[:, :, :6], True, 0.5)
-    close(out, ref_out); close(lse, ref_lse)
-    close(torch.autograd.grad(out.sum() + lse.sum(), x)[0], torch.autograd.grad(ref_out.sum() + ref_lse.sum(), x)[0])
-    half = attention_with_lse(q.detach().bfloat16(), k.detach().bfloat16(), v.detach().bfloat16())
-    torch.testing.assert_close(half[0].double(), _scores_with_lse(q, k, v, False, 0.5)[0], rtol=0, atol=3e-2)
+    ramp = torch.randn(1, 2, 1, T, generator=g, dtype=DTYPE)
+    parts = []
+    for s, e in zip(edges, edges[1:]):
+        parts.append(FlashPart(slice(s, e), slice(s, e) if causal else slice(0, T), causal, ramp[..., s:e] if causal
+                               else ramp))
+        if causal and s: parts.append(FlashPart(slice(s, e), slice(0, s), mask=ramp[..., :s]))
+    out = attention_in_parts(q, k, v, parts, scale=0.4)
+    mask = ramp.expand(1, 2, T, T)
+    if causal: mask = mask.masked_fill(causal_mask(T, T), float('-inf'))
+    _same(out, nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.4), (x,))
+
+
+def test_parts_leave_the_flush_flag_as_it_was():
+    "Subnormal floats are flushed while the parts run, and the flag is back as it was after, either way."
+    tiny = torch.tensor([1e-39])
+    q = torch.randn(1, 1, 3, 2, dtype=DTYPE, requires_grad=True)
+    for before in (False, True):
+        torch.set_flush_denormal(before)
+        try:
+            attention_in_parts(q, q, q, [FlashPart(slice(None), slice(None), True)], scale=1.0).sum().backward()
+            assert bool((tiny * 1.0).item() == 0) == before
+        finally: torch.set_flush_denormal(False)
 
 
 # --- the relative layer's band path -----------------------------------------------------------------------------------
@@ -80,19 +105,18 @@ def _rel_path(layer, x, is_causal=True):
         'relative', x, x, x, is_causal, None, max(layer.band_reaches(is_causal)))).name
 
 
-def _check_band(layer, T, is_causal, B=2, seed=0):
+def _check_band(layer, T, B=2, seed=0):
     """The layer's band path (`band_forward`) gives the mask path's output and every gradient, eval alike; the layer
-    takes it from `RELATIVE_BAND_MIN` times the reach on."""
+    takes it from `BIAS_PATH_MIN` times the reach on, and never without a causal mask."""
     x = torch.randn(B, T, layer.embed_dim, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    reach = max(layer.band_reaches(is_causal))
-    taken = is_causal and T >= RELATIVE_BAND_MIN['training'] * reach  # not causal: measured slower, the mask kept
-    assert (_rel_path(layer, x, is_causal) == 'relative-band') == taken
-    out = layer.band_forward(x, is_causal)
-    mask = causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool)  # a mask: the mask path
-    ref = layer(x, x, x, attn_mask=mask)[0]  # (tests/test_relative.py: the mask path is the definition)
+    taken = T >= BIAS_PATH_MIN['relative']['training'] * layer.band_reaches(True)[0]
+    assert (_rel_path(layer, x) == 'relative-band') == taken
+    assert _rel_path(layer, x, False) == 'fused'
+    out = layer.band_forward(x)
+    ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # a mask: the mask path (tests/test_relative.py)
     _same(out, ref, (x, *layer.parameters()))
-    with torch.no_grad(): close(layer.band_forward(x, is_causal), ref)
-    if taken: _same(layer(x, x, x, is_causal=is_causal)[0], ref, (x,))
+    with torch.no_grad(): close(layer.band_forward(x), ref)
+    if taken: _same(layer(x, x, x, is_causal=True)[0], ref, (x,))
 
 
 @pytest.mark.parametrize('options', [dict(max_distance=3), dict(max_distance=5, per_head=False),
@@ -101,41 +125,38 @@ def _check_band(layer, T, is_causal, B=2, seed=0):
                                      dict(max_distance=12, num_buckets=8), dict(max_distance=6, num_buckets=4)],
                          ids=['clipped', 'one column', 'wide band', 'no bias', 't5 decoder', 't5 encoder',
                               'few buckets'])
-@pytest.mark.parametrize('is_causal', [True, False], ids=['causal', 'not causal'])
-def test_band_path_is_the_mask_path(options, is_causal):
+def test_band_path_is_the_mask_path(options):
     layer = _rel_layer(**options)
-    reach = max(layer.band_reaches(is_causal))
-    for T in sorted({reach + 1, 65, 2 * max(reach, 32) + 7}):
-        if T > reach: _check_band(layer, T, is_causal)
+    reach = layer.band_reaches(True)[0]
+    for T in sorted({reach + 1, 65, 2 * max(reach, 64) + 7, 3 * 64 + reach}):
+        if T > reach: _check_band(layer, T)
 
 
 @settings(max_examples=12, **SETTINGS)
 @given(m=st.integers(1, 20), extra=st.integers(1, 40), block=st.integers(2, 40), heads=st.sampled_from([1, 2, 4]),
-       buckets=st.sampled_from([None, 4, 6, 9]), bidirectional=st.booleans(), causal=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
-def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, causal, seed):
+       buckets=st.sampled_from([None, 4, 6, 9]), bidirectional=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, seed):
     "`band_attention` of random heads, any band, any block (shorter or longer than the band), any length past it."
     g = torch.Generator().manual_seed(seed)
     side = None if buckets is None else buckets // (2 if bidirectional else 1) // 2  # T5's exact offsets
     options = {} if side is None or m <= side or side < 1 else dict(num_buckets=buckets, bidirectional=bidirectional)
     table = _rel_layer(seed, H=heads, max_distance=m, **options)
     rows = table.offset_rows()  # tied rows (buckets) are one table row: its gradient sums theirs
-    behind, ahead = table.band_reaches(causal)
-    T = max(behind, ahead) + extra
+    behind = table.band_reaches(True)[0]
+    T = behind + extra
     q, k, v = (torch.randn(2, heads, T, 3, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(3))
-    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block, causal=causal,
-                         reach_ahead=ahead)
+    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block)
     index = (torch.arange(T)[:, None] - torch.arange(T)).clamp(-m, m) + m
-    mask = rows.T[:, index]
-    if causal: mask = mask.masked_fill(causal_mask(T, T), float('-inf'))
+    mask = rows.T[:, index].masked_fill(causal_mask(T, T), float('-inf'))
     ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
     _same(out, ref, (q, k, v, table.rel_bias))
 
 
 def test_band_path_saves_no_square_tensor():
-    "With gradients, nothing of `T x T` elements (nor the band's scores) is saved for backward; the mask path saves it."
+    """With gradients, nothing of `T x T` elements (nor the band's scores) is saved for backward, the largest the band's
+    bias `(H, L, L + 64)` whatever `T`; the mask path saves it."""
     layer = _rel_layer(max_distance=8)
-    T = 200
+    T = 400
     x = torch.randn(1, T, 16, dtype=DTYPE, requires_grad=True)
     def largest(**kw):
         sizes = []
@@ -146,64 +167,73 @@ def test_band_path_saves_no_square_tensor():
     assert largest(attn_mask=causal_mask(T, T)) >= T * T
 
 
-# --- ALiBi's channel path ---------------------------------------------------------------------------------------------
+# --- ALiBi's ramp path ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('options', [dict(), dict(bias=False), dict(slopes=[1.0, -0.5, 0.0, 2.0]),
                                      dict(slopes=[0.3] * 4)],
                          ids=['paper', 'no bias', 'any slopes', 'equal slopes'])
 @pytest.mark.parametrize('T', [1, 2, 17, 64])
-def test_channel_path_is_the_mask_path(options, T):
+def test_ramp_path_is_the_mask_path(options, T):
+    "One block and blocks of 1, 5 and 16 queries: output and every gradient."
     torch.manual_seed(0)
     layer = randomise(ALiBiMultiheadAttention(16, 4, dtype=DTYPE, **options))
     x = torch.randn(3, T, 16, dtype=DTYPE, requires_grad=True)
-    out = alibi_channel_attention(layer.attn, x, layer.slopes)
     ref = alibi_reference(layer, x, x, x, attn_mask=causal_mask(T, T))[0]
-    _same(out, ref, (x, *layer.parameters()))
+    _same(alibi_ramp_attention(layer.attn, x, layer.slopes), ref, (x, *layer.parameters()))
+    q, k, v = project_heads(layer.attn, x, x, x)
+    for block in (1, 5, 16):
+        out = attention_in_parts(q, k, v, alibi_parts(layer.slopes, T, DTYPE, block=block), scale=0.5)
+        out = nn.functional.linear(out.transpose(1, 2).reshape(x.shape), layer.attn.out_proj.weight,
+                                   layer.attn.out_proj.bias)
+        _same(out, ref, (x, *layer.parameters()))
 
 
-def test_channel_float32_within_its_span():
-    """At the largest length `ALIBI_FLOAT32_SPAN` lets through (the largest slope 0.5), float32's channel path stays
-    within 1e-5 of the float64 mask path, relative to the largest value, output and gradients; twice that length is the
-    mask path's."""
+def test_ramp_float32_within_its_span():
+    """Float32 takes blocks of at most `2 ALIBI_FLOAT32_SPAN / m` queries (a power of two); past that, every length
+    stays within 1e-5 of the float64 mask path, relative to the largest value, output and gradients."""
     torch.manual_seed(0)
     layer = ALiBiMultiheadAttention(64, 8, dtype=DTYPE)
     single = ALiBiMultiheadAttention(64, 8)
     single.load_state_dict(layer.state_dict())
-    T = int(2 * ALIBI_FLOAT32_SPAN / 0.5) + 1
+    T = int(2 * ALIBI_FLOAT32_SPAN / 0.5) * 3 + 7  # three blocks and a short one
+    assert [p.rows for p in alibi_parts(single.slopes, T, torch.float32)][::2] == [
+        slice(s, min(T, s + 1024)) for s in range(0, T, 1024)]
     x = torch.randn(1, T, 64, dtype=DTYPE, requires_grad=True)
     x32 = x.detach().float().requires_grad_()
-    longer = torch.zeros(1, T + 2, 64)
-    with torch.no_grad():  # eval: the channel path from T = 512 on
-        assert bias_path(single.attn, BiasCall('alibi', x32, x32, x32, True, None, 0.5)).name == 'alibi-channel'
-        assert bias_path(single.attn, BiasCall('alibi', longer, longer, longer, True, None, 0.5)).name == 'fused'
+    assert _alibi_path(single, x32) == 'alibi-ramp'
     ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # the mask path, float64
-    out = alibi_channel_attention(single.attn, x32, single.slopes)
+    out = single(x32, x32, x32, is_causal=True)[0]
     for a, b in zip((out, *_grads(out, (x32, single.attn.in_proj_weight))),
                     (ref, *_grads(ref, (x, layer.attn.in_proj_weight)))):
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def _alibi_path(layer, x):
+    return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, True, None, 0.5)).name
+
+
 # --- the dispatch: every reason, every mask ---------------------------------------------------------------------------
 
 def _reasons():
-    x, x32 = torch.zeros(2, 50, 16, dtype=DTYPE), torch.zeros(2, 50, 16)
+    x, x32, long32 = torch.zeros(2, 50, 16, dtype=DTYPE), torch.zeros(2, 50, 16), torch.zeros(1, 300, 16)
     half = torch.zeros(2, 50, 16, dtype=torch.bfloat16)
     attn = lambda **kw: nn.MultiheadAttention(16, 4, batch_first=True, dtype=DTYPE, **kw)  # noqa: E731
     call = BiasCall('relative', x, x, x, True, None, 8)
     other = torch.zeros_like(x)
     short, long = torch.zeros(2, 20, 16, dtype=DTYPE), torch.zeros(1, 1024, 16, dtype=DTYPE)
     alibi = call._replace(scheme='alibi', reach=0.2, query=long, key=long, value=long)
-    return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-channel', 'a bias per key'),
-            (attn(), alibi._replace(query=x, key=x, value=x), 'fused', 'training with T < 1024'),
+    return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
             (attn(), call._replace(given='q_position_mask'), 'fused', 'q_position_mask given'),
             (attn(), call._replace(key=other, value=other), 'fused', 'not self-attention'),
             (attn(kdim=8, vdim=8), call, 'fused', 'apart'), (attn(add_bias_kv=True), call, 'fused', 'adds keys'),
             (attn(add_zero_attn=True), call, 'fused', 'adds keys'),
             (attn(dropout=0.1), call, 'fused', 'attention dropout'),
             (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused', 'no causal mask'),
-            (attn(), call._replace(is_causal=False), 'fused', 'both sides is slower'),
-            (attn(), call._replace(query=half, key=half, value=half), 'fused', 'torch.bfloat16'),
-            (attn(), call._replace(scheme='alibi', reach=10.0, query=x32, key=x32, value=x32), 'fused', 'float32'),
+            (attn(), call._replace(is_causal=False), 'fused', 'both sides were measured slower'),
+            (attn(), call._replace(query=half, key=half, value=half), 'fused', 'torch.bfloat16: the paths are for'),
+            (attn(), call._replace(scheme='alibi', reach=10.0, query=long32, key=long32, value=long32), 'alibi-ramp',
+             'ramp'),
+            (attn(), call._replace(scheme='alibi', reach=10.0, query=x32, key=x32, value=x32), 'fused', 'T < 256'),
             (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 3 times')]
 
 
