@@ -248,7 +248,7 @@ def _fold(windows: Tensor, block: int, behind: int, length: int) -> Tensor:
     middle = flat[behind * dim:(behind + batch * heads * n * block) * dim]
     return middle.view(batch, heads, n * block, dim)[:, :, :length]
 
-# %% ../nbs/07_relative.ipynb #f6a0a189
+# %% ../nbs/07_relative.ipynb #bce9d08e
 class BandPart(NamedTuple):
     """The band as a part of `attention_in_parts`: every query against its window of `behind` keys before its block
     and its block's own, with the band's bias `(H, L, W)` (the part's learned tensor); `head`, `(1, H, behind,
@@ -258,8 +258,8 @@ class BandPart(NamedTuple):
     rows: slice = slice(None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
-        (batch, heads, length, dim), (block, window), behind = q.shape, bias.shape[-2:], self.behind
-        out, lse = q.new_empty(batch, length, heads, dim).transpose(1, 2), q.new_empty(batch, heads, length)
+        (batch, heads, length, _), (block, window), behind = q.shape, bias.shape[-2:], self.behind
+        out, lse = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2), q.new_empty(batch, heads, length)
         first = min(behind, length)
         if first:  # the first queries, whose windows would reach before the sequence
             out[:, :, :first], lse[:, :, :first] = flash_forward(q[:, :, :first], k[:, :, :first], v[:, :, :first],

@@ -80,16 +80,34 @@ def test_parts_are_one_call(cuts, causal, seed):
     _same(out, nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.4), (x,))
 
 
-def test_parts_leave_the_flush_flag_as_it_was():
-    "Subnormal floats are flushed while the parts run, and the flag is back as it was after, either way."
-    tiny = torch.tensor([1e-39])
+def test_parts_flush_subnormals_and_leave_the_flag_as_it_was():
+    """Subnormal floats are flushed while the parts run (seen from inside a part), and the flag is back as it was
+    after, either way; under a float64 default dtype too."""
+    tiny, seen = torch.tensor([1e-39], dtype=torch.float32), []
+
+    class Probe(FlashPart):
+        def forward(self, *args):
+            seen.append(bool((tiny * 1.0).item() == 0))
+            return super().forward(*args)
+
     q = torch.randn(1, 1, 3, 2, dtype=DTYPE, requires_grad=True)
-    for before in (False, True):
+    if not torch.set_flush_denormal(False): pytest.skip('this CPU cannot flush subnormals')
+    for before, default in ((False, torch.float32), (True, torch.float32), (True, torch.float64)):
         torch.set_flush_denormal(before)
+        torch.set_default_dtype(default)
         try:
-            attention_in_parts(q, q, q, [FlashPart(slice(None), slice(None), True)], scale=1.0).sum().backward()
-            assert bool((tiny * 1.0).item() == 0) == before
-        finally: torch.set_flush_denormal(False)
+            attention_in_parts(q, q, q, [Probe(slice(None), slice(None), True)], scale=1.0).sum().backward()
+            assert bool((tiny * 1.0).item() == 0) == before and seen[-1]
+        finally: torch.set_flush_denormal(False); torch.set_default_dtype(torch.float32)
+
+
+def test_parts_refuse_rows_half_covered_and_rows_left_out():
+    q = torch.randn(1, 1, 4, 2, dtype=DTYPE)
+    with pytest.raises(ValueError, match='all be new or all be covered'):
+        attention_in_parts(q, q, q, [FlashPart(slice(0, 2), slice(0, 2)), FlashPart(slice(0, 4), slice(2, 4))],
+                           scale=1.0)
+    with pytest.raises(ValueError, match='every query'):
+        attention_in_parts(q, q, q, [FlashPart(slice(0, 2), slice(0, 4))], scale=1.0)
 
 
 # --- the relative layer's band path -----------------------------------------------------------------------------------
@@ -189,18 +207,19 @@ def test_ramp_path_is_the_mask_path(options, T):
 
 
 def test_ramp_float32_within_its_span():
-    """Float32 takes blocks of at most `2 ALIBI_FLOAT32_SPAN / m` queries (a power of two); past that, every length
-    stays within 1e-5 of the float64 mask path, relative to the largest value, output and gradients."""
+    """Float32 takes blocks of at most `2 ALIBI_FLOAT32_SPAN / m` queries (a power of two), and stays within 1e-5 of
+    the float64 mask path, relative to the largest value, output and gradients (three blocks and a short one)."""
     torch.manual_seed(0)
-    layer = ALiBiMultiheadAttention(64, 8, dtype=DTYPE)
-    single = ALiBiMultiheadAttention(64, 8)
+    slopes = [2.0 ** -h for h in range(8)]  # the largest 1, the dispatch's largest in float32: blocks of 512
+    layer = ALiBiMultiheadAttention(64, 8, dtype=DTYPE, slopes=slopes)
+    single = ALiBiMultiheadAttention(64, 8, slopes=slopes)
     single.load_state_dict(layer.state_dict())
-    T = int(2 * ALIBI_FLOAT32_SPAN / 0.5) * 3 + 7  # three blocks and a short one
-    assert [p.rows for p in alibi_parts(single.slopes, T, torch.float32)][::2] == [
-        slice(s, min(T, s + 1024)) for s in range(0, T, 1024)]
+    T = int(2 * ALIBI_FLOAT32_SPAN) * 3 + 7  # three blocks and a short one
+    assert [p.rows for p in alibi_parts(single.slopes, T, torch.float32) if p.is_causal] == [
+        slice(s, min(T, s + 512)) for s in range(0, T, 512)]
     x = torch.randn(1, T, 64, dtype=DTYPE, requires_grad=True)
     x32 = x.detach().float().requires_grad_()
-    assert _alibi_path(single, x32) == 'alibi-ramp'
+    assert _alibi_path(single, x32, 1.0) == 'alibi-ramp'
     ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # the mask path, float64
     out = single(x32, x32, x32, is_causal=True)[0]
     for a, b in zip((out, *_grads(out, (x32, single.attn.in_proj_weight))),
@@ -208,8 +227,8 @@ def test_ramp_float32_within_its_span():
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
 
 
-def _alibi_path(layer, x):
-    return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, True, None, 0.5)).name
+def _alibi_path(layer, x, reach):
+    return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, True, None, reach)).name
 
 
 # --- the dispatch: every reason, every mask ---------------------------------------------------------------------------
@@ -231,8 +250,10 @@ def _reasons():
             (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused', 'no causal mask'),
             (attn(), call._replace(is_causal=False), 'fused', 'both sides were measured slower'),
             (attn(), call._replace(query=half, key=half, value=half), 'fused', 'torch.bfloat16: the paths are for'),
-            (attn(), call._replace(scheme='alibi', reach=10.0, query=long32, key=long32, value=long32), 'alibi-ramp',
+            (attn(), call._replace(scheme='alibi', reach=1.0, query=long32, key=long32, value=long32), 'alibi-ramp',
              'ramp'),
+            (attn(), call._replace(scheme='alibi', reach=10.0, query=long32, key=long32, value=long32), 'fused',
+             'slope above 1'),
             (attn(), call._replace(scheme='alibi', reach=10.0, query=x32, key=x32, value=x32), 'fused', 'T < 256'),
             (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 3 times')]
 
