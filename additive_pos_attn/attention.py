@@ -252,7 +252,7 @@ def first_given(**arguments) -> Optional[str]:
     "The name of the first of `arguments` that is not `None` (the mask or positions a call was given), or `None`."
     return next((name for name, value in arguments.items() if value is not None), None)
 
-# %% ../nbs/03_attention.ipynb #4f4c57e7
+# %% ../nbs/03_attention.ipynb #b46f1a6a
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -284,7 +284,7 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md
-BIAS_PATH_MIN = {'relative': {'training': 3, 'eval': 2},  # times the band's reach
+BIAS_PATH_MIN = {'relative': {'training': 1.5, 'eval': 3},  # times the band's reach
                  'alibi': {'training': 256, 'eval': 128}}
 ALIBI_FLOAT32_SLOPE_MAX = 1.0  # float32 ramps in blocks of 512 queries or more (`ALIBI_FLOAT32_SPAN`, ALiBi chapter)
 

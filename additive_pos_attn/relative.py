@@ -276,24 +276,33 @@ class BandPart(NamedTuple):
                                                          attn_mask=bias[None, :, :t, :behind + t], scale=scale)
         return out, lse
 
-# %% ../nbs/07_relative.ipynb #eeb1fec9
-@patch
-def backward(self: BandPart, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
-    "Adds the band's share to `grads` of `q`, `k`, `v`; returns the bias's gradient `(H, L, W)`."
-    (block, window), behind, (batch, heads, length, dim) = bias.shape[-2:], self.behind, q.shape
+# %% ../nbs/07_relative.ipynb #ae2da911
+def _band_grads(behind: int, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
+    "Adds the band's share to `grads` of `q`, `k`, `v` (any batch); returns the bias's gradient `(H, L, W)`."
+    (block, window), (batch, heads, length, dim) = bias.shape[-2:], q.shape
     qb, kw, vw = _windows(q, k, v, block, behind, window - block - behind, scale)
     n, pad = qb.shape[2], qb.shape[2] * block - length
     def rows(t, value=0.0): return nn.functional.pad(t, (0, pad), value=value).view(batch, heads, n, block, 1)
     weights = _exp(_band_scores(qb, kw, bias, behind, length).sub_(rows(lse, float('inf'))), bias, behind, length)
     g = nn.functional.pad(grad_out, (0, 0, 0, pad)).view(batch, heads, n, block, dim)
-    grad_scores = weights * (torch.matmul(g, vw.transpose(-2, -1)) - rows((grad_out * out).sum(-1)))
+    grad_scores = torch.matmul(g, vw.transpose(-2, -1)).sub_(rows((grad_out * out).sum(-1))).mul_(weights)
     grads[0] += torch.matmul(grad_scores, kw).mul_(scale).flatten(2, 3)[:, :, :length]
     grads[1] += _fold(torch.matmul(grad_scores.transpose(-2, -1), qb), block, behind, length)  # qb holds the scale
     grads[2] += _fold(torch.matmul(weights.transpose(-2, -1), g), block, behind, length)
     return grad_scores.sum((0, 2))
 
-# %% ../nbs/07_relative.ipynb #de9a197c
-BAND_BLOCK = 64  # queries per block of the band (measured in benchmarks/NOTES.md, issue 22)
+@patch
+def backward(self: BandPart, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
+    "Adds the band's share to `grads` of `q`, `k`, `v`, a sample at a time; returns the bias's gradient `(H, L, W)`."
+    grad_bias = torch.zeros_like(bias)
+    for b in range(q.shape[0]):
+        s = slice(b, b + 1)
+        grad_bias += _band_grads(self.behind, *(t[s] for t in (grad_out, q, k, v, out, lse)), [g[s] for g in grads],
+                                 scale, bias)
+    return grad_bias
+
+# %% ../nbs/07_relative.ipynb #7efc653e
+BAND_BLOCK = 32  # queries per block of the band (measured in benchmarks/NOTES.md, issue 22)
 
 def _band_bias(rows: Tensor, offset: Tensor, reach: int, max_distance: int, dtype: torch.dtype) -> Tensor:
     "The rows of the band's `offset`s, per head, less the far row; `-inf` outside `0 … reach - 1`."

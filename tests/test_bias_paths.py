@@ -239,7 +239,7 @@ def _reasons():
     attn = lambda **kw: nn.MultiheadAttention(16, 4, batch_first=True, dtype=DTYPE, **kw)  # noqa: E731
     call = BiasCall('relative', x, x, x, True, None, 8)
     other = torch.zeros_like(x)
-    short, long = torch.zeros(2, 20, 16, dtype=DTYPE), torch.zeros(1, 1024, 16, dtype=DTYPE)
+    short, long = torch.zeros(2, 10, 16, dtype=DTYPE), torch.zeros(1, 1024, 16, dtype=DTYPE)
     alibi = call._replace(scheme='alibi', reach=0.2, query=long, key=long, value=long)
     return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
             (attn(), call._replace(given='q_position_mask'), 'fused', 'q_position_mask given'),
@@ -255,7 +255,7 @@ def _reasons():
             (attn(), call._replace(scheme='alibi', reach=10.0, query=long32, key=long32, value=long32), 'fused',
              'slope above 1'),
             (attn(), call._replace(scheme='alibi', reach=10.0, query=x32, key=x32, value=x32), 'fused', 'T < 256'),
-            (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 3 times')]
+            (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 1.5 times')]
 
 
 @pytest.mark.parametrize('attn, call, name, reason', _reasons())
