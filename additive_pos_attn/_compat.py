@@ -56,7 +56,7 @@ def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:
     "Initialise `attn`'s parameters as its constructor does: `attn._reset_parameters()` (checked on torch 2.13.0)."
     attn._reset_parameters()
 
-# %% ../nbs/23_compat.ipynb #5b4bae59
+# %% ../nbs/23_compat.ipynb #492eebcd
 _flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 _flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
 
@@ -65,6 +65,11 @@ def flash_serves(q: torch.Tensor, k: Optional[torch.Tensor] = None) -> bool:
     no query or no key stops the kernel with a floating-point exception, torch 2.13.0)."""
     return (_flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == 'cpu'
             and q.dtype in (torch.float32, torch.float64) and (k is None or q.shape[-2] * k.shape[-2] > 0))
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself where the kernel reads it by its strides (the last dimension of unit stride, no other of stride 0,
+    as in a view of heads or rows), else a contiguous copy (an expanded gradient, say): no copy where none is needed."""
+    return t if t.stride(-1) == 1 and all(s or n == 1 for s, n in zip(t.stride(), t.shape)) else t.contiguous()
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                   attn_mask=None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +82,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causa
     if flash_serves(q, k): return _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
     return _written_forward(q, k, v, is_causal=is_causal, attn_mask=attn_mask, scale=scale)
 
-# %% ../nbs/23_compat.ipynb #cab830fd
+# %% ../nbs/23_compat.ipynb #b52a9703
 def flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, *, is_causal: bool = False, attn_mask=None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,8 +91,8 @@ def flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     Torch's CPU flash kernel's backward where `flash_serves` (private; checked on torch 2.13.0), else written out."""
     if flash_serves(q, k):
-        return _flash_cpu_backward(grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0,
-                                   is_causal, attn_mask=attn_mask, scale=scale)
+        return _flash_cpu_backward(_readable(grad_out), q, k, v, _readable(out), _readable(lse), 0.0, is_causal,
+                                   attn_mask=attn_mask, scale=scale)
     return _written_backward(grad_out, q, k, v, out, lse, is_causal=is_causal, attn_mask=attn_mask, scale=scale)
 
 # %% ../nbs/23_compat.ipynb #6308bacf

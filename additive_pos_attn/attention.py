@@ -307,7 +307,7 @@ class FlashPart(NamedTuple):
                                 is_causal=self.is_causal, attn_mask=self.mask, scale=scale)
         for grad, share, part in zip(grads, shares, (r, c, c)): grad[:, :, part] += share
 
-# %% ../nbs/03_attention.ipynb #f14778b1
+# %% ../nbs/03_attention.ipynb #810ca66b
 @contextlib.contextmanager
 def flushing_denormals():
     "Flush subnormal floats to zero on the CPU while the block runs (the calling thread), then restore the flag."
@@ -319,7 +319,7 @@ def flushing_denormals():
 def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     "`out`, `lse` (views of the merged rows) merged with one more part's `o`, `l`, in place."
     merged = torch.logaddexp(lse, l)
-    out.mul_((lse - merged).exp_().unsqueeze(-1)).add_(o * (l - merged).exp_().unsqueeze(-1))
+    out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
 # %% ../nbs/03_attention.ipynb #02dda679

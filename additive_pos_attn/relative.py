@@ -248,7 +248,7 @@ def _fold(windows: Tensor, block: int, behind: int, length: int) -> Tensor:
     middle = flat[behind * dim:(behind + batch * heads * n * block) * dim]
     return middle.view(batch, heads, n * block, dim)[:, :, :length]
 
-# %% ../nbs/07_relative.ipynb #bce9d08e
+# %% ../nbs/07_relative.ipynb #80791ddd
 class BandPart(NamedTuple):
     """The band as a part of `attention_in_parts`: every query against its window of `behind` keys before its block
     and its block's own, with the band's bias `(H, L, W)` (the part's learned tensor); `head`, `(1, H, behind,
@@ -269,7 +269,8 @@ class BandPart(NamedTuple):
             kw, vw = (t[b].unfold(1, window, block)[:, :n].transpose(-1, -2) for t in (k, v))
             rows = slice(first, first + n * block)
             o, l = flash_forward(q[b, :, rows].unflatten(1, (n, block)), kw, vw, attn_mask=mask, scale=scale)
-            out[b, :, rows], lse[b, :, rows] = o.flatten(1, 2), l.flatten(1, 2)
+            out[b, :, rows].unflatten(1, (n, block)).copy_(o)  # one copy: `o` is `(H, L, n, d)` in memory
+            lse[b, :, rows] = l.flatten(1, 2)
         if first + n * block < length:  # the last, short block
             s, t = first + n * block, length - first - n * block
             out[:, :, s:], lse[:, :, s:] = flash_forward(q[:, :, s:], k[:, :, s - behind:], v[:, :, s - behind:],

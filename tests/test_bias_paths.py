@@ -37,12 +37,18 @@ def _same(out, ref, inputs, eps=1e-12):
 
 # --- torch's flash kernel, and attention in parts ---------------------------------------------------------------------
 
+_LAYOUTS = {'dense': lambda t: t, 'heads last': lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+            'expanded': lambda t: t[:1, :1, :1, :1].expand(t.shape)}  # the gradient of `out.sum()`
+
+
 @pytest.mark.parametrize('is_causal', [False, True])
 @pytest.mark.parametrize('masked', [False, True], ids=['no mask', 'mask'])
 @pytest.mark.parametrize('sizes', [(2, 3, 7, 7, 4), (1, 2, 5, 9, 8), (2, 1, 1, 1, 3)],
                          ids=['square', 'more keys', 'one'])
-def test_flash_kernel_is_its_scores(is_causal, masked, sizes):
-    "Output, log-sum-exp and the backward's three gradients, against the scores written out (and autograd's)."
+@pytest.mark.parametrize('layout', list(_LAYOUTS))
+def test_flash_kernel_is_its_scores(is_causal, masked, sizes, layout):
+    """Output, log-sum-exp and the backward's three gradients, against the scores written out (and autograd's),
+    whatever the strides of the output's gradient (read by its strides where the kernel can, copied where not)."""
     B, H, Tq, Tk, d = sizes
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, Tq, d, generator=g, dtype=DTYPE, requires_grad=True)
@@ -52,7 +58,7 @@ def test_flash_kernel_is_its_scores(is_causal, masked, sizes):
     with torch.no_grad(): out, lse = flash_forward(q, k, v, **kw)
     ref_out, ref_lse = _written_forward(q, k, v, **kw)
     close(out, ref_out); close(lse, ref_lse)
-    grad = torch.randn(out.shape, generator=g, dtype=DTYPE)
+    grad = _LAYOUTS[layout](torch.randn(out.shape, generator=g, dtype=DTYPE))
     for a, b, c in zip(flash_backward(grad, q, k, v, out, lse, **kw),
                        _written_backward(grad, q, k, v, out, lse, **kw),
                        torch.autograd.grad(ref_out, (q, k, v), grad)):
