@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['ALIBI_FLOAT32_SPAN', 'alibi_slopes', 'check_slopes', 'alibi_bias', 'alibi_reference', 'ALiBiMultiheadAttention',
-           'alibi_parts', 'alibi_ramp_attention']
+           'alibi_block', 'alibi_parts', 'alibi_ramp_attention']
 
 # %% ../nbs/09_alibi.ipynb #7c4b878f
 import math
@@ -189,24 +189,32 @@ def pair_bias(self: ALiBiMultiheadAttention, q_positions, k_positions, q_positio
     return alibi_bias(self.slopes, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len,
                       k_len=k_len)
 
-# %% ../nbs/09_alibi.ipynb #fc70a167
+# %% ../nbs/09_alibi.ipynb #db52f8de
 ALIBI_FLOAT32_SPAN = 256.0  # measured: within it float32 stays within 1e-5 of float64 (tests/test_bias_paths.py)
+
+def alibi_block(slope: float, length: int, dtype: torch.dtype) -> int:
+    """Queries per block for a head of `slope`: all `length` in float64, or while `|slope| (T - 1)/2` stays within
+    `ALIBI_FLOAT32_SPAN`; else the most within it, a power of two (the kernel's tiles)."""
+    if dtype == torch.float64 or abs(slope) * (length - 1) / 2 <= ALIBI_FLOAT32_SPAN: return length
+    return 2 ** int(math.log2(2 * ALIBI_FLOAT32_SPAN / abs(slope) + 1))
+
+def _runs(values: list) -> list:
+    "Each run of equal neighbours in `values`, as its slice and value."
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    return [(slice(a, b), values[a]) for a, b in zip(starts, [*starts[1:], len(values)])]
 
 def alibi_parts(slopes: Tensor, length: int, dtype: torch.dtype, block: Optional[int] = None) -> list:
     """Causal ALiBi of `length` queries as `FlashPart`s: per `block` of queries, its own keys (causal) and the keys
-    before it, with the ramp `m_h (j - c)` about the block's middle `c` as the mask. By default one block in
-    float64, or while the largest slope times `(T - 1)/2` stays within `ALIBI_FLOAT32_SPAN`; else the longest
-    blocks within it of a power of two queries (the kernel's tiles)."""
-    m, top = slopes.to(torch.float64), float(slopes.abs().max())
-    if block is None:
-        wide = dtype == torch.float64 or top * (length - 1) / 2 <= ALIBI_FLOAT32_SPAN
-        block = length if wide else 2 ** int(math.log2(2 * ALIBI_FLOAT32_SPAN / top + 1))
+    before it, with the ramp `m_h (j - c)` about the block's middle `c` as the mask; by default each run of
+    neighbouring heads with the same `alibi_block` in blocks of its own."""
+    m = slopes.to(torch.float64)
     keys, parts = torch.arange(length, dtype=torch.float64, device=slopes.device), []
-    for start in range(0, length, block):
-        rows = slice(start, min(length, start + block))
-        ramp = (m[:, None] * (keys - (rows.start + rows.stop - 1) / 2)).to(dtype)[None, :, None, :]
-        parts.append(FlashPart(rows, rows, is_causal=True, mask=ramp[..., rows]))
-        if start: parts.append(FlashPart(rows, slice(0, start), mask=ramp[..., :start]))
+    for heads, size in _runs([block or alibi_block(float(s), length, dtype) for s in m]):
+        for start in range(0, length, size):
+            rows = slice(start, min(length, start + size))
+            ramp = (m[heads, None] * (keys - (rows.start + rows.stop - 1) / 2)).to(dtype)[None, :, None, :]
+            parts.append(FlashPart(rows, rows, True, ramp[..., rows], heads))
+            if start: parts.append(FlashPart(rows, slice(0, start), mask=ramp[..., :start], heads=heads))
     return parts
 
 # %% ../nbs/09_alibi.ipynb #d509b05b

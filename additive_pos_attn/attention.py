@@ -288,24 +288,27 @@ BIAS_PATH_MIN = {'relative': {'training': 1.5, 'eval': 3},  # times the band's r
                  'alibi': {'training': 256, 'eval': 128}}
 ALIBI_FLOAT32_SLOPE_MAX = 1.0  # float32 ramps in blocks of 512 queries or more (`ALIBI_FLOAT32_SPAN`, ALiBi chapter)
 
-# %% ../nbs/03_attention.ipynb #6f502d05
+# %% ../nbs/03_attention.ipynb #6af1bfa7
 class FlashPart(NamedTuple):
     """The queries `rows` against the keys `cols` (slices of the sequence), with `is_causal` within them (counted
-    from the first of each) and a float `mask` (no gradient), by one call of `flash_forward`."""
+    from the first of each) and a float `mask` (no gradient; for these `heads` only), by one call of
+    `flash_forward`."""
     rows: slice
     cols: slice
     is_causal: bool = False
     mask: Optional[Tensor] = None
+    heads: slice = slice(None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias=None) -> tuple[Tensor, Tensor]:
-        return flash_forward(q[:, :, self.rows], k[:, :, self.cols], v[:, :, self.cols], is_causal=self.is_causal,
-                             attn_mask=self.mask, scale=scale)
+        h, r, c = self.heads, self.rows, self.cols
+        return flash_forward(q[:, h, r], k[:, h, c], v[:, h, c], is_causal=self.is_causal, attn_mask=self.mask,
+                             scale=scale)
 
     def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, bias=None) -> None:
-        r, c = self.rows, self.cols
-        shares = flash_backward(grad_out[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r],
+        h, r, c = self.heads, self.rows, self.cols
+        shares = flash_backward(grad_out[:, h, r], q[:, h, r], k[:, h, c], v[:, h, c], out[:, h, r], lse[:, h, r],
                                 is_causal=self.is_causal, attn_mask=self.mask, scale=scale)
-        for grad, share, part in zip(grads, shares, (r, c, c)): grad[:, :, part] += share
+        for grad, share, part in zip(grads, shares, (r, c, c)): grad[:, h, part] += share
 
 # %% ../nbs/03_attention.ipynb #810ca66b
 @contextlib.contextmanager
@@ -322,25 +325,25 @@ def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
-# %% ../nbs/03_attention.ipynb #02dda679
+# %% ../nbs/03_attention.ipynb #7f453215
 class _Parts(torch.autograd.Function):
     "`attention_in_parts`: the parts' forwards merged by log-sum-exp; each part's backward with the merged output."
     @staticmethod
     def forward(ctx, q, k, v, bias, parts, scale: float):
         (batch, heads, length, _), out, lse = q.shape, None, None
-        covered = torch.zeros(length, dtype=torch.bool)
+        covered = torch.zeros(heads, length, dtype=torch.bool)
         with flushing_denormals():
             for part in parts:
-                o, l, r = *part.forward(q, k, v, scale, bias), part.rows
-                if out is None and range(length)[r] != range(length):
+                o, l, (h, r) = *part.forward(q, k, v, scale, bias), (part.heads, part.rows)
+                if out is None and covered[h, r].numel() < covered.numel():
                     out = q.new_empty(batch, length, heads, o.shape[-1]).transpose(1, 2)  # heads merged by a view
                     lse = l.new_empty(batch, heads, length)
-                if out is None: out, lse = o, l  # the first part covers every query: its buffers
-                elif not covered[r].any(): out[:, :, r], lse[:, :, r] = o, l  # rows no part had yet
-                elif covered[r].all(): _merge(out[:, :, r], lse[:, :, r], o, l)
-                else: raise ValueError(f'parts: the rows {r} of a part must all be new or all be covered already')
-                covered[r] = True
-        if not covered.all(): raise ValueError('parts: every query must be in some part')
+                if out is None: out, lse = o, l  # the first part covers every head and query: its buffers
+                elif not covered[h, r].any(): out[:, h, r], lse[:, h, r] = o, l  # rows no part had yet
+                elif covered[h, r].all(): _merge(out[:, h, r], lse[:, h, r], o, l)
+                else: raise ValueError(f'parts: the heads {h}, rows {r} of a part must all be new or all covered')
+                covered[h, r] = True
+        if not covered.all(): raise ValueError('parts: every query of every head must be in some part')
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.parts, ctx.scale = parts, scale
         return out
@@ -356,13 +359,13 @@ class _Parts(torch.autograd.Function):
                 if share is not None: grad_bias = share if grad_bias is None else grad_bias + share
         return *grads, grad_bias, None, None
 
-# %% ../nbs/03_attention.ipynb #1f0399c3
+# %% ../nbs/03_attention.ipynb #36593c4c
 def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: float,
                        bias: Optional[Tensor] = None) -> Tensor:
     """Attention of the heads `q`, `k`, `v` `(B, H, T, d)` over the keys of every part (`FlashPart`, or any with
-    its `rows`, `forward` and `backward`), merged by log-sum-exp, `(B, H, T, d)`; every query in some part, and
-    each part's rows all new or all covered by the parts before it; `bias`, a learned tensor the parts read, gets
-    its gradient."""
+    its `heads`, `rows`, `forward` and `backward`), merged by log-sum-exp, `(B, H, T, d)`; every query of every
+    head in some part, and each part's heads and rows all new or all covered by the parts before it; `bias`, a
+    learned tensor the parts read, gets its gradient."""
     return _Parts.apply(q, k, v, bias, parts, scale)
 
 # %% ../nbs/03_attention.ipynb #140ebc89

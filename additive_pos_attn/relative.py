@@ -248,7 +248,7 @@ def _fold(windows: Tensor, block: int, behind: int, length: int) -> Tensor:
     middle = flat[behind * dim:(behind + batch * heads * n * block) * dim]
     return middle.view(batch, heads, n * block, dim)[:, :, :length]
 
-# %% ../nbs/07_relative.ipynb #80791ddd
+# %% ../nbs/07_relative.ipynb #7ff525fe
 class BandPart(NamedTuple):
     """The band as a part of `attention_in_parts`: every query against its window of `behind` keys before its block
     and its block's own, with the band's bias `(H, L, W)` (the part's learned tensor); `head`, `(1, H, behind,
@@ -256,6 +256,7 @@ class BandPart(NamedTuple):
     behind: int
     head: Tensor
     rows: slice = slice(None)
+    heads: slice = slice(None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
         (batch, heads, length, _), (block, window), behind = q.shape, bias.shape[-2:], self.behind

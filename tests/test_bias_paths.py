@@ -66,20 +66,27 @@ def test_flash_kernel_is_its_scores(is_causal, masked, sizes, layout):
 
 
 @settings(max_examples=15, **SETTINGS)
-@given(cuts=st.lists(st.integers(1, 29), max_size=3, unique=True), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_parts_are_one_call(cuts, causal, seed):
+@given(cuts=st.lists(st.integers(1, 29), max_size=3, unique=True), causal=st.booleans(), by_head=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_parts_are_one_call(cuts, causal, by_head, seed):
     """Any split of the queries into blocks, each block's keys split again (causal within the block's own keys), with
-    a mask per key, is one call: output and every gradient; the heads views of a packed projection."""
+    a mask per key, is one call: output and every gradient; the heads views of a packed projection, in the same
+    parts or (`by_head`) each head in parts of its own, cut elsewhere."""
     g = torch.Generator().manual_seed(seed)
-    T, edges = 30, [0, *sorted(cuts), 30]
+    T = 30
     x = torch.randn(2, T, 3, 2, 4, generator=g, dtype=DTYPE, requires_grad=True)
     q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
     ramp = torch.randn(1, 2, 1, T, generator=g, dtype=DTYPE)
-    parts = []
-    for s, e in zip(edges, edges[1:]):
-        parts.append(FlashPart(slice(s, e), slice(s, e) if causal else slice(0, T), causal, ramp[..., s:e] if causal
-                               else ramp))
-        if causal and s: parts.append(FlashPart(slice(s, e), slice(0, s), mask=ramp[..., :s]))
+
+    def blocks(edges, heads):
+        parts, m = [], ramp[:, heads]
+        for s, e in zip(edges, edges[1:]):
+            parts.append(FlashPart(slice(s, e), slice(s, e) if causal else slice(0, T), causal,
+                                   m[..., s:e] if causal else m, heads))
+            if causal and s: parts.append(FlashPart(slice(s, e), slice(0, s), mask=m[..., :s], heads=heads))
+        return parts
+    edges = [0, *sorted(cuts), T]
+    parts = blocks(edges, slice(0, 1)) + blocks([0, 13, T], slice(1, 2)) if by_head else blocks(edges, slice(None))
     out = attention_in_parts(q, k, v, parts, scale=0.4)
     mask = ramp.expand(1, 2, T, T)
     if causal: mask = mask.masked_fill(causal_mask(T, T), float('-inf'))
@@ -108,12 +115,12 @@ def test_parts_flush_subnormals_and_leave_the_flag_as_it_was():
 
 
 def test_parts_refuse_rows_half_covered_and_rows_left_out():
-    q = torch.randn(1, 1, 4, 2, dtype=DTYPE)
-    with pytest.raises(ValueError, match='all be new or all be covered'):
-        attention_in_parts(q, q, q, [FlashPart(slice(0, 2), slice(0, 2)), FlashPart(slice(0, 4), slice(2, 4))],
-                           scale=1.0)
-    with pytest.raises(ValueError, match='every query'):
-        attention_in_parts(q, q, q, [FlashPart(slice(0, 2), slice(0, 4))], scale=1.0)
+    q = torch.randn(1, 2, 4, 2, dtype=DTYPE)
+    for parts in ([FlashPart(slice(0, 2), slice(0, 2)), FlashPart(slice(0, 4), slice(2, 4))],
+                  [FlashPart(slice(None), slice(None), heads=slice(0, 1)), FlashPart(slice(None), slice(None))]):
+        with pytest.raises(ValueError, match='must all be new or all covered'): attention_in_parts(q, q, q, parts, scale=1.0)
+    for parts in ([FlashPart(slice(0, 2), slice(0, 4))], [FlashPart(slice(None), slice(None), heads=slice(1, 2))]):
+        with pytest.raises(ValueError, match='every query of every head'): attention_in_parts(q, q, q, parts, scale=1.0)
 
 
 # --- the relative layer's band path -----------------------------------------------------------------------------------
@@ -213,16 +220,18 @@ def test_ramp_path_is_the_mask_path(options, T):
 
 
 def test_ramp_float32_within_its_span():
-    """Float32 takes blocks of at most `2 ALIBI_FLOAT32_SPAN / m` queries (a power of two), and stays within 1e-5 of
-    the float64 mask path, relative to the largest value, output and gradients (three blocks and a short one)."""
+    """Float32 takes, head by head, blocks of at most `2 ALIBI_FLOAT32_SPAN / m` queries (a power of two; one block
+    where `m (T - 1) / 2` is within the span), and stays within 1e-5 of the float64 mask path, relative to the largest
+    value, output and gradients (three blocks and a short one for the steepest head)."""
     torch.manual_seed(0)
     slopes = [2.0 ** -h for h in range(8)]  # the largest 1, the dispatch's largest in float32: blocks of 512
     layer = ALiBiMultiheadAttention(64, 8, dtype=DTYPE, slopes=slopes)
     single = ALiBiMultiheadAttention(64, 8, slopes=slopes)
     single.load_state_dict(layer.state_dict())
     T = int(2 * ALIBI_FLOAT32_SPAN) * 3 + 7  # three blocks and a short one
-    assert [p.rows for p in alibi_parts(single.slopes, T, torch.float32) if p.is_causal] == [
-        slice(s, min(T, s + 512)) for s in range(0, T, 512)]
+    assert [(p.heads, p.rows) for p in alibi_parts(single.slopes, T, torch.float32) if p.is_causal] == [
+        (slice(0, 1), slice(s, min(T, s + 512))) for s in range(0, T, 512)] + [
+        (slice(1, 2), slice(0, 1024)), (slice(1, 2), slice(1024, T)), (slice(2, 8), slice(0, T))]
     x = torch.randn(1, T, 64, dtype=DTYPE, requires_grad=True)
     x32 = x.detach().float().requires_grad_()
     assert _alibi_path(single, x32, 1.0) == 'alibi-ramp'
