@@ -362,10 +362,14 @@ def report(results):
 
 
 def guides(ax, pts, slopes):
-    "Dotted grey lines of the given slopes through the first of `pts`, for reading the curves' slopes by eye."
+    """Grey lines of the given slopes (1 dotted, others dash-dotted) through the first of `pts`, for reading the
+    curves' slopes by eye; each stops at twice the highest curve drawn, so that the guides do not set the scale."""
+    top = 2 * max(max(line.get_ydata()) for line in ax.get_lines())
     (t0, v0), t1 = pts[0], pts[-1][0]
     for k in slopes:
-        ax.plot([t0, t1], [v0, v0 * (t1 / t0) ** k], ':', color='grey', lw=1, label=f'slope {k}: grows as T^{k}')
+        end = min(t1, t0 * (top / v0) ** (1 / k))
+        ax.plot([t0, end], [v0, v0 * (end / t0) ** k], ':' if k == 1 else '-.', color='grey', lw=1,
+                label=f'slope {k}: grows as T^{k}')
 
 
 def curves(ax, rows, mode, key, floor_key):
