@@ -56,7 +56,7 @@ def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:
     "Initialise `attn`'s parameters as its constructor does: `attn._reset_parameters()` (checked on torch 2.13.0)."
     attn._reset_parameters()
 
-# %% ../nbs/23_compat.ipynb #492eebcd
+# %% ../nbs/23_compat.ipynb #efdceb9d
 _flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 _flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
 
@@ -67,8 +67,10 @@ def flash_serves(q: torch.Tensor, k: Optional[torch.Tensor] = None) -> bool:
             and q.dtype in (torch.float32, torch.float64) and (k is None or q.shape[-2] * k.shape[-2] > 0))
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself where the kernel reads it by its strides (the last dimension of unit stride, no other of stride 0,
-    as in a view of heads or rows), else a contiguous copy (an expanded gradient, say): no copy where none is needed."""
+    """`t` itself where the kernel takes it as it is (the last dimension of unit stride, no other of stride 0, as in
+    a view of heads or rows), else a contiguous copy (an expanded gradient, say). The kernel reads the output and the
+    log-sum-exp by their strides and lays the output's gradient out heads-last itself (torch 2.13.0), so the merged
+    output's gradient, heads-last already, is copied nowhere, where a contiguous copy of ours was copied again."""
     return t if t.stride(-1) == 1 and all(s or n == 1 for s, n in zip(t.stride(), t.shape)) else t.contiguous()
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,

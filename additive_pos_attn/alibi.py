@@ -189,7 +189,7 @@ def pair_bias(self: ALiBiMultiheadAttention, q_positions, k_positions, q_positio
     return alibi_bias(self.slopes, q_positions, k_positions, q_position_mask, k_position_mask, q_len=q_len,
                       k_len=k_len)
 
-# %% ../nbs/09_alibi.ipynb #db52f8de
+# %% ../nbs/09_alibi.ipynb #e84649d2
 ALIBI_FLOAT32_SPAN = 256.0  # measured: within it float32 stays within 1e-5 of float64 (tests/test_bias_paths.py)
 
 def alibi_block(slope: float, length: int, dtype: torch.dtype) -> int:
@@ -207,6 +207,7 @@ def alibi_parts(slopes: Tensor, length: int, dtype: torch.dtype, block: Optional
     """Causal ALiBi of `length` queries as `FlashPart`s: per `block` of queries, its own keys (causal) and the keys
     before it, with the ramp `m_h (j - c)` about the block's middle `c` as the mask; by default each run of
     neighbouring heads with the same `alibi_block` in blocks of its own."""
+    if block is not None: check_positive_int('block', block)
     m = slopes.to(torch.float64)
     keys, parts = torch.arange(length, dtype=torch.float64, device=slopes.device), []
     for heads, size in _runs([block or alibi_block(float(s), length, dtype) for s in m]):

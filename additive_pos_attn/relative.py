@@ -248,15 +248,16 @@ def _fold(windows: Tensor, block: int, behind: int, length: int) -> Tensor:
     middle = flat[behind * dim:(behind + batch * heads * n * block) * dim]
     return middle.view(batch, heads, n * block, dim)[:, :, :length]
 
-# %% ../nbs/07_relative.ipynb #7ff525fe
+# %% ../nbs/07_relative.ipynb #44d1c267
 class BandPart(NamedTuple):
     """The band as a part of `attention_in_parts`: every query against its window of `behind` keys before its block
     and its block's own, with the band's bias `(H, L, W)` (the part's learned tensor); `head`, `(1, H, behind,
-    behind)`, the bias of the first `behind` queries among themselves (no gradient)."""
+    behind)`, the bias of the first `behind` queries among themselves (no gradient). It covers every head and query
+    (`heads` and `rows`: class attributes, not fields)."""
     behind: int
     head: Tensor
-    rows: slice = slice(None)
-    heads: slice = slice(None)
+    rows = slice(None)
+    heads = slice(None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
         (batch, heads, length, _), (block, window), behind = q.shape, bias.shape[-2:], self.behind

@@ -2,8 +2,9 @@
 every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
 out, and attention in parts against one call; the relative layer's band path (clipped and T5's buckets, one table
 or one per head, every length around the band and the block); ALiBi's ramp path (the paper's slopes and any, zero
-and negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no
-`T x T` tensor saved on the band path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
+and negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason
+`bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on
+the band path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from additive_pos_attn import ALiBiMultiheadAttention, AdditiveRelMultiheadAttention
-from additive_pos_attn._compat import _written_backward, _written_forward, flash_backward, flash_forward
+from additive_pos_attn._compat import _readable, _written_backward, _written_forward, flash_backward, flash_forward
 from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_attention, alibi_reference
 from additive_pos_attn.attention import (BIAS_PATH_MIN, BiasCall, FlashPart, attention_in_parts, bias_path,
                                          choose_path, flex_bias_attention, project_heads)
@@ -36,6 +37,15 @@ def _same(out, ref, inputs, eps=1e-12):
 
 
 # --- torch's flash kernel, and attention in parts ---------------------------------------------------------------------
+
+def test_the_kernel_gets_views_where_it_can_read_them():
+    "`_readable`: no copy of a view of heads or rows (heads-last, sliced); a copy of a gradient expanded from a scalar."
+    heads_last = torch.randn(2, 9, 3, 4).transpose(1, 2)
+    for t in (heads_last, heads_last[:, 1:, 2:], torch.randn(2, 3, 9)[..., 4:], torch.randn(1, 3, 1, 4)):
+        assert _readable(t) is t
+    expanded = torch.ones(()).expand(2, 3, 9, 4)
+    assert _readable(expanded) is not expanded and _readable(expanded).is_contiguous()
+
 
 _LAYOUTS = {'dense': lambda t: t, 'heads last': lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
             'expanded': lambda t: t[:1, :1, :1, :1].expand(t.shape)}  # the gradient of `out.sum()`
@@ -118,9 +128,11 @@ def test_parts_refuse_rows_half_covered_and_rows_left_out():
     q = torch.randn(1, 2, 4, 2, dtype=DTYPE)
     for parts in ([FlashPart(slice(0, 2), slice(0, 2)), FlashPart(slice(0, 4), slice(2, 4))],
                   [FlashPart(slice(None), slice(None), heads=slice(0, 1)), FlashPart(slice(None), slice(None))]):
-        with pytest.raises(ValueError, match='must all be new or all covered'): attention_in_parts(q, q, q, parts, scale=1.0)
+        with pytest.raises(ValueError, match='must all be new or all covered'):
+            attention_in_parts(q, q, q, parts, scale=1.0)
     for parts in ([FlashPart(slice(0, 2), slice(0, 4))], [FlashPart(slice(None), slice(None), heads=slice(1, 2))]):
-        with pytest.raises(ValueError, match='every query of every head'): attention_in_parts(q, q, q, parts, scale=1.0)
+        with pytest.raises(ValueError, match='every query of every head'):
+            attention_in_parts(q, q, q, parts, scale=1.0)
 
 
 # --- the relative layer's band path -----------------------------------------------------------------------------------
@@ -185,7 +197,7 @@ def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, bucket
 
 def test_band_path_saves_no_square_tensor():
     """With gradients, nothing of `T x T` elements (nor the band's scores) is saved for backward, the largest the band's
-    bias `(H, L, L + 64)` whatever `T`; the mask path saves it."""
+    bias `(H, L, behind + L)` whatever `T`; the mask path saves it."""
     layer = _rel_layer(max_distance=8)
     T = 400
     x = torch.randn(1, T, 16, dtype=DTYPE, requires_grad=True)
@@ -217,6 +229,11 @@ def test_ramp_path_is_the_mask_path(options, T):
         out = nn.functional.linear(out.transpose(1, 2).reshape(x.shape), layer.attn.out_proj.weight,
                                    layer.attn.out_proj.bias)
         _same(out, ref, (x, *layer.parameters()))
+
+
+def test_ramp_blocks_refuse_a_bad_block():
+    for block, error in ((0, ValueError), (-3, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match='block must be'): alibi_parts(torch.ones(2), 8, DTYPE, block=block)
 
 
 def test_ramp_float32_within_its_span():
