@@ -1,10 +1,12 @@
 """The paths of a positional bias (issue 22), each against the mask path it replaces, in float64 to 1e-12, outputs and
 every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
-out, and attention in parts against one call; the relative layer's band path (clipped and T5's buckets, one table
-or one per head, every length around the band and the block); ALiBi's ramp path (the paper's slopes and any, zero
-and negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason
-`bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on
-the band path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
+out, and attention in parts against one call (heads copied or read as views); the relative layer's band path
+(clipped and T5's buckets, one table or one per head, every length around the band and the block, both layouts of
+the far keys); ALiBi's ramp path (the paper's slopes and any, zero and negative ones, one block and several); the
+float32 rounding that bounds the ramp's blocks; every reason `bias_path` gives, and the mask path kept for every mask
+and position argument; memory (no `T x T` tensor saved on the band path); flex_attention's `score_mod`s on the CPU
+(eval forward, eager) and on CUDA."""
+import math
 import warnings
 
 import pytest
@@ -16,10 +18,10 @@ from torch import nn
 from additive_pos_attn import ALiBiMultiheadAttention, AdditiveRelMultiheadAttention
 from additive_pos_attn._compat import _readable, _written_backward, _written_forward, flash_backward, flash_forward
 from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_attention, alibi_reference
-from additive_pos_attn.attention import (BIAS_PATH_MIN, BiasCall, FlashPart, attention_in_parts, bias_path,
-                                         choose_path, flex_bias_attention, project_heads)
+from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, BiasCall, FlashPart, attention_in_parts,
+                                         bias_path, choose_path, flex_bias_attention, project_heads)
 from additive_pos_attn.positions import causal_mask
-from additive_pos_attn.relative import band_attention, relative_reference
+from additive_pos_attn.relative import STAIRS_MAX, band_attention, band_layout, relative_reference
 from cases import DTYPE, close, mask_kinds, position_kinds, randomise, stream
 from strategies import SETTINGS
 
@@ -177,9 +179,11 @@ def test_band_path_is_the_mask_path(options):
 
 @settings(max_examples=12, **SETTINGS)
 @given(m=st.integers(1, 20), extra=st.integers(1, 40), block=st.integers(2, 40), heads=st.sampled_from([1, 2, 4]),
-       buckets=st.sampled_from([None, 4, 6, 9]), bidirectional=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, seed):
-    "`band_attention` of random heads, any band, any block (shorter or longer than the band), any length past it."
+       buckets=st.sampled_from([None, 4, 6, 9]), bidirectional=st.booleans(), stairs=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, stairs, seed):
+    """`band_attention` of random heads, any band, any block (shorter or longer than the band), any length past it,
+    the far keys in one causal call or in stairs."""
     g = torch.Generator().manual_seed(seed)
     side = None if buckets is None else buckets // (2 if bidirectional else 1) // 2  # T5's exact offsets
     options = {} if side is None or m <= side or side < 1 else dict(num_buckets=buckets, bidirectional=bidirectional)
@@ -188,11 +192,39 @@ def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, bucket
     behind = table.band_reaches(True)[0]
     T = behind + extra
     q, k, v = (torch.randn(2, heads, T, 3, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(3))
-    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block)
+    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block, stairs=stairs)
     index = (torch.arange(T)[:, None] - torch.arange(T)).clamp(-m, m) + m
     mask = rows.T[:, index].masked_fill(causal_mask(T, T), float('-inf'))
     ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
     _same(out, ref, (q, k, v, table.rel_bias))
+
+
+def test_band_layout_past_the_stairs():
+    """Past `STAIRS_MAX` the layer's band takes one causal call for the far keys, with the heads copied
+    (`HEADS_COPY_MIN`): output and every gradient as the mask path's; the stairs up to it."""
+    assert band_layout(STAIRS_MAX).stairs and not band_layout(STAIRS_MAX + 1).stairs
+    assert HEADS_COPY_MIN <= STAIRS_MAX + 1
+    layer = _rel_layer(max_distance=20, H=2)
+    x = torch.randn(1, STAIRS_MAX + 1, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert _rel_path(layer, x) == 'relative-band'
+    ref = layer(x, x, x, attn_mask=causal_mask(x.shape[1], x.shape[1]))[0]
+    _same(layer(x, x, x, is_causal=True)[0], ref, (x, layer.rel_bias, layer.attn.in_proj_weight))
+
+
+@pytest.mark.parametrize('copy', [False, True])
+def test_parts_on_heads_as_views(copy):
+    """Heads as views of a packed projection, copied to memory of their own or read as they are: the parts' output
+    and every gradient as one masked call's."""
+    g = torch.Generator().manual_seed(5)
+    packed = torch.randn(2, 21, 3, 3, 4, generator=g, dtype=DTYPE, requires_grad=True)  # (B, T, 3, H, d)
+    q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
+    parts = [FlashPart(slice(None), slice(None), is_causal=True), FlashPart(slice(6, 21), slice(0, 6))]
+    out = attention_in_parts(q, k, v, parts, scale=0.5, copy_heads=copy)
+    twice = torch.zeros(21, 21, dtype=DTYPE)
+    twice[6:, :6] = math.log(2)  # keys 0 to 5 counted twice for queries 6 on
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=twice.masked_fill(causal_mask(21, 21),
+                                                                                         float('-inf')), scale=0.5)
+    _same(out, ref, (packed,))
 
 
 def test_band_path_saves_no_square_tensor():
