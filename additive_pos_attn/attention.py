@@ -325,7 +325,7 @@ def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
-# %% ../nbs/03_attention.ipynb #7f453215
+# %% ../nbs/03_attention.ipynb #dfc608d9
 class _Parts(torch.autograd.Function):
     "`attention_in_parts`: the parts' forwards merged by log-sum-exp; each part's backward with the merged output."
     @staticmethod
@@ -335,10 +335,11 @@ class _Parts(torch.autograd.Function):
         with flushing_denormals():
             for part in parts:
                 o, l, (h, r) = *part.forward(q, k, v, scale, bias), (part.heads, part.rows)
-                if out is None and covered[h, r].numel() < covered.numel():
+                # the first part's buffers where it covers every head and query and its heads merge by a view
+                if out is None and (covered[h, r].numel() < covered.numel() or not o.transpose(1, 2).is_contiguous()):
                     out = q.new_empty(batch, length, heads, o.shape[-1]).transpose(1, 2)  # heads merged by a view
                     lse = l.new_empty(batch, heads, length)
-                if out is None: out, lse = o, l  # the first part covers every head and query: its buffers
+                if out is None: out, lse = o, l
                 elif not covered[h, r].any(): out[:, h, r], lse[:, h, r] = o, l  # rows no part had yet
                 elif covered[h, r].all(): _merge(out[:, h, r], lse[:, h, r], o, l)
                 else: raise ValueError(f'parts: the heads {h}, rows {r} of a part must all be new or all covered')

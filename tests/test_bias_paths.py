@@ -214,12 +214,14 @@ def test_band_layout_past_the_stairs():
 @pytest.mark.parametrize('copy', [False, True])
 def test_parts_on_heads_as_views(copy):
     """Heads as views of a packed projection, copied to memory of their own or read as they are: the parts' output
-    and every gradient as one masked call's."""
+    and every gradient as one masked call's, and an output whose heads merge by a view (the kernel's follows the
+    queries' layout)."""
     g = torch.Generator().manual_seed(5)
     packed = torch.randn(2, 21, 3, 3, 4, generator=g, dtype=DTYPE, requires_grad=True)  # (B, T, 3, H, d)
     q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
     parts = [FlashPart(slice(None), slice(None), is_causal=True), FlashPart(slice(6, 21), slice(0, 6))]
     out = attention_in_parts(q, k, v, parts, scale=0.5, copy_heads=copy)
+    assert out.transpose(1, 2).is_contiguous()
     twice = torch.zeros(21, 21, dtype=DTYPE)
     twice[6:, :6] = math.log(2)  # keys 0 to 5 counted twice for queries 6 on
     ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=twice.masked_fill(causal_mask(21, 21),
