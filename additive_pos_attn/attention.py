@@ -210,10 +210,11 @@ def attend_heads(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *
     if need_weights: return attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
     return attend(attn, q, k, v, **masks), None
 
-# %% ../nbs/03_attention.ipynb #fe026d04
+# %% ../nbs/03_attention.ipynb #b3c06ade
 class Path(NamedTuple):
     """The path attention takes, and why: 'fused' (`fused_attention`), 'module' (`module_attention`), or for a
-    positional bias 'alibi-ramp', 'relative-band' (the ALiBi and relative chapters) or 'flex' (CUDA)."""
+    positional bias 'alibi-ramp', 'relative-band', 'relative-dense' (the ALiBi and relative chapters) or 'flex'
+    (CUDA)."""
     name: str
     reason: str
 
@@ -252,7 +253,7 @@ def first_given(**arguments) -> Optional[str]:
     "The name of the first of `arguments` that is not `None` (the mask or positions a call was given), or `None`."
     return next((name for name, value in arguments.items() if value is not None), None)
 
-# %% ../nbs/03_attention.ipynb #842b4701
+# %% ../nbs/03_attention.ipynb #718f0168
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -280,6 +281,9 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
                         '(not measured)')
         return Path('alibi-ramp', 'causal ALiBi is a bias per key: a ramp, the mask of the causal kernel')
     if length < least * reach():
+        if mode == 'training' and attn.num_heads * length > 2 * attn.embed_dim:
+            return Path('relative-dense', f'training with T < {least} times the band: the mask path would keep the '
+                        '(B, H, T, T) weights, over 2 (B, T, D); the dense bias as the mask of the flash kernel')
         return kept(f'{mode} with T < {least} times the band: the band path is slower there (measured)')
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 

@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['BAND_BLOCK', 'STAIRS_MAX', 'STAIRS_BLOCK', 'relative_reference', 'AdditiveRelMultiheadAttention', 'band_reach',
-           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 't5_bucket_reference']
+           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'DensePart', 't5_bucket_reference']
 
-# %% ../nbs/07_relative.ipynb #aa5e5350
+# %% ../nbs/07_relative.ipynb #960b75b4
 import math
 import struct
 from typing import NamedTuple, Optional
@@ -19,7 +19,7 @@ from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, fi
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
-from .positions import relative_bias, t5_bucket
+from .positions import causal_mask, relative_bias, t5_bucket
 
 # %% ../nbs/07_relative.ipynb #484246fa
 def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None,
@@ -132,7 +132,7 @@ def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra += ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-# %% ../nbs/07_relative.ipynb #4d6a2729
+# %% ../nbs/07_relative.ipynb #6ab45919
 @patch
 @positional_forward
 def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -152,6 +152,7 @@ def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, val
     path = choose_path(attn, need_weights=need_weights, bias=BiasCall('relative', query, key, value, is_causal,
                                                                       given, reach))
     if path.name == 'relative-band': return self.band_forward(query), None
+    if path.name == 'relative-dense': return self.dense_forward(query), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
@@ -364,6 +365,36 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     "The table's row of each clipped offset `-m … m`, per head, `(2m + 1, H)` (T5's tied rows unfolded)."
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
+
+# %% ../nbs/07_relative.ipynb #c1c7b583
+class DensePart:
+    """Every query of every head against every key, with the learned `bias` `(H, T, T)` (`-inf` where masked) as
+    the flash kernel's mask; backward by hand, a sample at a time, giving the bias its gradient."""
+    rows, heads = slice(None), slice(None)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+        return flash_forward(q, k, v, attn_mask=bias[None], scale=scale)
+
+    def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
+        grad_bias, dots = torch.zeros_like(bias), (grad_out * out).sum(-1, keepdim=True)
+        for b in range(q.shape[0]):  # one sample's weights `(H, T, T)` stay in the cache
+            weights = torch.baddbmm(bias, q[b], k[b].transpose(-1, -2), alpha=scale).sub_(lse[b, ..., None]).exp_()
+            grad_scores = torch.bmm(grad_out[b], v[b].transpose(-1, -2)).sub_(dots[b]).mul_(weights)
+            grads[0][b] += torch.bmm(grad_scores, k[b]).mul_(scale)
+            grads[1][b] += torch.bmm(grad_scores.transpose(-1, -2), q[b]).mul_(scale)
+            grads[2][b] += torch.bmm(weights.transpose(-1, -2), grad_out[b])
+            grad_bias += grad_scores
+        return grad_bias
+
+@patch
+def dense_forward(self: AdditiveRelMultiheadAttention, query: Tensor) -> Tensor:
+    "Causal self-attention of `query` with the bias, by the flash kernel with the whole bias as its mask, `(B, T, D)`."
+    attn, length = self.attn, query.shape[1]
+    q, k, v = project_heads(attn, query, query, query)
+    bias = self.pair_bias(None, None, q_len=length, k_len=length).to(query.dtype)
+    bias = bias.masked_fill(causal_mask(length, length, query.device), float('-inf'))
+    out = attention_in_parts(q, k, v, [DensePart()], scale=q.shape[-1] ** -0.5, bias=bias)
+    return nn.functional.linear(out.transpose(1, 2).reshape(query.shape), attn.out_proj.weight, attn.out_proj.bias)
 
 # %% ../nbs/07_relative.ipynb #3def78d6
 @patch

@@ -229,6 +229,25 @@ def test_parts_on_heads_as_views(copy):
     _same(out, ref, (packed,))
 
 
+@pytest.mark.parametrize('options', [dict(max_distance=40), dict(max_distance=40, per_head=False),
+                                     dict(max_distance=40, bias=False), dict(max_distance=40, num_buckets=32),
+                                     dict(max_distance=40, num_buckets=64, bidirectional=False)],
+                         ids=['clipped', 'one column', 'no bias', 't5 encoder', 't5 decoder'])
+def test_dense_path_is_the_mask_path(options):
+    """Within 1.5 times the band, in training, where the weights would be more than two `(B, T, D)`: the dense path
+    gives the mask path's output and every gradient, and saves no `(B, H, T, T)` tensor."""
+    layer = _rel_layer(**options)
+    for T in (1, 2, 9, 31, 45):
+        x = torch.randn(3, T, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(T), requires_grad=True)
+        assert _rel_path(layer, x) == ('relative-dense' if 4 * T > 2 * 16 else 'fused')
+        ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]
+        _same(layer.dense_forward(x), ref, (x, *layer.parameters()))
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            layer.dense_forward(x)
+        assert max(sizes) < 3 * 4 * T * T or T < 4  # the heads (B, 4, T, 4) are larger below T = 4
+
+
 def test_band_path_saves_no_square_tensor():
     """With gradients, nothing of `T x T` elements (nor the band's scores) is saved for backward, the largest the band's
     bias `(H, L, behind + L)` whatever `T`; the mask path saves it."""
@@ -306,6 +325,7 @@ def _reasons():
     call = BiasCall('relative', x, x, x, True, None, 8)
     other = torch.zeros_like(x)
     short, long = torch.zeros(2, 10, 16, dtype=DTYPE), torch.zeros(1, 1024, 16, dtype=DTYPE)
+    shorter = torch.zeros(2, 8, 16, dtype=DTYPE)  # the weights (B, 4, 8, 8): two (B, 8, 16), no more
     alibi = call._replace(scheme='alibi', reach=0.2, query=long, key=long, value=long)
     return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
             (attn(), call._replace(given='q_position_mask'), 'fused', 'q_position_mask given'),
@@ -321,7 +341,8 @@ def _reasons():
             (attn(), call._replace(scheme='alibi', reach=10.0, query=long32, key=long32, value=long32), 'fused',
              'slope above 1'),
             (attn(), call._replace(scheme='alibi', reach=10.0, query=x32, key=x32, value=x32), 'fused', 'T < 256'),
-            (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 1.5 times')]
+            (attn(), call._replace(query=short, key=short, value=short), 'relative-dense', 'over 2 (B, T, D)'),
+            (attn(), call._replace(query=shorter, key=shorter, value=shorter), 'fused', 'training with T < 1.5 times')]
 
 
 @pytest.mark.parametrize('attn, call, name, reason', _reasons())
