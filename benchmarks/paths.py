@@ -26,11 +26,11 @@ plain; per_call and cached over fused), paired median over rounds, at two or mor
 
 With `--bias` the script measures instead the paths of a positional bias (issue 22), the package's own layers at
 the default positions, causal self-attention: the relative layer (clipped at 128, and T5's 32 buckets) and ALiBi
-(the paper's slopes), each its new path forced (the ramp path; the band path, and within the band in training the
-dense path) and the mask path it replaces (`fused_attention` with the bias as a mask, as before), beside
-the causal floor (`causal_floor`: packed projection, SDPA's causal kernel, out-projection), at the four CPU shapes
-and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where its (B, H, T, T) tensors would not fit
-beside the others, `MASK_MAX_T`). In training it counts the bytes saved for backward in units of one (B, T, D):
+(the paper's slopes), each its new path forced (the ramp path; the band path, and in training where the band does
+not pay, `BIAS_PATH_MIN`, the dense path) and the mask path it replaces (`fused_attention` with the bias as a
+mask, as before), beside the causal floor (`causal_floor`: packed projection, SDPA's causal kernel,
+out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where
+its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`). In training it counts the bytes saved for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
@@ -202,7 +202,7 @@ def causal_floor(attn, x):
 def bias_calls(shape, x, mode):
     "The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the layers."
     from additive_pos_attn.alibi import alibi_ramp_attention
-    from additive_pos_attn.attention import fused_attention
+    from additive_pos_attn.attention import BIAS_PATH_MIN, fused_attention
     import harness
     calls, layers = {}, {}
     T = shape[1]
@@ -213,10 +213,10 @@ def bias_calls(shape, x, mode):
         layers[name] = layer
         if name == 'alibi':
             calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
+        elif mode != 'forward' and T < BIAS_PATH_MIN['relative']['training'] * max(layer.band_reaches(True)):
+            calls[f'{name}:new'] = lambda layer=layer: layer.dense_forward(x)  # too short for the band, training
         elif T > max(layer.band_reaches(True)):
             calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
-        elif mode != 'forward':  # within the band, with gradients: the dense path
-            calls[f'{name}:new'] = lambda layer=layer: layer.dense_forward(x)
         if T <= MASK_MAX_T[mode]:
             calls[f'{name}:mask'] = lambda layer=layer: fused_attention(
                 layer.attn, x, x, x, is_causal=True, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))
