@@ -30,7 +30,8 @@ the default positions, causal self-attention: the relative layer (clipped at 128
 not pay, `BIAS_PATH_MIN`, the dense path) and the mask path it replaces (`fused_attention` with the bias as a
 mask, as before), beside the causal floor (`causal_floor`: packed projection, SDPA's causal kernel,
 out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where
-its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`). In training it counts the bytes saved for backward in units of one (B, T, D):
+its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`). In training it counts the bytes saved
+for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
