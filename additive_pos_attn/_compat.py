@@ -56,7 +56,7 @@ def reset_mha_parameters(attn: nn.MultiheadAttention) -> None:
     "Initialise `attn`'s parameters as its constructor does: `attn._reset_parameters()` (checked on torch 2.13.0)."
     attn._reset_parameters()
 
-# %% ../nbs/23_compat.ipynb #efdceb9d
+# %% ../nbs/23_compat.ipynb #67aff108
 _flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 _flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
 
@@ -76,9 +76,9 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                   attn_mask=None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the heads `(B, H, T_q, d)` over `(B, H, T_k, d)`, with the float `attn_mask` (broadcast to
-    `(B, H, T_q, T_k)`) added to the scaled scores and `is_causal` applied too; the output `(B, H, T_q, d)` (the
-    kernel's is `(B, T_q, H, d)` in memory: heads merge by a view) and each query's log-sum-exp `(B, H, T_q)`;
-    no autograd.
+    `(B, H, T_q, T_k)`) added to the scaled scores and `is_causal` applied too; the output `(B, H, T_q, d)` (laid
+    out in memory as the queries are: heads-last, merging by a view, for views of a projection) and each query's
+    log-sum-exp `(B, H, T_q)`; no autograd.
 
     Torch's CPU flash kernel where `flash_serves` (private; checked on torch 2.13.0), else the scores written out."""
     if flash_serves(q, k): return _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)

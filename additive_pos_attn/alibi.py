@@ -4,7 +4,7 @@
 __all__ = ['ALIBI_FLOAT32_SPAN', 'alibi_slopes', 'check_slopes', 'alibi_bias', 'alibi_reference', 'ALiBiMultiheadAttention',
            'alibi_block', 'alibi_parts', 'alibi_ramp_attention']
 
-# %% ../nbs/09_alibi.ipynb #7c4b878f
+# %% ../nbs/09_alibi.ipynb #2d7dda2c
 import math
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
 from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, first_given,
-                                         flex_bias_attention, fused_attention, module_attention, project_heads)
+                                         flex_bias_attention, fused_attention, module_attention, project_heads,
+                                         project_out)
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_positive_int, mha_options
@@ -218,13 +219,13 @@ def alibi_parts(slopes: Tensor, length: int, dtype: torch.dtype, block: Optional
             if start: parts.append(FlashPart(rows, slice(0, start), mask=ramp[..., :start], heads=heads))
     return parts
 
-# %% ../nbs/09_alibi.ipynb #d509b05b
+# %% ../nbs/09_alibi.ipynb #a88232bd
 def alibi_ramp_attention(attn: nn.MultiheadAttention, x: Tensor, slopes: Tensor) -> Tensor:
     """Causal self-attention of `x` `(B, T, D)` through `attn` with ALiBi's penalty of `slopes` `(H,)`, by the causal
     kernel with a ramp per key as its mask (`alibi_parts`), `(B, T, D)`."""
     q, k, v = project_heads(attn, x, x, x)
-    out = attention_in_parts(q, k, v, alibi_parts(slopes, x.shape[1], x.dtype), scale=q.shape[-1] ** -0.5)
-    return nn.functional.linear(out.transpose(1, 2).reshape(x.shape), attn.out_proj.weight, attn.out_proj.bias)
+    return project_out(attn, attention_in_parts(q, k, v, alibi_parts(slopes, x.shape[1], x.dtype),
+                                                scale=q.shape[-1] ** -0.5))
 
 # %% ../nbs/09_alibi.ipynb #424ad929
 @patch

@@ -2,9 +2,10 @@
 
 # %% auto #0
 __all__ = ['BIAS_PATH_MIN', 'ALIBI_FLOAT32_SLOPE_MAX', 'HEADS_COPY_MIN', 'FLEX_DTYPES', 'module_attention', 'split_heads',
-           'project_heads', 'append_extra_keys', 'sdpa_mask', 'attend', 'attend_with_weights', 'fused_attention',
-           'attend_heads', 'Path', 'call_needed', 'choose_path', 'BiasCall', 'first_given', 'bias_path', 'FlashPart',
-           'flushing_denormals', 'attention_in_parts', 'flex_available', 'flex_bias_attention']
+           'project_heads', 'append_extra_keys', 'sdpa_mask', 'project_out', 'attend', 'attend_with_weights',
+           'fused_attention', 'attend_heads', 'Path', 'call_needed', 'choose_path', 'BiasCall', 'first_given',
+           'bias_path', 'FlashPart', 'flushing_denormals', 'attention_in_parts', 'flex_available',
+           'flex_bias_attention']
 
 # %% ../nbs/03_attention.ipynb #a6720004
 import contextlib, functools
@@ -150,7 +151,13 @@ def sdpa_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], i
         mask = key_padding_mask if mask is None else mask + key_padding_mask
     return mask, False
 
-# %% ../nbs/03_attention.ipynb #bc217db8
+# %% ../nbs/03_attention.ipynb #f3d9c7f3
+def project_out(attn: nn.MultiheadAttention, heads: Tensor) -> Tensor:
+    "The heads `(B, H, T, d_h)` merged (a view where they lie heads-last) and through `attn`'s output projection."
+    batch, num_heads, length, head_dim = heads.shape
+    return F.linear(heads.transpose(1, 2).reshape(batch, length, num_heads * head_dim), attn.out_proj.weight,
+                    attn.out_proj.bias)
+
 def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype,
            attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
            logit_bias: Optional[Tensor] = None) -> Tensor:
@@ -160,10 +167,9 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask
                              k_len=k.shape[2], dtype=mask_dtype, logit_bias=logit_bias)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout if attn.training else 0.0,
                                          is_causal=causal)
-    return F.linear(out.transpose(1, 2).reshape(batch, q_len, heads * head_dim),
-                    attn.out_proj.weight, attn.out_proj.bias)
+    return project_out(attn, out)
 
-# %% ../nbs/03_attention.ipynb #8566051e
+# %% ../nbs/03_attention.ipynb #5f06dd12
 def attend_with_weights(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *, mask_dtype: torch.dtype,
                         attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                         is_causal: bool = False, logit_bias: Optional[Tensor] = None,
@@ -176,9 +182,7 @@ def attend_with_weights(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Te
     scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
     if attn.training and attn.dropout > 0: weights = F.dropout(weights, p=attn.dropout)
-    out = F.linear((weights @ v).transpose(1, 2).reshape(batch, q_len, heads * head_dim),
-                   attn.out_proj.weight, attn.out_proj.bias)
-    return out, (weights.mean(dim=1) if average_attn_weights else weights)
+    return project_out(attn, weights @ v), (weights.mean(dim=1) if average_attn_weights else weights)
 
 # %% ../nbs/03_attention.ipynb #730c1233
 def fused_attention(attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -235,12 +239,13 @@ def choose_path(attn: nn.MultiheadAttention, *, need_weights: bool, bias: Option
     if bias is not None: return bias_path(attn, bias)
     return Path('fused', 'no weights asked for and nothing on attn that the direct computation would skip')
 
-# %% ../nbs/03_attention.ipynb #704bda77
+# %% ../nbs/03_attention.ipynb #b499f278
 class BiasCall(NamedTuple):
     """A call of a layer with a positional bias, as `bias_path` sees it: the `scheme` ('alibi' or 'relative'), the
     batch-first inputs, the causal flag, the first mask or position argument given (its name; `None`: none), and
     the bias's `reach` (a number, or a function that gives it when it is needed): ALiBi's largest slope in size;
-    the relative bias's number of causal offsets with rows of their own."""
+    the relative bias's number of causal offsets with rows of their own; and whether the bias is `learned` (a
+    table that takes a gradient)."""
     scheme: str
     query: Tensor
     key: Tensor
@@ -248,12 +253,13 @@ class BiasCall(NamedTuple):
     is_causal: bool
     given: Optional[str]
     reach: Union[float, Callable[[], float]]
+    learned: bool = False
 
 def first_given(**arguments) -> Optional[str]:
     "The name of the first of `arguments` that is not `None` (the mask or positions a call was given), or `None`."
     return next((name for name, value in arguments.items() if value is not None), None)
 
-# %% ../nbs/03_attention.ipynb #718f0168
+# %% ../nbs/03_attention.ipynb #6587da10
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -281,10 +287,12 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
                         '(not measured)')
         return Path('alibi-ramp', 'causal ALiBi is a bias per key: a ramp, the mask of the causal kernel')
     if length < least * reach():
-        if mode == 'training' and attn.num_heads * length > 2 * attn.embed_dim:
-            return Path('relative-dense', f'training with T < {least} times the band: the mask path would keep the '
-                        '(B, H, T, T) weights, over 2 (B, T, D); the dense bias as the mask of the flash kernel')
-        return kept(f'{mode} with T < {least} times the band: the band path is slower there (measured)')
+        slower = f'{mode} with T < {least} times the band: the band path is slower there (measured)'
+        if mode == 'eval' or not call.learned: return kept(slower)
+        if attn.num_heads * length <= 2 * attn.embed_dim:
+            return kept(f'{slower}, and the weights are 2 (B, T, D) at most')
+        return Path('relative-dense', f'{slower}, and the mask path would keep the (B, H, T, T) weights, over 2 '
+                    '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md
@@ -399,7 +407,7 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention)
 
-# %% ../nbs/03_attention.ipynb #32590720
+# %% ../nbs/03_attention.ipynb #f817ef2f
 def flex_bias_attention(attn: nn.MultiheadAttention, x: Tensor, score_mod, *, is_causal: bool,
                         compiled: bool = True) -> Tensor:
     """Self-attention of `x` `(B, T, D)` through `attn`, each score changed by `score_mod(score, b, h, i, j)` inside
@@ -409,6 +417,4 @@ def flex_bias_attention(attn: nn.MultiheadAttention, x: Tensor, score_mod, *, is
     batch, heads, length, head_dim = q.shape
     blocks = _causal_blocks(length, str(x.device)) if is_causal else None
     kernel = _compiled_flex() if compiled and not is_compiling() else flex_attention
-    out = kernel(q, k, v, score_mod=score_mod, block_mask=blocks)
-    return F.linear(out.transpose(1, 2).reshape(batch, length, heads * head_dim), attn.out_proj.weight,
-                    attn.out_proj.bias)
+    return project_out(attn, kernel(q, k, v, score_mod=score_mod, block_mask=blocks))

@@ -4,7 +4,7 @@
 __all__ = ['BAND_BLOCK', 'STAIRS_MAX', 'STAIRS_BLOCK', 'relative_reference', 'AdditiveRelMultiheadAttention', 'band_reach',
            'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'DensePart', 't5_bucket_reference']
 
-# %% ../nbs/07_relative.ipynb #960b75b4
+# %% ../nbs/07_relative.ipynb #6ec3561f
 import math
 import struct
 from typing import NamedTuple, Optional
@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ._compat import flash_forward, reset_mha_parameters
 from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, first_given,
-                                         flex_bias_attention, fused_attention, module_attention, project_heads)
+                                         flex_bias_attention, fused_attention, module_attention, project_heads,
+                                         project_out)
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
@@ -132,7 +133,7 @@ def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra += ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-# %% ../nbs/07_relative.ipynb #6ab45919
+# %% ../nbs/07_relative.ipynb #fc715769
 @patch
 @positional_forward
 def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -150,7 +151,7 @@ def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, val
                         k_positions=k_positions, q_position_mask=q_position_mask, k_position_mask=k_position_mask)
     reach = lambda: max(self.band_reaches(is_causal))  # noqa: E731
     path = choose_path(attn, need_weights=need_weights, bias=BiasCall('relative', query, key, value, is_causal,
-                                                                      given, reach))
+                                                                      given, reach, self.rel_bias.requires_grad))
     if path.name == 'relative-band': return self.band_forward(query), None
     if path.name == 'relative-dense': return self.dense_forward(query), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
@@ -305,7 +306,7 @@ def backward(self: BandPart, grad_out, q, k, v, out, lse, grads, scale: float, b
                                  scale, bias)
     return grad_bias
 
-# %% ../nbs/07_relative.ipynb #255b6b94
+# %% ../nbs/07_relative.ipynb #73b04a36
 BAND_BLOCK = 32  # queries per block of the band (measured in benchmarks/NOTES.md, issue 22)
 
 def _band_bias(rows: Tensor, offset: Tensor, reach: int, max_distance: int, dtype: torch.dtype, *,
@@ -313,7 +314,7 @@ def _band_bias(rows: Tensor, offset: Tensor, reach: int, max_distance: int, dtyp
     """The rows of the band's `offset`s, per head, less the far row; `-inf` before offset 0 and from `reach` on
     (with `far`: the far offsets in the band too, at 0, the far row less itself)."""
     outside = (offset < 0) if far else (offset < 0) | (offset >= reach)
-    bias = (rows - rows[-1]).T[:, offset.clamp(0, reach) + max_distance]  # offset `reach`: the far row
+    bias = (rows - rows[-1]).T[:, offset.clamp(0, min(reach, max_distance)) + max_distance]  # then the far row
     return bias.masked_fill(outside, float('-inf')).to(dtype)
 
 def band_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, max_distance: int, reach: int, scale: float,
@@ -349,16 +350,16 @@ def band_layout(length: int) -> BandLayout:
     return BandLayout(BAND_BLOCK, False, f'T > {STAIRS_MAX}: one causal call for the far keys; rectangles of a few '
                       'queries are slower than its blocks there')
 
-# %% ../nbs/07_relative.ipynb #405ca11c
+# %% ../nbs/07_relative.ipynb #0abd1b8f
 @patch
 def band_forward(self: AdditiveRelMultiheadAttention, query: Tensor) -> Tensor:
     "Causal self-attention of `query` with the bias, by the causal kernel for the far keys and the band, `(B, T, D)`."
     attn = self.attn
     q, k, v = project_heads(attn, query, query, query)
     block, stairs, _ = band_layout(query.shape[1])
-    out = band_attention(q, k, v, self.offset_rows(), max_distance=self.max_distance,
-                         reach=self.band_reaches(True)[0], scale=q.shape[-1] ** -0.5, block=block, stairs=stairs)
-    return nn.functional.linear(out.transpose(1, 2).reshape(query.shape), attn.out_proj.weight, attn.out_proj.bias)
+    return project_out(attn, band_attention(q, k, v, self.offset_rows(), max_distance=self.max_distance,
+                                            reach=self.band_reaches(True)[0], scale=q.shape[-1] ** -0.5, block=block,
+                                            stairs=stairs))
 
 @patch
 def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
@@ -366,7 +367,7 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
 
-# %% ../nbs/07_relative.ipynb #c1c7b583
+# %% ../nbs/07_relative.ipynb #fe36b281
 class DensePart:
     """Every query of every head against every key, with the learned `bias` `(H, T, T)` (`-inf` where masked) as
     the flash kernel's mask; backward by hand, a sample at a time, giving the bias its gradient."""
@@ -377,8 +378,10 @@ class DensePart:
 
     def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
         grad_bias, dots = torch.zeros_like(bias), (grad_out * out).sum(-1, keepdim=True)
+        seen = torch.isfinite(bias).to(bias.dtype)  # exp clamped at -80, then 0 where masked, as the band's `_exp`
         for b in range(q.shape[0]):  # one sample's weights `(H, T, T)` stay in the cache
-            weights = torch.baddbmm(bias, q[b], k[b].transpose(-1, -2), alpha=scale).sub_(lse[b, ..., None]).exp_()
+            scores = torch.baddbmm(bias, q[b], k[b].transpose(-1, -2), alpha=scale).sub_(lse[b, ..., None])
+            weights = scores.clamp_(min=-80.0).exp_().mul_(seen)
             grad_scores = torch.bmm(grad_out[b], v[b].transpose(-1, -2)).sub_(dots[b]).mul_(weights)
             grads[0][b] += torch.bmm(grad_scores, k[b]).mul_(scale)
             grads[1][b] += torch.bmm(grad_scores.transpose(-1, -2), q[b]).mul_(scale)
@@ -393,8 +396,7 @@ def dense_forward(self: AdditiveRelMultiheadAttention, query: Tensor) -> Tensor:
     q, k, v = project_heads(attn, query, query, query)
     bias = self.pair_bias(None, None, q_len=length, k_len=length).to(query.dtype)
     bias = bias.masked_fill(causal_mask(length, length, query.device), float('-inf'))
-    out = attention_in_parts(q, k, v, [DensePart()], scale=q.shape[-1] ** -0.5, bias=bias)
-    return nn.functional.linear(out.transpose(1, 2).reshape(query.shape), attn.out_proj.weight, attn.out_proj.bias)
+    return project_out(attn, attention_in_parts(q, k, v, [DensePart()], scale=q.shape[-1] ** -0.5, bias=bias))
 
 # %% ../nbs/07_relative.ipynb #3def78d6
 @patch
