@@ -231,7 +231,8 @@ def layer_path(layer, x):
     from additive_pos_attn.attention import BiasCall, choose_path
     kind = 'alibi' if hasattr(layer, 'slopes') else 'relative'
     reach = float(layer.slopes.abs().max()) if kind == 'alibi' else max(layer.band_reaches(True))
-    return choose_path(layer.attn, need_weights=False, bias=BiasCall(kind, x, x, x, True, None, reach))._asdict()
+    learned = kind == 'relative' and layer.rel_bias.requires_grad
+    return choose_path(layer.attn, need_weights=False, bias=BiasCall(kind, x, x, x, True, None, reach, learned))._asdict()
 
 
 def run_bias(args):
