@@ -214,11 +214,11 @@ def attend_heads(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, *
     if need_weights: return attend_with_weights(attn, q, k, v, average_attn_weights=average_attn_weights, **masks)
     return attend(attn, q, k, v, **masks), None
 
-# %% ../nbs/03_attention.ipynb #b3c06ade
+# %% ../nbs/03_attention.ipynb #626d2221
 class Path(NamedTuple):
     """The path attention takes, and why: 'fused' (`fused_attention`), 'module' (`module_attention`), or for a
-    positional bias 'alibi-ramp', 'relative-band', 'relative-dense' (the ALiBi and relative chapters) or 'flex'
-    (CUDA)."""
+    positional bias 'alibi-ramp', 'relative-band', 'relative-dense', 'relative-weights' (the ALiBi and relative
+    chapters) or 'flex' (CUDA)."""
     name: str
     reason: str
 
@@ -259,7 +259,16 @@ def first_given(**arguments) -> Optional[str]:
     "The name of the first of `arguments` that is not `None` (the mask or positions a call was given), or `None`."
     return next((name for name, value in arguments.items() if value is not None), None)
 
-# %% ../nbs/03_attention.ipynb #6587da10
+# %% ../nbs/03_attention.ipynb #b83ba3fa
+def _learned_bias_path(attn: nn.MultiheadAttention, length: int, why: str) -> Path:
+    "A learned relative bias in training where the band does not serve (`why`): its weights kept, or dense."
+    if attn.num_heads * length <= 2 * attn.embed_dim:
+        return Path('relative-weights', f'{why}; the weights are 2 (B, T, D) at most: kept, by products and '
+                    'softmax (the math path without its checks and copies, measured faster)')
+    return Path('relative-dense', f'{why}, and the mask path would keep the (B, H, T, T) weights, over 2 '
+                '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
+
+# %% ../nbs/03_attention.ipynb #693a1fe6
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -277,8 +286,9 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     if is_compiling(): return kept('compiling (not measured compiled)')
     if not flash_serves(x): return kept(f'{x.device.type}, {x.dtype}: the paths are for the CPU flash kernel')
     if not call.is_causal:
-        return kept('no causal mask: ' + ('the penalty is not a bias per key then' if call.scheme == 'alibi'
-                                           else 'the far keys on both sides were measured slower'))
+        if call.scheme == 'alibi': return kept('no causal mask: the penalty is not a bias per key then')
+        slower = 'no causal mask: the far keys on both sides were measured slower'
+        return kept(slower) if mode == 'eval' or not call.learned else _learned_bias_path(attn, length, slower)
     least = BIAS_PATH_MIN[call.scheme][mode]
     if call.scheme == 'alibi':
         if length < least: return kept(f'{mode} with T < {least}: the ramp path is slower there (measured)')
@@ -289,10 +299,7 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     if length < least * reach():
         slower = f'{mode} with T < {least} times the band: the band path is slower there (measured)'
         if mode == 'eval' or not call.learned: return kept(slower)
-        if attn.num_heads * length <= 2 * attn.embed_dim:
-            return kept(f'{slower}, and the weights are 2 (B, T, D) at most')
-        return Path('relative-dense', f'{slower}, and the mask path would keep the (B, H, T, T) weights, over 2 '
-                    '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
+        return _learned_bias_path(attn, length, slower)
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md

@@ -2,7 +2,8 @@
 
 # %% auto #0
 __all__ = ['BAND_BLOCK', 'STAIRS_MAX', 'STAIRS_BLOCK', 'relative_reference', 'AdditiveRelMultiheadAttention', 'band_reach',
-           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'DensePart', 't5_bucket_reference']
+           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'full_bias', 'DensePart', 'KeptWeights',
+           't5_bucket_reference']
 
 # %% ../nbs/07_relative.ipynb #6ec3561f
 import math
@@ -133,7 +134,7 @@ def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra += ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-# %% ../nbs/07_relative.ipynb #fc715769
+# %% ../nbs/07_relative.ipynb #8e4437c8
 @patch
 @positional_forward
 def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -153,7 +154,8 @@ def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, val
     path = choose_path(attn, need_weights=need_weights, bias=BiasCall('relative', query, key, value, is_causal,
                                                                       given, reach, self.rel_bias.requires_grad))
     if path.name == 'relative-band': return self.band_forward(query), None
-    if path.name == 'relative-dense': return self.dense_forward(query), None
+    if path.name == 'relative-dense': return self.dense_forward(query, is_causal=is_causal), None
+    if path.name == 'relative-weights': return self.weights_forward(query, is_causal=is_causal), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
@@ -367,16 +369,33 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
 
-# %% ../nbs/07_relative.ipynb #fe36b281
-class DensePart:
-    """Every query of every head against every key, with the learned `bias` `(H, T, T)` (`-inf` where masked) as
-    the flash kernel's mask; backward by hand, a sample at a time, giving the bias its gradient."""
-    rows, heads = slice(None), slice(None)
+# %% ../nbs/07_relative.ipynb #6392be38
+def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal: bool) -> Tensor:
+    """The bias `(H, T, T)` of every pair of `length` default positions, from the rows of the offsets `-m … m`
+    (`offset_rows`, `(2m + 1, H)`), `-inf` where a causal mask hides the key."""
+    bias = relative_bias(offset_rows, None, None, q_len=length, k_len=length, max_distance=max_distance,
+                         num_heads=offset_rows.shape[1])
+    return bias.masked_fill(causal_mask(length, length, bias.device), float('-inf')) if is_causal else bias
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
-        return flash_forward(q, k, v, attn_mask=bias[None], scale=scale)
+class DensePart(NamedTuple):
+    """Every query of every head against every key, with the bias of the offsets' rows `(2m + 1, H)` (the `bias`
+    `attention_in_parts` is given; m the `max_distance`), `-inf` where `is_causal` hides a key, as the flash
+    kernel's mask; backward by hand, a sample at a time, giving the rows their gradient. The bias `(H, T, T)` is
+    built in forward and again in backward: nothing of `T x T` is kept."""
+    max_distance: int
+    is_causal: bool = True
+    rows, heads = slice(None), slice(None)  # every query of every head
 
-    def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, bias: Tensor) -> Tensor:
+    def bias(self, offset_rows: Tensor, length: int) -> Tensor:
+        return full_bias(offset_rows, length, max_distance=self.max_distance, is_causal=self.is_causal)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, offset_rows: Tensor) -> tuple[Tensor, Tensor]:
+        return flash_forward(q, k, v, attn_mask=self.bias(offset_rows, q.shape[2])[None], scale=scale)
+
+    def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, offset_rows: Tensor) -> Tensor:
+        with torch.enable_grad():  # the gather's gradient, by autograd: from the bias to the rows
+            rows = offset_rows.detach().requires_grad_()
+            bias = self.bias(rows, q.shape[2])
         grad_bias, dots = torch.zeros_like(bias), (grad_out * out).sum(-1, keepdim=True)
         seen = torch.isfinite(bias).to(bias.dtype)  # exp clamped at -80, then 0 where masked, as the band's `_exp`
         for b in range(q.shape[0]):  # one sample's weights `(H, T, T)` stay in the cache
@@ -387,16 +406,46 @@ class DensePart:
             grads[1][b] += torch.bmm(grad_scores.transpose(-1, -2), q[b]).mul_(scale)
             grads[2][b] += torch.bmm(weights.transpose(-1, -2), grad_out[b])
             grad_bias += grad_scores
-        return grad_bias
+        return torch.autograd.grad(bias, rows, grad_bias)[0]
+
+# %% ../nbs/07_relative.ipynb #cd42134e
+@patch
+def dense_forward(self: AdditiveRelMultiheadAttention, query: Tensor, is_causal: bool = True) -> Tensor:
+    "Self-attention of `query` with the bias, by the flash kernel with the whole bias as its mask, `(B, T, D)`."
+    q, k, v = project_heads(self.attn, query, query, query)
+    part, rows = DensePart(self.max_distance, is_causal), self.offset_rows().to(query.dtype)
+    return project_out(self.attn, attention_in_parts(q, k, v, [part], scale=q.shape[-1] ** -0.5, bias=rows))
+
+# %% ../nbs/07_relative.ipynb #8383fe28
+class KeptWeights(torch.autograd.Function):
+    """Attention of the heads `q`, `k`, `v` `(B, H, T, d)` with a learned `bias` `(H, T, T)` (`-inf` where masked,
+    never a whole row), its weights kept for backward, `(B, H, T, d)`; the bias gets its gradient."""
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+        q, k, v = (t.contiguous() for t in (q, k, v))  # heads of their own: the products copy no strided views
+        weights = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias).softmax(-1)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.scale = scale
+        return torch.matmul(weights, v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, weights = ctx.saved_tensors
+        grad_scores = torch.matmul(grad_out, v.transpose(-1, -2))
+        grad_scores.sub_((grad_scores * weights).sum(-1, keepdim=True)).mul_(weights)  # the softmax's gradient
+        grad_bias = grad_scores.sum(0)
+        grad_scores.mul_(ctx.scale)
+        return (torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q),
+                torch.matmul(weights.transpose(-1, -2), grad_out), grad_bias, None)
 
 @patch
-def dense_forward(self: AdditiveRelMultiheadAttention, query: Tensor) -> Tensor:
-    "Causal self-attention of `query` with the bias, by the flash kernel with the whole bias as its mask, `(B, T, D)`."
-    attn, length = self.attn, query.shape[1]
-    q, k, v = project_heads(attn, query, query, query)
-    bias = self.pair_bias(None, None, q_len=length, k_len=length).to(query.dtype)
-    bias = bias.masked_fill(causal_mask(length, length, query.device), float('-inf'))
-    return project_out(attn, attention_in_parts(q, k, v, [DensePart()], scale=q.shape[-1] ** -0.5, bias=bias))
+def weights_forward(self: AdditiveRelMultiheadAttention, query: Tensor, is_causal: bool = True) -> Tensor:
+    "Self-attention of `query` with the bias, its weights kept for backward (`KeptWeights`), `(B, T, D)`."
+    q, k, v = project_heads(self.attn, query, query, query)
+    bias = full_bias(self.offset_rows().to(query.dtype), query.shape[1], max_distance=self.max_distance,
+                     is_causal=is_causal)
+    return project_out(self.attn, KeptWeights.apply(q, k, v, bias, q.shape[-1] ** -0.5))
 
 # %% ../nbs/07_relative.ipynb #3def78d6
 @patch

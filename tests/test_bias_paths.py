@@ -2,11 +2,12 @@
 every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
 out, and attention in parts against one call (heads copied or read as views); the relative layer's band path (clipped
 and T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far
-keys) and its dense path (too short for the band, in training); ALiBi's ramp path (the paper's slopes and any, zero
-and negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason
-`bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on
-the band path, no `(B, H, T, T)` on the dense path); flex_attention's `score_mod`s on the CPU (eval forward, eager)
-and on CUDA."""
+keys), its dense and weights paths (a learned table in training, too short for the band or without a causal mask);
+ALiBi's ramp path (the paper's slopes and any, zero and negative ones, one block and several); the float32 rounding
+that bounds the ramp's blocks; every reason `bias_path` gives, and the mask path kept for every mask and position
+argument; memory (no `T x T` tensor saved on the band path, no `(B, H, T, T)` on the dense path, the weights, two
+`(B, T, D)` at most, on the weights path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on
+CUDA."""
 import math
 import warnings
 
@@ -153,11 +154,13 @@ def _rel_path(layer, x, is_causal=True):
 
 def _check_band(layer, T, B=2, seed=0):
     """The layer's band path (`band_forward`) gives the mask path's output and every gradient, eval alike; the layer
-    takes it from `BIAS_PATH_MIN` times the reach on, and never without a causal mask."""
+    takes it from `BIAS_PATH_MIN` times the reach on, and never without a causal mask (a learned table's dense or
+    weights path then)."""
     x = torch.randn(B, T, layer.embed_dim, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)).requires_grad_()
     taken = T >= BIAS_PATH_MIN['relative']['training'] * layer.band_reaches(True)[0]
     assert (_rel_path(layer, x) == 'relative-band') == taken
-    assert _rel_path(layer, x, False) == 'fused'
+    learned = 'relative-dense' if layer.num_heads * T > 2 * layer.embed_dim else 'relative-weights'
+    assert _rel_path(layer, x, False) == learned  # without a causal mask never the band: a learned table's paths
     out = layer.band_forward(x)
     ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # a mask: the mask path (tests/test_relative.py)
     _same(out, ref, (x, *layer.parameters()))
@@ -234,22 +237,28 @@ def test_parts_on_heads_as_views(copy):
                                      dict(max_distance=40, bias=False), dict(max_distance=40, num_buckets=32),
                                      dict(max_distance=40, num_buckets=64, bidirectional=False)],
                          ids=['clipped', 'one column', 'no bias', 't5 encoder', 't5 decoder'])
-def test_dense_path_is_the_mask_path(options):
-    """Within 1.5 times the band, in training, where the weights would be more than two `(B, T, D)`: the layer takes
-    the dense path, which gives the mask path's output and every gradient and saves no `(B, H, T, T)` tensor; with
-    the table frozen the mask path (the flash kernel then) stays."""
+@pytest.mark.parametrize('is_causal', [True, False])
+def test_learned_paths_are_the_mask_path(options, is_causal):
+    """Within 1.5 times the band, or at any length without a causal mask, in training: the layer takes the dense path
+    where the weights would be more than two `(B, T, D)`, and saves no `(B, H, T, T)` tensor, else the weights path,
+    which saves the weights `(B, H, T, T)`, two units at most; both give the mask path's output and every gradient;
+    with the table frozen the mask path (the flash kernel then) stays."""
     layer = _rel_layer(**options)
-    for T in (1, 2, 9, 31, 45):
+    for T in (1, 2, 8, 9, 31, 45):
         x = torch.randn(3, T, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(T), requires_grad=True)
-        assert _rel_path(layer, x) == ('relative-dense' if 4 * T > 2 * 16 else 'fused')
-        ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]
-        _same(layer.dense_forward(x), ref, (x, *layer.parameters()))
+        dense = 4 * T > 2 * 16
+        assert _rel_path(layer, x, is_causal) == ('relative-dense' if dense else 'relative-weights')
+        mask = causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool)
+        ref = layer(x, x, x, attn_mask=mask)[0]
+        forward = layer.dense_forward if dense else layer.weights_forward
+        _same(forward(x, is_causal=is_causal), ref, (x, *layer.parameters()))
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            _same(layer(x, x, x, is_causal=True)[0], ref, (x,))
-        if 4 * T > 2 * 16: assert max(sizes) < 3 * 4 * T * T  # the mask path keeps the (3, 4, T, T) weights
+            _same(layer(x, x, x, is_causal=is_causal)[0], ref, (x,))
+        weights = 3 * 4 * T * T  # (B, H, T, T): the mask path keeps them
+        assert max(sizes) < weights if dense else weights in sizes and max(sizes) <= max(weights, 3 * 16 * 16)
     layer.rel_bias.requires_grad_(False)
-    assert _rel_path(layer, x) == 'fused'
+    assert _rel_path(layer, x, is_causal) == 'fused'
 
 
 def test_band_path_saves_no_square_tensor():
@@ -348,8 +357,11 @@ def _reasons():
             (attn(), call._replace(query=short, key=short, value=short, learned=True), 'relative-dense',
              'over 2 (B, T, D)'),
             (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 1.5 times'),
-            (attn(), call._replace(query=shorter, key=shorter, value=shorter, learned=True), 'fused',
-             '2 (B, T, D) at most')]
+            (attn(), call._replace(query=shorter, key=shorter, value=shorter, learned=True), 'relative-weights',
+             '2 (B, T, D) at most'),
+            (attn(), call._replace(is_causal=False, learned=True), 'relative-dense', 'both sides were measured slower'),
+            (attn(), call._replace(is_causal=False, query=shorter, key=shorter, value=shorter, learned=True),
+             'relative-weights', 'both sides were measured slower; the weights are 2 (B, T, D) at most')]
 
 
 @pytest.mark.parametrize('attn, call, name, reason', _reasons())

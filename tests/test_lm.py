@@ -116,7 +116,7 @@ def test_causal(kind):
 def test_positions_matter_and_default_to_arange(kind):
     model = lm(kind)
     tokens = torch.randint(0, V, (2, 6))
-    assert torch.equal(model(tokens), model(tokens, positions=torch.arange(6)))
+    close(model(tokens), model(tokens, positions=torch.arange(6)))  # a path of its own for the default positions
     shifted = model(tokens, positions=torch.arange(6) + 3)
     if kind == 'additive': assert not torch.allclose(shifted, model(tokens))
     else: close(shifted, model(tokens))  # offsets alone: a shift changes nothing
