@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['BAND_BLOCK', 'STAIRS_MAX', 'STAIRS_BLOCK', 'relative_reference', 'AdditiveRelMultiheadAttention', 'band_reach',
-           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'full_bias', 'DensePart', 'KeptWeights',
-           't5_bucket_reference']
+           'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'offset_index', 'full_bias', 'DensePart',
+           'KeptWeights', 't5_bucket_reference']
 
 # %% ../nbs/07_relative.ipynb #6ec3561f
 import math
@@ -369,14 +369,19 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
 
-# %% ../nbs/07_relative.ipynb #6392be38
+# %% ../nbs/07_relative.ipynb #8194a1e0
+def offset_index(length: int, max_distance: int, device=None) -> Tensor:
+    "The row of each pair's clipped offset `i - j` among the offsets `-m … m`, for `length` positions, `(T, T)`."
+    positions = torch.arange(length, device=device)
+    return (positions[:, None] - positions).clamp_(-max_distance, max_distance) + max_distance
+
 def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal: bool) -> Tensor:
     """The bias `(H, T, T)` of every pair of `length` default positions, from the rows of the offsets `-m … m`
     (`offset_rows`, `(2m + 1, H)`), `-inf` where a causal mask hides the key."""
-    bias = relative_bias(offset_rows, None, None, q_len=length, k_len=length, max_distance=max_distance,
-                         num_heads=offset_rows.shape[1])
+    bias = offset_rows.T[:, offset_index(length, max_distance, offset_rows.device)]
     return bias.masked_fill(causal_mask(length, length, bias.device), float('-inf')) if is_causal else bias
 
+# %% ../nbs/07_relative.ipynb #39a9c9b5
 class DensePart(NamedTuple):
     """Every query of every head against every key, with the bias of the offsets' rows `(2m + 1, H)` (the `bias`
     `attention_in_parts` is given; m the `max_distance`), `-inf` where `is_causal` hides a key, as the flash
@@ -393,9 +398,7 @@ class DensePart(NamedTuple):
         return flash_forward(q, k, v, attn_mask=self.bias(offset_rows, q.shape[2])[None], scale=scale)
 
     def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, offset_rows: Tensor) -> Tensor:
-        with torch.enable_grad():  # the gather's gradient, by autograd: from the bias to the rows
-            rows = offset_rows.detach().requires_grad_()
-            bias = self.bias(rows, q.shape[2])
+        bias = self.bias(offset_rows, q.shape[2])
         grad_bias, dots = torch.zeros_like(bias), (grad_out * out).sum(-1, keepdim=True)
         seen = torch.isfinite(bias).to(bias.dtype)  # exp clamped at -80, then 0 where masked, as the band's `_exp`
         for b in range(q.shape[0]):  # one sample's weights `(H, T, T)` stay in the cache
@@ -406,7 +409,8 @@ class DensePart(NamedTuple):
             grads[1][b] += torch.bmm(grad_scores.transpose(-1, -2), q[b]).mul_(scale)
             grads[2][b] += torch.bmm(weights.transpose(-1, -2), grad_out[b])
             grad_bias += grad_scores
-        return torch.autograd.grad(bias, rows, grad_bias)[0]
+        index = offset_index(q.shape[2], self.max_distance, q.device).view(1, -1).expand(len(bias), -1)
+        return torch.zeros_like(offset_rows.T).scatter_add_(1, index, grad_bias.flatten(1)).T  # each offset's sum
 
 # %% ../nbs/07_relative.ipynb #cd42134e
 @patch

@@ -27,11 +27,13 @@ plain; per_call and cached over fused), paired median over rounds, at two or mor
 With `--bias` the script measures instead the paths of a positional bias (issue 22), the package's own layers at
 the default positions, causal self-attention: the relative layer (clipped at 128, and T5's 32 buckets) and ALiBi
 (the paper's slopes), each its new path forced (the ramp path; the band path, and in training where the band does
-not pay, `BIAS_PATH_MIN`, the dense path) and the mask path it replaces (`fused_attention` with the bias as a
-mask, as before), beside the causal floor (`causal_floor`: packed projection, SDPA's causal kernel,
-out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`; the mask path is left out where
-its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`). In training it counts the bytes saved
-for backward in units of one (B, T, D):
+not pay, `BIAS_PATH_MIN`, the dense or the weights path, as the dispatch picks between them) and the mask path it
+replaces (`fused_attention` with the bias as a mask, as before), beside the causal floor (`causal_floor`: packed
+projection, SDPA's causal kernel, out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`;
+the mask path is left out where its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`); and in
+training, up to `BIDIRECTIONAL_MAX_T`, the clipped layer without a causal mask ('relative-bi': the dense or weights
+path against the mask path) beside a floor of its own, SDPA without a mask ('floor-bi'). In training it counts the
+bytes saved for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
@@ -188,51 +190,61 @@ def report(results):
 
 
 BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
-BIAS_LAYERS = ('relative', 'relative-t5', 'alibi')
+BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi')  # relative-bi: the clipped table, no causal mask
 MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
+BIDIRECTIONAL_MAX_T = 1024  # relative-bi in training up to here (its mask path is not timed past MASK_MAX_T anyway)
 
 
-def causal_floor(attn, x):
-    "Causal attention without positions at its cheapest: packed in-projection, SDPA's causal kernel, out-projection."
+def causal_floor(attn, x, is_causal=True):
+    """Causal attention without positions at its cheapest: packed in-projection, SDPA's causal kernel, out-projection
+    (with `is_causal=False`, the same without a mask)."""
     B, T, D = x.shape
     q, k, v = split_heads(F.linear(x, attn.in_proj_weight, attn.in_proj_bias), attn.num_heads, 3)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     return F.linear(out.transpose(1, 2).reshape(B, T, D), attn.out_proj.weight, attn.out_proj.bias)
 
 
 def bias_calls(shape, x, mode):
-    "The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the layers."
+    """The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the
+    layers. Without a causal mask (relative-bi, training only) beside a floor of its own ('floor-bi')."""
     from additive_pos_attn.alibi import alibi_ramp_attention
-    from additive_pos_attn.attention import BIAS_PATH_MIN, fused_attention
+    from additive_pos_attn.attention import fused_attention
     import harness
     calls, layers = {}, {}
     T = shape[1]
     for name in BIAS_LAYERS:
-        spec = harness.LAYERS[name]
+        causal = name != 'relative-bi'
+        if not causal and (mode == 'forward' or T > BIDIRECTIONAL_MAX_T): continue
+        spec = harness.LAYERS['relative' if name == 'relative-bi' else name]
         module = __import__(f'additive_pos_attn.{spec.module}', fromlist=[spec.cls])
         layer = harness.make_layer(getattr(module, spec.cls), shape, spec=spec).train(mode != 'forward')
         layers[name] = layer
+        with torch.set_grad_enabled(mode != 'forward'):
+            chosen = layer_path(layer, x, causal)['name']
+        learned = {'relative-dense': 'dense_forward', 'relative-weights': 'weights_forward'}
         if name == 'alibi':
             calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
-        elif mode != 'forward' and T < BIAS_PATH_MIN['relative']['training'] * max(layer.band_reaches(True)):
-            calls[f'{name}:new'] = lambda layer=layer: layer.dense_forward(x)  # too short for the band, training
+        elif chosen in learned:  # a learned table where the band does not serve
+            calls[f'{name}:new'] = lambda layer=layer, f=learned[chosen], c=causal: getattr(layer, f)(x, is_causal=c)
         elif T > max(layer.band_reaches(True)):
             calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
         if T <= MASK_MAX_T[mode]:
-            calls[f'{name}:mask'] = lambda layer=layer: fused_attention(
-                layer.attn, x, x, x, is_causal=True, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))
+            calls[f'{name}:mask'] = lambda layer=layer, c=causal: fused_attention(
+                layer.attn, x, x, x, is_causal=c, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))
     attn = layers['relative'].attn
     calls['floor'] = lambda: causal_floor(attn, x)
+    if 'relative-bi' in layers: calls['floor-bi'] = lambda: causal_floor(attn, x, is_causal=False)
     return calls, layers
 
 
-def layer_path(layer, x):
-    "The path `choose_path` takes for the layer's causal self-attention call of `x`, and why."
+def layer_path(layer, x, is_causal=True):
+    "The path `choose_path` takes for the layer's self-attention call of `x` (causal or not), and why."
     from additive_pos_attn.attention import BiasCall, choose_path
     kind = 'alibi' if hasattr(layer, 'slopes') else 'relative'
-    reach = float(layer.slopes.abs().max()) if kind == 'alibi' else max(layer.band_reaches(True))
+    reach = float(layer.slopes.abs().max()) if kind == 'alibi' else max(layer.band_reaches(is_causal))
     learned = kind == 'relative' and layer.rel_bias.requires_grad
-    return choose_path(layer.attn, need_weights=False, bias=BiasCall(kind, x, x, x, True, None, reach, learned))._asdict()
+    call = BiasCall(kind, x, x, x, is_causal, None, reach, learned)
+    return choose_path(layer.attn, need_weights=False, bias=call)._asdict()
 
 
 def run_bias(args):
@@ -251,10 +263,11 @@ def run_bias(args):
         times = time_case(timed(calls, grad), rounds=opts['rounds'], min_run_time=opts['min_run_time'],
                           num_threads=opts['num_threads'], timer=clock('cpu', args.timer))
         with torch.set_grad_enabled(mode != 'forward'):
-            chosen = {name: layer_path(layer, x) for name, layer in layers.items()}
+            chosen = {name: layer_path(layer, x, name != 'relative-bi') for name, layer in layers.items()}
+        floors = {n: 'floor-bi' if n.startswith('relative-bi') else 'floor' for n in calls if not n.startswith('floor')}
         rows.append(dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], mode=mode, rounds=opts['rounds'],
                          ms={n: t[0] * 1e3 for n, t in times.items()}, saved_units=units, chosen=chosen,
-                         vs_floor={n: paired(times, n, 'floor') for n in calls if n != 'floor'}))
+                         vs_floor={n: paired(times, n, f) for n, f in floors.items()}))
     argv = None if args.argv is None else ['--bias', *args.argv]  # main took --bias out
     meta = dict(machine(opts['num_threads'], command_line('paths.py', argv), args.timer, args.quick), malloc=opts['malloc'])
     return dict(meta=meta, rows=rows)
@@ -268,13 +281,13 @@ def bias_cells(rows):
     "One row per shape, mode and layer: new and mask path to the floor (paired), saved-for-backward units."
     out = []
     for r in rows:
-        for name in BIAS_LAYERS:
+        for name in (n for n in BIAS_LAYERS if n in r['chosen']):
             new, mask, saved = r['vs_floor'].get(f'{name}:new'), r['vs_floor'].get(f'{name}:mask'), r['saved_units']
             unit = lambda key: f'{saved[key]:.2f}' if key in saved else ''  # noqa: E731
             out.append([r['mode'], shape_text(r), name, f'{new["ratio"]:.3f}' if new else 'none',
                         quartiles_text(new['quartiles']) if new else '',
                         f'{mask["ratio"]:.3f}' if mask else 'not timed', unit(f'{name}:new'), unit(f'{name}:mask'),
-                        unit('floor'), r['chosen'][name]['name']])
+                        unit('floor-bi' if name == 'relative-bi' else 'floor'), r['chosen'][name]['name']])
     return out
 
 
