@@ -23,7 +23,7 @@ from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_
 from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, BiasCall, FlashPart, attention_in_parts,
                                          choose_path, flex_bias_attention, project_heads)
 from additive_pos_attn.positions import causal_mask
-from additive_pos_attn.relative import STAIRS_MAX, band_attention, band_layout, relative_reference
+from additive_pos_attn.relative import STAIRS_MAX, DensePart, band_attention, band_layout, relative_reference
 from cases import DTYPE, close, mask_kinds, position_kinds, randomise, stream
 from strategies import SETTINGS
 
@@ -259,6 +259,23 @@ def test_learned_paths_are_the_mask_path(options, is_causal):
         assert max(sizes) < weights if dense else weights in sizes and max(sizes) <= max(weights, 3 * 16 * 16)
     layer.rel_bias.requires_grad_(False)
     assert _rel_path(layer, x, is_causal) == 'fused'
+
+
+@pytest.mark.parametrize('is_causal', [True, False])
+@pytest.mark.parametrize('chunk', [1, 2 * 81, 3 * 81, 10 ** 6], ids=['a head', 'two heads', 'three, then one', 'all'])
+def test_dense_backward_in_steps_of_heads(is_causal, chunk):
+    """The dense part's backward a sample and `chunk // T²` heads at a time (`DENSE_CHUNK` by default), the table
+    clipped and T5's: its output and every gradient, the table's included, as the masked kernel's."""
+    for options in (dict(max_distance=5), dict(max_distance=12, num_buckets=8)):
+        layer, T, g = _rel_layer(**options), 9, torch.Generator().manual_seed(chunk)
+        q, k, v = (torch.randn(2, 4, T, 3, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(3))
+        rows, m = layer.offset_rows(), layer.max_distance
+        out = attention_in_parts(q, k, v, [DensePart(m, is_causal, chunk)], scale=0.7, bias=rows)
+        index = (torch.arange(T)[:, None] - torch.arange(T)).clamp(-m, m) + m
+        mask = rows.T[:, index].masked_fill(causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool),
+                                            float('-inf'))
+        ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
+        _same(out, ref, (q, k, v, layer.rel_bias))
 
 
 def test_band_path_saves_no_square_tensor():
