@@ -30,10 +30,10 @@ the default positions, causal self-attention: the relative layer (clipped at 128
 not pay, `BIAS_PATH_MIN`, the dense or the weights path, as the dispatch picks between them) and the mask path it
 replaces (`fused_attention` with the bias as a mask, as before), beside the causal floor (`causal_floor`: packed
 projection, SDPA's causal kernel, out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`;
-the mask path is left out where its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`); and in
-training, up to `BIDIRECTIONAL_MAX_T`, the clipped layer without a causal mask ('relative-bi': the dense or weights
-path against the mask path) beside a floor of its own, SDPA without a mask ('floor-bi'). In training it counts the
-bytes saved for backward in units of one (B, T, D):
+the mask path is left out where its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`); and up to
+`BIDIRECTIONAL_MAX_T` the clipped layer without a causal mask ('relative-bi': in training the dense or weights path
+against the mask path, in eval the mask path alone) beside a floor of its own, SDPA without a mask ('floor-bi'). In
+training it counts the bytes saved for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
@@ -192,7 +192,7 @@ def report(results):
 BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
 BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi')  # relative-bi: the clipped table, no causal mask
 MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
-BIDIRECTIONAL_MAX_T = 1024  # relative-bi in training up to here (its mask path is not timed past MASK_MAX_T anyway)
+BIDIRECTIONAL_MAX_T = 1024  # relative-bi up to here (its mask path is not timed past MASK_MAX_T anyway)
 
 
 def causal_floor(attn, x, is_causal=True):
@@ -206,7 +206,7 @@ def causal_floor(attn, x, is_causal=True):
 
 def bias_calls(shape, x, mode):
     """The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the
-    layers. Without a causal mask (relative-bi, training only) beside a floor of its own ('floor-bi')."""
+    layers. Without a causal mask (relative-bi: in eval the mask path only) beside a floor of its own ('floor-bi')."""
     from additive_pos_attn.alibi import alibi_ramp_attention
     from additive_pos_attn.attention import fused_attention
     import harness
@@ -214,7 +214,7 @@ def bias_calls(shape, x, mode):
     T = shape[1]
     for name in BIAS_LAYERS:
         causal = name != 'relative-bi'
-        if not causal and (mode == 'forward' or T > BIDIRECTIONAL_MAX_T): continue
+        if not causal and T > BIDIRECTIONAL_MAX_T: continue
         spec = harness.LAYERS['relative' if name == 'relative-bi' else name]
         module = __import__(f'additive_pos_attn.{spec.module}', fromlist=[spec.cls])
         layer = harness.make_layer(getattr(module, spec.cls), shape, spec=spec).train(mode != 'forward')
@@ -226,7 +226,7 @@ def bias_calls(shape, x, mode):
             calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
         elif chosen in learned:  # a learned table where the band does not serve
             calls[f'{name}:new'] = lambda layer=layer, f=learned[chosen], c=causal: getattr(layer, f)(x, is_causal=c)
-        elif T > max(layer.band_reaches(True)):
+        elif causal and T > max(layer.band_reaches(True)):
             calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
         if T <= MASK_MAX_T[mode]:
             calls[f'{name}:mask'] = lambda layer=layer, c=causal: fused_attention(
