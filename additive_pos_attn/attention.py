@@ -259,16 +259,18 @@ def first_given(**arguments) -> Optional[str]:
     "The name of the first of `arguments` that is not `None` (the mask or positions a call was given), or `None`."
     return next((name for name, value in arguments.items() if value is not None), None)
 
-# %% ../nbs/03_attention.ipynb #b83ba3fa
-def _learned_bias_path(attn: nn.MultiheadAttention, length: int, why: str) -> Path:
-    "A learned relative bias in training where the band does not serve (`why`): its weights kept, or dense."
+# %% ../nbs/03_attention.ipynb #45f0d58a
+def _learned_bias_path(attn: nn.MultiheadAttention, call: 'BiasCall', length: int, why: str) -> Optional[Path]:
+    """Where the band does not serve (`why`), a learned relative bias in training: its weights kept, or dense;
+    `None` without gradients or for a table that does not learn."""
+    if not (torch.is_grad_enabled() and call.learned): return None
     if attn.num_heads * length <= 2 * attn.embed_dim:
         return Path('relative-weights', f'{why}; the weights are 2 (B, T, D) at most: kept, by products and '
                     'softmax (the math path without its checks and copies, measured faster)')
     return Path('relative-dense', f'{why}, and the mask path would keep the (B, H, T, T) weights, over 2 '
                 '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
 
-# %% ../nbs/03_attention.ipynb #693a1fe6
+# %% ../nbs/03_attention.ipynb #86f8a677
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -288,7 +290,7 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     if not call.is_causal:
         if call.scheme == 'alibi': return kept('no causal mask: the penalty is not a bias per key then')
         slower = 'no causal mask: the far keys on both sides were measured slower'
-        return kept(slower) if mode == 'eval' or not call.learned else _learned_bias_path(attn, length, slower)
+        return _learned_bias_path(attn, call, length, slower) or kept(slower)
     least = BIAS_PATH_MIN[call.scheme][mode]
     if call.scheme == 'alibi':
         if length < least: return kept(f'{mode} with T < {least}: the ramp path is slower there (measured)')
@@ -298,8 +300,7 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
         return Path('alibi-ramp', 'causal ALiBi is a bias per key: a ramp, the mask of the causal kernel')
     if length < least * reach():
         slower = f'{mode} with T < {least} times the band: the band path is slower there (measured)'
-        if mode == 'eval' or not call.learned: return kept(slower)
-        return _learned_bias_path(attn, length, slower)
+        return _learned_bias_path(attn, call, length, slower) or kept(slower)
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md

@@ -2,10 +2,10 @@
 
 # %% auto #0
 __all__ = ['BAND_BLOCK', 'STAIRS_MAX', 'STAIRS_BLOCK', 'DENSE_CHUNK', 'relative_reference', 'AdditiveRelMultiheadAttention',
-           'band_reach', 'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'offset_index', 'full_bias',
-           'DensePart', 'KeptWeights', 't5_bucket_reference']
+           'band_reach', 'BandPart', 'band_attention', 'BandLayout', 'band_layout', 'full_bias', 'DensePart',
+           't5_bucket_reference']
 
-# %% ../nbs/07_relative.ipynb #6ec3561f
+# %% ../nbs/07_relative.ipynb #ebd21b32
 import math
 import struct
 from typing import NamedTuple, Optional
@@ -21,7 +21,7 @@ from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, fi
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
-from .positions import causal_mask, relative_bias, t5_bucket
+from .positions import causal_mask, offset_index, relative_bias, t5_bucket
 
 # %% ../nbs/07_relative.ipynb #484246fa
 def relative_reference(layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, *, q_positions=None,
@@ -369,12 +369,7 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
 
-# %% ../nbs/07_relative.ipynb #2e9b04be
-def offset_index(length: int, max_distance: int, device=None) -> Tensor:
-    "The row of each pair's clipped offset `i - j` among the offsets `-m … m`, for `length` positions, `(T, T)`."
-    positions = torch.arange(length, device=device)
-    return (positions[:, None] - positions).clamp_(-max_distance, max_distance) + max_distance
-
+# %% ../nbs/07_relative.ipynb #4228b051
 def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal: bool) -> Tensor:
     """The bias `(H, T, T)` of every pair of `length` default positions, from the rows of the offsets `-m … m`
     (`offset_rows`, `(2m + 1, H)`), `-inf` where a causal mask hides the key."""
@@ -382,27 +377,27 @@ def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal:
                          num_heads=offset_rows.shape[1])  # a new tensor: the causal mask may be filled in place
     return bias.masked_fill_(causal_mask(length, length, bias.device), float('-inf')) if is_causal else bias
 
-# %% ../nbs/07_relative.ipynb #fe9aa0c5
-DENSE_CHUNK = 2 ** 18  # the weights of one step of the dense backward: 1 MB in float32 (measured, below)
+# %% ../nbs/07_relative.ipynb #b5c33f9b
+DENSE_CHUNK = 2 ** 18  # weights per step of the dense backward, 1 MB in float32 (measured: the prose above)
 
 class DensePart(NamedTuple):
     """Every query of every head against every key, with the bias of the offsets' rows `(2m + 1, H)` (the `bias`
     `attention_in_parts` is given; m the `max_distance`), `-inf` where `is_causal` hides a key, as the flash
-    kernel's mask; backward by hand, a sample and at most `chunk // T²` heads at a time, giving the rows their
-    gradient. The bias `(H, T, T)` is built in forward and again in backward: nothing of `T x T` is kept."""
+    kernel's mask; backward by hand, a sample and `chunk // T²` heads (one at least) at a time, giving the rows
+    their gradient. The bias `(H, T, T)` is built in forward and again in backward: nothing of `T x T` is kept."""
     max_distance: int
     is_causal: bool = True
     chunk: int = DENSE_CHUNK
     rows, heads = slice(None), slice(None)  # every query of every head
 
-    def bias(self, offset_rows: Tensor, length: int) -> Tensor:
+    def bias_of(self, offset_rows: Tensor, length: int) -> Tensor:
         return full_bias(offset_rows, length, max_distance=self.max_distance, is_causal=self.is_causal)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, offset_rows: Tensor) -> tuple[Tensor, Tensor]:
-        return flash_forward(q, k, v, attn_mask=self.bias(offset_rows, q.shape[2])[None], scale=scale)
+        return flash_forward(q, k, v, attn_mask=self.bias_of(offset_rows, q.shape[2])[None], scale=scale)
 
     def backward(self, grad_out, q, k, v, out, lse, grads, scale: float, offset_rows: Tensor) -> Tensor:
-        (batch, heads, length, _), bias = q.shape, self.bias(offset_rows, q.shape[2])
+        (batch, heads, length, _), bias = q.shape, self.bias_of(offset_rows, q.shape[2])
         grad_bias, dots = torch.zeros_like(bias), (grad_out * out).sum(-1, keepdim=True)
         # causal: exp clamped at -80, then 0 where masked, as the band's `_exp`; else no score is -inf
         seen = torch.isfinite(bias).to(bias.dtype) if self.is_causal else None
@@ -415,7 +410,8 @@ class DensePart(NamedTuple):
             grads[1][b, h] += torch.bmm(grad_scores.transpose(-1, -2), q[b, h]).mul_(scale)
             grads[2][b, h] += torch.bmm(weights.transpose(-1, -2), grad_out[b, h])
             grad_bias[h] += grad_scores
-        index = offset_index(length, self.max_distance, q.device).view(1, -1).expand(heads, -1)
+        positions = torch.arange(length, device=q.device)
+        index = offset_index(positions, positions, self.max_distance).view(1, -1).expand(heads, -1)
         return torch.zeros_like(offset_rows.T).scatter_add_(1, index, grad_bias.flatten(1)).T  # each offset's sum
 
 # %% ../nbs/07_relative.ipynb #cd42134e
@@ -426,36 +422,16 @@ def dense_forward(self: AdditiveRelMultiheadAttention, query: Tensor, is_causal:
     part, rows = DensePart(self.max_distance, is_causal), self.offset_rows().to(query.dtype)
     return project_out(self.attn, attention_in_parts(q, k, v, [part], scale=q.shape[-1] ** -0.5, bias=rows))
 
-# %% ../nbs/07_relative.ipynb #8383fe28
-class KeptWeights(torch.autograd.Function):
-    """Attention of the heads `q`, `k`, `v` `(B, H, T, d)` with a learned `bias` `(H, T, T)` (`-inf` where masked,
-    never a whole row), its weights kept for backward, `(B, H, T, d)`; the bias gets its gradient."""
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
-        q, k, v = (t.contiguous() for t in (q, k, v))  # heads of their own: the products copy no strided views
-        weights = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias).softmax(-1)
-        ctx.save_for_backward(q, k, v, weights)
-        ctx.scale = scale
-        return torch.matmul(weights, v)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, weights = ctx.saved_tensors
-        grad_scores = torch.matmul(grad_out, v.transpose(-1, -2))
-        grad_scores.sub_((grad_scores * weights).sum(-1, keepdim=True)).mul_(weights)  # the softmax's gradient
-        grad_bias = grad_scores.sum(0)
-        grad_scores.mul_(ctx.scale)
-        return (torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q),
-                torch.matmul(weights.transpose(-1, -2), grad_out), grad_bias, None)
-
+# %% ../nbs/07_relative.ipynb #711b7d05
 @patch
 def weights_forward(self: AdditiveRelMultiheadAttention, query: Tensor, is_causal: bool = True) -> Tensor:
-    "Self-attention of `query` with the bias, its weights kept for backward (`KeptWeights`), `(B, T, D)`."
+    """Self-attention of `query` with the bias in plain operations (scores, softmax, products), whose weights
+    autograd keeps for backward, `(B, T, D)`."""
     q, k, v = project_heads(self.attn, query, query, query)
     bias = full_bias(self.offset_rows().to(query.dtype), query.shape[1], max_distance=self.max_distance,
                      is_causal=is_causal)
-    return project_out(self.attn, KeptWeights.apply(q, k, v, bias, q.shape[-1] ** -0.5))
+    weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).add_(bias).softmax(-1)
+    return project_out(self.attn, torch.matmul(weights, v))
 
 # %% ../nbs/07_relative.ipynb #3def78d6
 @patch

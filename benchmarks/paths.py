@@ -193,6 +193,12 @@ BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
 BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi')  # relative-bi: the clipped table, no causal mask
 MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
 BIDIRECTIONAL_MAX_T = 1024  # relative-bi up to here (its mask path is not timed past MASK_MAX_T anyway)
+LEARNED_PATHS = {'relative-dense': 'dense_forward', 'relative-weights': 'weights_forward'}  # the layer's methods
+
+
+def floor_of_call(name):
+    "The floor a call is timed against: attention without a mask for the layer without a causal mask, else causal."
+    return 'floor-bi' if name.startswith('relative-bi') else 'floor'
 
 
 def causal_floor(attn, x, is_causal=True):
@@ -221,11 +227,11 @@ def bias_calls(shape, x, mode):
         layers[name] = layer
         with torch.set_grad_enabled(mode != 'forward'):
             chosen = layer_path(layer, x, causal)['name']
-        learned = {'relative-dense': 'dense_forward', 'relative-weights': 'weights_forward'}
         if name == 'alibi':
             calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
-        elif chosen in learned:  # a learned table where the band does not serve
-            calls[f'{name}:new'] = lambda layer=layer, f=learned[chosen], c=causal: getattr(layer, f)(x, is_causal=c)
+        elif chosen in LEARNED_PATHS:  # a learned table where the band does not serve
+            forward = getattr(layer, LEARNED_PATHS[chosen])
+            calls[f'{name}:new'] = lambda forward=forward, c=causal: forward(x, is_causal=c)
         elif causal and T > max(layer.band_reaches(True)):
             calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
         if T <= MASK_MAX_T[mode]:
@@ -264,10 +270,9 @@ def run_bias(args):
                           num_threads=opts['num_threads'], timer=clock('cpu', args.timer))
         with torch.set_grad_enabled(mode != 'forward'):
             chosen = {name: layer_path(layer, x, name != 'relative-bi') for name, layer in layers.items()}
-        floors = {n: 'floor-bi' if n.startswith('relative-bi') else 'floor' for n in calls if not n.startswith('floor')}
         rows.append(dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], mode=mode, rounds=opts['rounds'],
                          ms={n: t[0] * 1e3 for n, t in times.items()}, saved_units=units, chosen=chosen,
-                         vs_floor={n: paired(times, n, f) for n, f in floors.items()}))
+                         vs_floor={n: paired(times, n, floor_of_call(n)) for n in calls if not n.startswith('floor')}))
     argv = None if args.argv is None else ['--bias', *args.argv]  # main took --bias out
     meta = dict(machine(opts['num_threads'], command_line('paths.py', argv), args.timer, args.quick), malloc=opts['malloc'])
     return dict(meta=meta, rows=rows)
@@ -287,7 +292,7 @@ def bias_cells(rows):
             out.append([r['mode'], shape_text(r), name, f'{new["ratio"]:.3f}' if new else 'none',
                         quartiles_text(new['quartiles']) if new else '',
                         f'{mask["ratio"]:.3f}' if mask else 'not timed', unit(f'{name}:new'), unit(f'{name}:mask'),
-                        unit('floor-bi' if name == 'relative-bi' else 'floor'), r['chosen'][name]['name']])
+                        unit(floor_of_call(name)), r['chosen'][name]['name']])
     return out
 
 

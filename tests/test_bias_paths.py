@@ -161,6 +161,7 @@ def _check_band(layer, T, B=2, seed=0):
     assert (_rel_path(layer, x) == 'relative-band') == taken
     learned = 'relative-dense' if layer.num_heads * T > 2 * layer.embed_dim else 'relative-weights'
     assert _rel_path(layer, x, False) == learned  # without a causal mask never the band: a learned table's paths
+    _same(layer(x, x, x)[0], layer(x, x, x, attn_mask=torch.zeros(T, T, dtype=torch.bool))[0], (x, layer.rel_bias))
     out = layer.band_forward(x)
     ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # a mask: the mask path (tests/test_relative.py)
     _same(out, ref, (x, *layer.parameters()))
@@ -240,9 +241,10 @@ def test_parts_on_heads_as_views(copy):
 @pytest.mark.parametrize('is_causal', [True, False])
 def test_learned_paths_are_the_mask_path(options, is_causal):
     """Within 1.5 times the band, or at any length without a causal mask, in training: the layer takes the dense path
-    where the weights would be more than two `(B, T, D)`, and saves no `(B, H, T, T)` tensor, else the weights path,
-    which saves the weights `(B, H, T, T)`, two units at most; both give the mask path's output and every gradient;
-    with the table frozen the mask path (the flash kernel then) stays."""
+    where the weights would be more than two `(B, T, D)`, and saves nothing of `T x T` floats, else the weights path,
+    which saves the weights `(B, H, T, T)`, two units at most, and nothing else of `T x T` floats; both give the mask
+    path's output and every gradient, the weights path its second derivative too; with the table frozen the mask
+    path (the flash kernel then) stays."""
     layer = _rel_layer(**options)
     for T in (1, 2, 8, 9, 31, 45):
         x = torch.randn(3, T, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(T), requires_grad=True)
@@ -252,11 +254,17 @@ def test_learned_paths_are_the_mask_path(options, is_causal):
         ref = layer(x, x, x, attn_mask=mask)[0]
         forward = layer.dense_forward if dense else layer.weights_forward
         _same(forward(x, is_causal=is_causal), ref, (x, *layer.parameters()))
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             _same(layer(x, x, x, is_causal=is_causal)[0], ref, (x,))
-        weights = 3 * 4 * T * T  # (B, H, T, T): the mask path keeps them
-        assert max(sizes) < weights if dense else weights in sizes and max(sizes) <= max(weights, 3 * 16 * 16)
+        square = list({t.untyped_storage().data_ptr(): t.numel() for t in saved  # storages, each counted once
+                       if t.is_floating_point() and t.shape[-2:] == (T, T)}.values())
+        assert square == ([] if dense else [3 * 4 * T * T])  # the weights, two (B, T, D) at most, or nothing
+        if not dense:  # plain operations: a second derivative as the mask path's
+            firsts = [torch.autograd.grad(out.square().sum(), x, create_graph=True)[0]
+                      for out in (layer(x, x, x, is_causal=is_causal)[0], ref)]
+            second = [torch.autograd.grad(first.square().sum(), x)[0] for first in firsts]
+            close(*second, eps=1e-12 * max(1.0, float(second[1].abs().max())))  # squares of squares: relative
     layer.rel_bias.requires_grad_(False)
     assert _rel_path(layer, x, is_causal) == 'fused'
 
