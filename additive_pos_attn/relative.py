@@ -369,13 +369,15 @@ def offset_rows(self: AdditiveRelMultiheadAttention) -> Tensor:
     rows = self.rel_bias if self.per_head else self.rel_bias[:, None].expand(-1, self.num_heads)
     return rows if self.offset_buckets is None else rows[self.offset_buckets]
 
-# %% ../nbs/07_relative.ipynb #4228b051
+# %% ../nbs/07_relative.ipynb #515b59e0
 def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal: bool) -> Tensor:
     """The bias `(H, T, T)` of every pair of `length` default positions, from the rows of the offsets `-m … m`
     (`offset_rows`, `(2m + 1, H)`), `-inf` where a causal mask hides the key."""
     bias = relative_bias(offset_rows, None, None, q_len=length, k_len=length, max_distance=max_distance,
-                         num_heads=offset_rows.shape[1])  # a new tensor: the causal mask may be filled in place
-    return bias.masked_fill_(causal_mask(length, length, bias.device), float('-inf')) if is_causal else bias
+                         num_heads=offset_rows.shape[1])  # a new tensor: the causal mask is added in place
+    if not is_causal: return bias
+    hidden = causal_mask(length, length, bias.device)  # added as a float (autograd keeps no mask), not filled
+    return bias.add_(torch.zeros(hidden.shape, dtype=bias.dtype, device=bias.device).masked_fill_(hidden, -math.inf))
 
 # %% ../nbs/07_relative.ipynb #b5c33f9b
 DENSE_CHUNK = 2 ** 18  # weights per step of the dense backward, 1 MB in float32 (measured: the prose above)
