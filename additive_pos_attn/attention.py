@@ -270,7 +270,7 @@ def _learned_bias_path(attn: nn.MultiheadAttention, call: 'BiasCall', length: in
     return Path('relative-dense', f'{why}, and the mask path would keep the (B, H, T, T) weights, over 2 '
                 '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
 
-# %% ../nbs/03_attention.ipynb #86f8a677
+# %% ../nbs/03_attention.ipynb #003ccb98
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     kept = lambda why: Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')  # noqa: E731
@@ -287,11 +287,9 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
         return Path('flex', 'CUDA: flex_attention adds the bias in its kernel, with its gradient')
     if is_compiling(): return kept('compiling (not measured compiled)')
     if not flash_serves(x): return kept(f'{x.device.type}, {x.dtype}: the paths are for the CPU flash kernel')
-    if not call.is_causal:
-        if call.scheme == 'alibi': return kept('no causal mask: the penalty is not a bias per key then')
-        slower = 'no causal mask: the far keys on both sides were measured slower'
-        return _learned_bias_path(attn, call, length, slower) or kept(slower)
-    least = BIAS_PATH_MIN[call.scheme][mode]
+    if not call.is_causal and call.scheme == 'alibi':
+        return kept('no causal mask: the penalty is not a bias per key then')
+    least = BIAS_PATH_MIN[call.scheme if call.is_causal else 'relative-bi'][mode]
     if call.scheme == 'alibi':
         if length < least: return kept(f'{mode} with T < {least}: the ramp path is slower there (measured)')
         if x.dtype == torch.float32 and reach() > ALIBI_FLOAT32_SLOPE_MAX:
@@ -299,12 +297,17 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
                         '(not measured)')
         return Path('alibi-ramp', 'causal ALiBi is a bias per key: a ramp, the mask of the causal kernel')
     if length < least * reach():
-        slower = f'{mode} with T < {least} times the band: the band path is slower there (measured)'
+        masked = '' if call.is_causal else 'no causal mask, '
+        slower = f'{masked}{mode} with T < {least} times the band: the band path is slower there (measured)'
         return _learned_bias_path(attn, call, length, slower) or kept(slower)
+    if not call.is_causal:
+        return Path('relative-band', 'no causal mask, one row beyond the band each way: the band, and the far keys '
+                    'on both sides in rectangles (those ahead with a constant per head)')
     return Path('relative-band', 'causal, one row beyond the band: the causal kernel for the far keys and a band')
 
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md
 BIAS_PATH_MIN = {'relative': {'training': 1.5, 'eval': 2},  # times the band's reach
+                 'relative-bi': {'training': 6, 'eval': 6},  # without a causal mask: times its longer reach
                  'alibi': {'training': 256, 'eval': 128}}
 ALIBI_FLOAT32_SLOPE_MAX = 1.0  # float32 ramps in blocks of 512 queries or more (`ALIBI_FLOAT32_SPAN`, ALiBi chapter)
 

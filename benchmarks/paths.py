@@ -31,8 +31,9 @@ not pay, `BIAS_PATH_MIN`, the dense or the weights path, as the dispatch picks b
 replaces (`fused_attention` with the bias as a mask, as before), beside the causal floor (`causal_floor`: packed
 projection, SDPA's causal kernel, out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`;
 the mask path is left out where its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`); and up to
-`BIDIRECTIONAL_MAX_T` the clipped layer without a causal mask ('relative-bi': in training the dense or weights path
-against the mask path, in eval the mask path alone) beside a floor of its own, SDPA without a mask ('floor-bi'). In
+`BIDIRECTIONAL_MAX_T` the clipped layer without a causal mask ('relative-bi': the path the dispatch takes, the band
+path from `BIAS_PATH_MIN` times the reach on, below it in training the dense or weights path, and the mask path
+beside it; in eval below the band the mask path alone) beside a floor of its own, SDPA without a mask ('floor-bi'). In
 training it counts the bytes saved for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
@@ -192,7 +193,7 @@ def report(results):
 BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
 BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi')  # relative-bi: the clipped table, no causal mask
 MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
-BIDIRECTIONAL_MAX_T = 1024  # relative-bi up to here (its mask path is not timed past MASK_MAX_T anyway)
+BIDIRECTIONAL_MAX_T = 4096  # relative-bi up to here (its mask path is not timed past MASK_MAX_T)
 LEARNED_PATHS = {'relative-dense': 'dense_forward', 'relative-weights': 'weights_forward'}  # the layer's methods
 
 
@@ -212,7 +213,8 @@ def causal_floor(attn, x, is_causal=True):
 
 def bias_calls(shape, x, mode):
     """The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the
-    layers. Without a causal mask (relative-bi: in eval the mask path only) beside a floor of its own ('floor-bi')."""
+    layers. Without a causal mask (relative-bi: the dispatch's path; in eval below the band the mask path only)
+    beside a floor of its own ('floor-bi')."""
     from additive_pos_attn.alibi import alibi_ramp_attention
     from additive_pos_attn.attention import fused_attention
     import harness
@@ -232,8 +234,8 @@ def bias_calls(shape, x, mode):
         elif chosen in LEARNED_PATHS:  # a learned table where the band does not serve
             forward = getattr(layer, LEARNED_PATHS[chosen])
             calls[f'{name}:new'] = lambda forward=forward, c=causal: forward(x, is_causal=c)
-        elif causal and T > max(layer.band_reaches(True)):
-            calls[f'{name}:new'] = lambda layer=layer: layer.band_forward(x)
+        elif chosen == 'relative-band' or (causal and T > max(layer.band_reaches(True))):  # forced where causal
+            calls[f'{name}:new'] = lambda layer=layer, c=causal: layer.band_forward(x, is_causal=c)
         if T <= MASK_MAX_T[mode]:
             calls[f'{name}:mask'] = lambda layer=layer, c=causal: fused_attention(
                 layer.attn, x, x, x, is_causal=c, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))

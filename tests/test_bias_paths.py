@@ -153,20 +153,21 @@ def _rel_path(layer, x, is_causal=True):
 
 
 def _check_band(layer, T, B=2, seed=0):
-    """The layer's band path (`band_forward`) gives the mask path's output and every gradient, eval alike; the layer
-    takes it from `BIAS_PATH_MIN` times the reach on, and never without a causal mask (a learned table's dense or
-    weights path then)."""
+    """The layer's band path (`band_forward`), causal or not, gives the mask path's output and every gradient, eval
+    alike; the layer takes it from `BIAS_PATH_MIN` times the reach on (without a causal mask: its 'relative-bi'
+    times the longer reach), and a learned table's dense or weights path below."""
     x = torch.randn(B, T, layer.embed_dim, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    taken = T >= BIAS_PATH_MIN['relative']['training'] * layer.band_reaches(True)[0]
-    assert (_rel_path(layer, x) == 'relative-band') == taken
     learned = 'relative-dense' if layer.num_heads * T > 2 * layer.embed_dim else 'relative-weights'
-    assert _rel_path(layer, x, False) == learned  # without a causal mask never the band: a learned table's paths
-    _same(layer(x, x, x)[0], layer(x, x, x, attn_mask=torch.zeros(T, T, dtype=torch.bool))[0], (x, layer.rel_bias))
-    out = layer.band_forward(x)
-    ref = layer(x, x, x, attn_mask=causal_mask(T, T))[0]  # a mask: the mask path (tests/test_relative.py)
-    _same(out, ref, (x, *layer.parameters()))
-    with torch.no_grad(): close(layer.band_forward(x), ref)
-    if taken: _same(layer(x, x, x, is_causal=True)[0], ref, (x,))
+    for is_causal in (True, False):
+        reaches = layer.band_reaches(is_causal)
+        least = BIAS_PATH_MIN['relative' if is_causal else 'relative-bi']['training']
+        taken = T >= least * (reaches[0] if is_causal else max(reaches))
+        assert _rel_path(layer, x, is_causal) == ('relative-band' if taken else learned)
+        mask = causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool)
+        ref = layer(x, x, x, attn_mask=mask)[0]  # a mask: the mask path (tests/test_relative.py)
+        _same(layer.band_forward(x, is_causal=is_causal), ref, (x, *layer.parameters()))
+        with torch.no_grad(): close(layer.band_forward(x, is_causal=is_causal), ref)
+        _same(layer(x, x, x, is_causal=is_causal)[0], ref, (x, layer.rel_bias))  # the path the layer takes
 
 
 @pytest.mark.parametrize('options', [dict(max_distance=3), dict(max_distance=5, per_head=False),
@@ -177,29 +178,31 @@ def _check_band(layer, T, B=2, seed=0):
                               'few buckets'])
 def test_band_path_is_the_mask_path(options):
     layer = _rel_layer(**options)
-    reach = layer.band_reaches(True)[0]
-    for T in sorted({reach + 1, 65, 2 * max(reach, 64) + 7, 3 * 64 + reach}):
-        if T > reach: _check_band(layer, T)
+    reach = max(layer.band_reaches(False))
+    for T in sorted({1, reach + 1, 65, 2 * max(reach, 64) + 7, 3 * 64 + reach, 6 * reach + 1}):
+        _check_band(layer, T)
 
 
 @settings(max_examples=24, **SETTINGS)
 @given(m=st.integers(1, 20), extra=st.integers(1, 40), block=st.integers(2, 40), heads=st.sampled_from([1, 2, 4]),
        buckets=st.sampled_from([None, 4, 6, 9]), bidirectional=st.booleans(), stairs=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
-def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, stairs, seed):
+       causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, buckets, bidirectional, stairs, causal,
+                                                  seed):
     """`band_attention` of random heads, any band, any block (shorter or longer than the band), any length past it,
-    the far keys in one causal call or in stairs."""
+    causal (the far keys in one causal call or in stairs) or not (the far keys ahead too, in stairs)."""
     g = torch.Generator().manual_seed(seed)
     side = None if buckets is None else buckets // (2 if bidirectional else 1) // 2  # T5's exact offsets
     options = {} if side is None or m <= side or side < 1 else dict(num_buckets=buckets, bidirectional=bidirectional)
     table = _rel_layer(seed, H=heads, max_distance=m, **options)
     rows = table.offset_rows()  # tied rows (buckets) are one table row: its gradient sums theirs
-    behind = table.band_reaches(True)[0]
-    T = behind + extra
+    behind, ahead = table.band_reaches(causal)
+    T = max(behind, ahead) + extra
     q, k, v = (torch.randn(2, heads, T, 3, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(3))
-    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block, stairs=stairs)
+    out = band_attention(q, k, v, rows, max_distance=m, reach=behind, scale=0.7, block=block, stairs=stairs,
+                         ahead=None if causal else ahead)
     index = (torch.arange(T)[:, None] - torch.arange(T)).clamp(-m, m) + m
-    mask = rows.T[:, index].masked_fill(causal_mask(T, T), float('-inf'))
+    mask = rows.T[:, index].masked_fill(causal_mask(T, T) if causal else torch.zeros(T, T, dtype=torch.bool), -math.inf)
     ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
     _same(out, ref, (q, k, v, table.rel_bias))
 
@@ -290,15 +293,24 @@ def test_band_path_saves_no_square_tensor():
     """With gradients, nothing of `T x T` elements (nor the band's scores) is saved for backward, the largest the band's
     bias `(H, L, behind + L)` whatever `T`; the mask path saves it."""
     layer = _rel_layer(max_distance=8)
-    T = 400
+    T = 800
     x = torch.randn(1, T, 16, dtype=DTYPE, requires_grad=True)
     def largest(**kw):
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
             layer(x, x, x, **kw)
         return max(sizes)
-    assert largest(is_causal=True) < T * T / 4
+    assert largest(is_causal=True) < T * T / 4 and largest() < T * T / 4  # causal, and not (the far keys ahead too)
     assert largest(attn_mask=causal_mask(T, T)) >= T * T
+
+
+@pytest.mark.parametrize('far', [30.0, -30.0])
+def test_band_path_when_the_far_keys_ahead_weigh_most_or_least(far):
+    """Without a causal mask, the far-ahead row far above the others (its part's weight all of each row's it can
+    see) or far below (next to none): output and every gradient as the mask path's."""
+    layer = _rel_layer(max_distance=4)
+    with torch.no_grad(): layer.rel_bias[0] = far  # the row of the offsets -4 and below
+    _check_band(layer, 40)
 
 
 # --- ALiBi's ramp path ------------------------------------------------------------------------------------------------
@@ -372,7 +384,8 @@ def _reasons():
             (attn(add_zero_attn=True), call, 'fused', 'adds keys'),
             (attn(dropout=0.1), call, 'fused', 'attention dropout'),
             (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused', 'no causal mask'),
-            (attn(), call._replace(is_causal=False), 'fused', 'both sides were measured slower'),
+            (attn(), call._replace(is_causal=False, reach=9), 'fused', 'no causal mask, training with T < 6 times'),
+            (attn(), call._replace(is_causal=False, reach=2), 'relative-band', 'far keys on both sides'),
             (attn(), call._replace(query=half, key=half, value=half), 'fused', 'torch.bfloat16: the paths are for'),
             (attn(), call._replace(scheme='alibi', reach=1.0, query=long32, key=long32, value=long32), 'alibi-ramp',
              'ramp'),
@@ -384,9 +397,9 @@ def _reasons():
             (attn(), call._replace(query=short, key=short, value=short), 'fused', 'training with T < 1.5 times'),
             (attn(), call._replace(query=shorter, key=shorter, value=shorter, learned=True), 'relative-weights',
              '2 (B, T, D) at most'),
-            (attn(), call._replace(is_causal=False, learned=True), 'relative-dense', 'both sides were measured slower'),
+            (attn(), call._replace(is_causal=False, reach=9, learned=True), 'relative-dense', 'T < 6 times the band'),
             (attn(), call._replace(is_causal=False, query=shorter, key=shorter, value=shorter, learned=True),
-             'relative-weights', 'both sides were measured slower; the weights are 2 (B, T, D) at most')]
+             'relative-weights', 'the band path is slower there (measured); the weights are 2 (B, T, D) at most')]
 
 
 @pytest.mark.parametrize('attn, call, name, reason', _reasons())
