@@ -348,16 +348,16 @@ def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
-# %% ../nbs/03_attention.ipynb #dfc608d9
+# %% ../nbs/03_attention.ipynb #cec68d11
 class _Parts(torch.autograd.Function):
     "`attention_in_parts`: the parts' forwards merged by log-sum-exp; each part's backward with the merged output."
     @staticmethod
-    def forward(ctx, q, k, v, bias, parts, scale: float):
+    def forward(ctx, q, k, v, parts, scale: float, *learned):
         (batch, heads, length, _), out, lse = q.shape, None, None
         covered = torch.zeros(heads, length, dtype=torch.bool)
         with flushing_denormals():
             for part in parts:
-                o, l, (h, r) = *part.forward(q, k, v, scale, bias), (part.heads, part.rows)
+                o, l, (h, r) = *part.forward(q, k, v, scale, _read(learned, part)), (part.heads, part.rows)
                 # the first part's buffers where it covers every head and query and its heads merge by a view
                 if out is None and (covered[h, r].numel() < covered.numel() or not o.transpose(1, 2).is_contiguous()):
                     out = q.new_empty(batch, length, heads, o.shape[-1]).transpose(1, 2)  # heads merged by a view
@@ -368,32 +368,40 @@ class _Parts(torch.autograd.Function):
                 else: raise ValueError(f'parts: the heads {h}, rows {r} of a part must all be new or all covered')
                 covered[h, r] = True
         if not covered.all(): raise ValueError('parts: every query of every head must be in some part')
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *learned)
         ctx.parts, ctx.scale = parts, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        grads, grad_bias = [torch.zeros_like(t) for t in (q, k, v)], None
+        q, k, v, out, lse, *learned = ctx.saved_tensors
+        grads, shares = [torch.zeros_like(t) for t in (q, k, v)], [None] * len(learned)
         with flushing_denormals():
             for part in ctx.parts:
-                share = part.backward(grad_out, q, k, v, out, lse, grads, ctx.scale, bias)
-                if share is not None: grad_bias = share if grad_bias is None else grad_bias + share
-        return *grads, grad_bias, None, None
+                share = part.backward(grad_out, q, k, v, out, lse, grads, ctx.scale, _read(learned, part))
+                if share is None: continue
+                i = getattr(part, 'reads', 0)
+                shares[i] = share if shares[i] is None else shares[i] + share
+        return *grads, None, None, *shares
 
-# %% ../nbs/03_attention.ipynb #0429d884
+def _read(learned: tuple, part) -> Optional[Tensor]:
+    "The learned tensor `part` reads (the one its `reads` names, the first by default), or `None` where none is."
+    return learned[getattr(part, 'reads', 0)] if learned else None
+
+# %% ../nbs/03_attention.ipynb #28746763
 def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: float,
-                       bias: Optional[Tensor] = None, copy_heads: Optional[bool] = None) -> Tensor:
+                       bias: Union[Tensor, tuple, None] = None, copy_heads: Optional[bool] = None) -> Tensor:
     """Attention of the heads `q`, `k`, `v` `(B, H, T, d)` over the keys of every part (`FlashPart`, or any with
     its `heads`, `rows`, `forward` and `backward`), merged by log-sum-exp, `(B, H, T, d)`; every query of every
     head in some part, and each part's heads and rows all new or all covered by the parts before it; `bias`, a
-    learned tensor the parts read, gets its gradient; `copy_heads`: the heads copied to memory of their own first
-    (default: from `HEADS_COPY_MIN` queries on)."""
+    learned tensor the parts read, or a tuple of them (each part reads the one its `reads` names, the first by
+    default), gets its gradient; `copy_heads`: the heads copied to memory of their own first (default: from
+    `HEADS_COPY_MIN` queries on)."""
     if copy_heads is None: copy_heads = q.shape[2] >= HEADS_COPY_MIN
     if copy_heads: q, k, v = (t.contiguous() for t in (q, k, v))
-    return _Parts.apply(q, k, v, bias, parts, scale)
+    learned = () if bias is None else tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+    return _Parts.apply(q, k, v, parts, scale, *learned)
 
 HEADS_COPY_MIN = 1024  # measured: the flash kernel reads heads of their own faster from here on (below)
 

@@ -1,13 +1,13 @@
 """The paths of a positional bias (issue 22), each against the mask path it replaces, in float64 to 1e-12, outputs and
-every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
-out, and attention in parts against one call (heads copied or read as views); the relative layer's band path (clipped
-and T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far
-keys), its dense and weights paths (a learned table in training, too short for the band or without a causal mask);
-ALiBi's ramp path (the paper's slopes and any, zero and negative ones, one block and several); the float32 rounding
-that bounds the ramp's blocks; every reason `bias_path` gives, and the mask path kept for every mask and position
-argument; memory (no `T x T` tensor saved on the band path, no `(B, H, T, T)` on the dense path, the weights, two
-`(B, T, D)` at most, on the weights path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on
-CUDA."""
+every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written out,
+and attention in parts against one call (heads copied or read as views); the relative layer's band path (clipped and
+T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far keys,
+causal and not: the far keys ahead a shift of their part's log-sum-exp), its dense and weights paths (a learned table in
+training, too short for the band or without a causal mask); ALiBi's ramp path (the paper's slopes and any, zero and
+negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason `bias_path`
+gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on the band path, no
+`(B, H, T, T)` on the dense path, the weights, two `(B, T, D)` at most, on the weights path); flex_attention's
+`score_mod`s on the CPU (eval forward, eager) and on CUDA."""
 import math
 import warnings
 
@@ -207,16 +207,19 @@ def test_band_attention_is_the_mask_for_any_block(m, extra, block, heads, bucket
     _same(out, ref, (q, k, v, table.rel_bias))
 
 
-def test_band_layout_past_the_stairs():
-    """Past `STAIRS_MAX` the layer's band takes one causal call for the far keys, with the heads copied
-    (`HEADS_COPY_MIN`): output and every gradient as the mask path's; the stairs up to it."""
-    assert band_layout(STAIRS_MAX).stairs and not band_layout(STAIRS_MAX + 1).stairs
+@pytest.mark.parametrize('is_causal', [True, False])
+def test_band_layout_past_the_stairs(is_causal):
+    """Past `STAIRS_MAX` the layer's band takes one causal call for the far keys (and without a causal mask one on
+    the sequence reversed for those ahead), with the heads copied (`HEADS_COPY_MIN`): output and every gradient as
+    the mask path's; the stairs up to it."""
+    assert band_layout(STAIRS_MAX, is_causal).stairs and not band_layout(STAIRS_MAX + 1, is_causal).stairs
     assert HEADS_COPY_MIN <= STAIRS_MAX + 1
     layer = _rel_layer(max_distance=20, H=2)
     x = torch.randn(1, STAIRS_MAX + 1, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    assert _rel_path(layer, x) == 'relative-band'
-    ref = layer(x, x, x, attn_mask=causal_mask(x.shape[1], x.shape[1]))[0]
-    _same(layer(x, x, x, is_causal=True)[0], ref, (x, layer.rel_bias, layer.attn.in_proj_weight))
+    assert _rel_path(layer, x, is_causal) == 'relative-band'
+    T = x.shape[1]
+    ref = layer(x, x, x, attn_mask=causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool))[0]
+    _same(layer(x, x, x, is_causal=is_causal)[0], ref, (x, layer.rel_bias, layer.attn.in_proj_weight))
 
 
 @pytest.mark.parametrize('copy', [False, True])
