@@ -304,7 +304,7 @@ def backward(self: BandPart, grad_out, q, k, v, out, lse, grads, scale: float, b
                                  scale, bias)
     return grad_bias
 
-# %% ../nbs/07_relative.ipynb #2e94d224
+# %% ../nbs/07_relative.ipynb #8de14d80
 BAND_BLOCK = 32  # queries per block of the band (measured in benchmarks/NOTES.md, issue 22)
 BAND_ALIGN = 32  # the band's reach either side, in whole steps of this (measured: the prose above)
 
@@ -315,17 +315,17 @@ def _band_bias(rows: Tensor, offset: Tensor, reach: int, max_distance: int, dtyp
     row less the far row (0 behind), and `-inf` only where a causal mask hides the key."""
     low = 0 if ahead is None else -min(ahead, max_distance)
     bias = (rows - rows[-1]).T[:, offset.clamp(low, min(reach, max_distance)) + max_distance]  # then the far row
-    before = (offset < 0) if ahead is None else (offset <= -ahead)  # the keys ahead that the band leaves out
-    outside = ((offset < 0) if ahead is None else torch.zeros_like(before)) if far else before | (offset >= reach)
+    if far: outside = (offset < 0) if ahead is None else torch.zeros_like(offset, dtype=torch.bool)
+    else: outside = (offset >= reach) | ((offset < 0) if ahead is None else (offset <= -ahead))
     return bias.masked_fill(outside, float('-inf')).to(dtype)
 
 def band_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, max_distance: int, reach: int, scale: float,
                    block: int = BAND_BLOCK, stairs: bool = False, ahead: Optional[int] = None) -> Tensor:
-    """Causal self-attention of the heads `(B, H, T, d)` with the bias `rows[clip(i - j, -m, m) + m, h]` (`rows`:
-    `(2m + 1, H)`; offsets from `reach` up share one row), `(B, H, T, d)`; needs `T` past `reach`. The far keys by
-    one causal call, or with `stairs` as a rectangle per block (below). With `ahead`, attention without a causal
-    mask, the offsets from `-ahead` down sharing one row: the far keys ahead as those behind, their scores plus the
-    far-ahead row less the far-behind one (*Without a causal mask*, below)."""
+    """Self-attention of the heads `(B, H, T, d)` with the bias `rows[clip(i - j, -m, m) + m, h]` (`rows`: `(2m + 1,
+    H)`; offsets from `reach` up share one row), `(B, H, T, d)`: causal, the far keys by one causal call or with
+    `stairs` as a rectangle per block (below); with `ahead` (offsets from `-ahead` down share one row) without a
+    causal mask, the far keys ahead as those behind, their scores plus the far-ahead row less the far-behind one
+    (*Without a causal mask*, below)."""
     length, r = q.shape[2], reach
     align = min(block, BAND_ALIGN)  # the keys of a block's window before it and after it, in whole steps of `align`
     behind, after = -(-(r - 1) // align) * align, 0 if ahead is None else -(-(ahead - 1) // align) * align
@@ -334,8 +334,9 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, max_distanc
     if stairs:  # a block's far keys: every key before its window (and after it)
         far = [FlashPart(slice(s, s + block), slice(0, s - behind))
                for s in range(block * (behind // block + 1), length, block)]
-        far += [AheadPart(slice(s, s + block), slice(s + block + after, length))
-                for s in range(0, length - block - after, block) if ahead is not None]
+        if ahead is not None:
+            far += [AheadPart(slice(s, s + block), slice(s + block + after, length))
+                    for s in range(0, length - block - after, block)]
     else:
         far = [FlashPart(slice(r, length), slice(0, length - r), is_causal=True)] if length > r else []
         if ahead is not None and length > ahead:
