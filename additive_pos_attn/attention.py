@@ -333,7 +333,7 @@ class FlashPart(NamedTuple):
                                 is_causal=self.is_causal, attn_mask=self.mask, scale=scale)
         for grad, share, part in zip(grads, shares, (r, c, c)): grad[:, h, part] += share
 
-# %% ../nbs/03_attention.ipynb #810ca66b
+# %% ../nbs/03_attention.ipynb #49cd00ec
 @contextlib.contextmanager
 def flushing_denormals():
     "Flush subnormal floats to zero on the CPU while the block runs (the calling thread), then restore the flag."
@@ -348,16 +348,21 @@ def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
-# %% ../nbs/03_attention.ipynb #cec68d11
+def _read(learned: tuple, part) -> Optional[Tensor]:
+    "The learned tensor `part` reads (the one its `reads` names, the first by default), or `None` where none is."
+    return learned[getattr(part, 'reads', 0)] if learned else None
+
+# %% ../nbs/03_attention.ipynb #8ff9535f
 class _Parts(torch.autograd.Function):
     "`attention_in_parts`: the parts' forwards merged by log-sum-exp; each part's backward with the merged output."
     @staticmethod
     def forward(ctx, q, k, v, parts, scale: float, *learned):
-        (batch, heads, length, _), out, lse = q.shape, None, None
+        (batch, heads, length, _), out, lse, ctx.kept = q.shape, None, None, []
         covered = torch.zeros(heads, length, dtype=torch.bool)
         with flushing_denormals():
             for part in parts:
-                o, l, (h, r) = *part.forward(q, k, v, scale, _read(learned, part)), (part.heads, part.rows)
+                (o, l, *kept), h, r = part.forward(q, k, v, scale, _read(learned, part)), part.heads, part.rows
+                ctx.kept.append(kept)  # what the part's backward needs besides the merged output
                 # the first part's buffers where it covers every head and query and its heads merge by a view
                 if out is None and (covered[h, r].numel() < covered.numel() or not o.transpose(1, 2).is_contiguous()):
                     out = q.new_empty(batch, length, heads, o.shape[-1]).transpose(1, 2)  # heads merged by a view
@@ -378,16 +383,12 @@ class _Parts(torch.autograd.Function):
         q, k, v, out, lse, *learned = ctx.saved_tensors
         grads, shares = [torch.zeros_like(t) for t in (q, k, v)], [None] * len(learned)
         with flushing_denormals():
-            for part in ctx.parts:
-                share = part.backward(grad_out, q, k, v, out, lse, grads, ctx.scale, _read(learned, part))
+            for part, kept in zip(ctx.parts, ctx.kept):
+                share = part.backward(grad_out, q, k, v, out, lse, grads, ctx.scale, _read(learned, part), *kept)
                 if share is None: continue
                 i = getattr(part, 'reads', 0)
                 shares[i] = share if shares[i] is None else shares[i] + share
         return *grads, None, None, *shares
-
-def _read(learned: tuple, part) -> Optional[Tensor]:
-    "The learned tensor `part` reads (the one its `reads` names, the first by default), or `None` where none is."
-    return learned[getattr(part, 'reads', 0)] if learned else None
 
 # %% ../nbs/03_attention.ipynb #28746763
 def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: float,

@@ -23,7 +23,8 @@ from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_
 from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, BiasCall, FlashPart, attention_in_parts,
                                          choose_path, flex_bias_attention, project_heads)
 from additive_pos_attn.positions import causal_mask
-from additive_pos_attn.relative import STAIRS_MAX, DensePart, band_attention, band_layout, relative_reference
+from additive_pos_attn.relative import (STAIRS_MAX, AheadPart, DensePart, band_attention, band_layout,
+                                        relative_reference)
 from cases import DTYPE, close, mask_kinds, position_kinds, randomise, stream
 from strategies import SETTINGS
 
@@ -126,6 +127,25 @@ def test_parts_flush_subnormals_and_leave_the_flag_as_it_was():
             attention_in_parts(q, q, q, [Probe(slice(None), slice(None), True)], scale=1.0).sum().backward()
             assert bool((tiny * 1.0).item() == 0) == before and seen[-1]
         finally: torch.set_flush_denormal(False); torch.set_default_dtype(torch.float32)
+
+
+def test_one_list_of_parts_serves_calls_in_turn():
+    """A part keeps nothing of a call (what its backward needs, the call keeps): one list of parts, the far keys
+    ahead among them, serves two forwards before the first backward, every gradient its own call's."""
+    T, g = 8, torch.Generator().manual_seed(0)
+    shift = torch.tensor([1.0, -2.0], dtype=DTYPE, requires_grad=True)
+    parts = [FlashPart(slice(0, 4), slice(0, 4)), FlashPart(slice(4, 8), slice(4, 8)),
+             AheadPart(slice(0, 4), slice(4, 8))]
+    bias = torch.zeros(2, T, T, dtype=DTYPE)
+    bias[:, 4:, :4] = -math.inf  # the queries 4 to 7 see the keys 4 to 7; the queries 0 to 3 see all, 4 to 7 shifted
+    calls = [tuple(torch.randn(1, 2, T, 4, generator=g, dtype=DTYPE, requires_grad=True) for _ in range(3))
+             for _ in range(2)]
+    outs = [attention_in_parts(q, k, v, parts, scale=0.5, bias=(shift, shift)) for q, k, v in calls]
+    for out, (q, k, v) in zip(outs, calls):
+        shifted = bias.clone()
+        shifted[:, :4, 4:] = shift[:, None, None]
+        ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=shifted, scale=0.5)
+        _same(out, ref, (q, k, v, shift))
 
 
 def test_parts_refuse_rows_half_covered_and_rows_left_out():
