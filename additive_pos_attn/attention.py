@@ -333,7 +333,7 @@ class FlashPart(NamedTuple):
                                 is_causal=self.is_causal, attn_mask=self.mask, scale=scale)
         for grad, share, part in zip(grads, shares, (r, c, c)): grad[:, h, part] += share
 
-# %% ../nbs/03_attention.ipynb #49cd00ec
+# %% ../nbs/03_attention.ipynb #0a0db960
 @contextlib.contextmanager
 def flushing_denormals():
     "Flush subnormal floats to zero on the CPU while the block runs (the calling thread), then restore the flag."
@@ -348,11 +348,13 @@ def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     out.mul_((lse - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
     lse.copy_(merged)
 
-def _read(learned: tuple, part) -> Optional[Tensor]:
-    "The learned tensor `part` reads (the one its `reads` names, the first by default), or `None` where none is."
-    return learned[getattr(part, 'reads', 0)] if learned else None
+def _reads(part) -> int: return getattr(part, 'reads', 0)  # which learned tensor a part reads: the first by default
 
-# %% ../nbs/03_attention.ipynb #8ff9535f
+def _read(learned: tuple, part) -> Optional[Tensor]:
+    "The learned tensor `part` reads (`_reads`), or `None` where the call has none."
+    return learned[_reads(part)] if learned else None
+
+# %% ../nbs/03_attention.ipynb #485ae48a
 class _Parts(torch.autograd.Function):
     "`attention_in_parts`: the parts' forwards merged by log-sum-exp; each part's backward with the merged output."
     @staticmethod
@@ -386,7 +388,7 @@ class _Parts(torch.autograd.Function):
             for part, kept in zip(ctx.parts, ctx.kept):
                 share = part.backward(grad_out, q, k, v, out, lse, grads, ctx.scale, _read(learned, part), *kept)
                 if share is None: continue
-                i = getattr(part, 'reads', 0)
+                i = _reads(part)
                 shares[i] = share if shares[i] is None else shares[i] + share
         return *grads, None, None, *shares
 
