@@ -4,7 +4,7 @@
 __all__ = ['ALIBI_FLOAT32_SPAN', 'alibi_slopes', 'check_slopes', 'alibi_bias', 'alibi_reference', 'ALiBiMultiheadAttention',
            'alibi_block', 'alibi_parts', 'alibi_ramp_attention']
 
-# %% ../nbs/09_alibi.ipynb #2d7dda2c
+# %% ../nbs/09_alibi.ipynb #0be5ea58
 import math
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ._compat import reset_mha_parameters
 from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, first_given,
-                                         flex_bias_attention, fused_attention, module_attention, project_heads,
-                                         project_out)
+                                         flex_bias_attention, fused_attention, module_attention, offset_diagonals,
+                                         project_heads, project_out, toeplitz_attention)
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_positive_int, mha_options
@@ -152,7 +152,7 @@ def extra_repr(self: ALiBiMultiheadAttention) -> str:
     return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
             f"{'' if self.batch_first else ', batch_first=False'}{slopes}")
 
-# %% ../nbs/09_alibi.ipynb #84a943ea
+# %% ../nbs/09_alibi.ipynb #dd639d6e
 @patch
 @positional_forward
 def forward(self: ALiBiMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -173,6 +173,8 @@ def forward(self: ALiBiMultiheadAttention, query: Tensor, key: Tensor, value: Te
                                                                       reach))
     if path.name == 'alibi-ramp': return alibi_ramp_attention(attn, query, self.slopes), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
+    if path.name == 'toeplitz':
+        return toeplitz_attention(attn, query, offset_diagonals(self.pair_bias, query.shape[1], query.device)), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
     masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)

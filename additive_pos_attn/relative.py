@@ -5,7 +5,7 @@ __all__ = ['BAND_BLOCK', 'BAND_ALIGN', 'STAIRS_MAX', 'STAIRS_BLOCK', 'BIDIRECTIO
            'DENSE_CHUNK', 'relative_reference', 'AdditiveRelMultiheadAttention', 'band_reach', 'BandPart',
            'band_attention', 'BandLayout', 'band_layout', 'AheadPart', 'full_bias', 'DensePart', 't5_bucket_reference']
 
-# %% ../nbs/07_relative.ipynb #49d147e8
+# %% ../nbs/07_relative.ipynb #2fd76976
 import math
 import struct
 from typing import NamedTuple, Optional
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ._compat import flash_backward, flash_forward, reset_mha_parameters
 from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, first_given,
-                                         flex_bias_attention, fused_attention, module_attention, project_heads,
-                                         project_out)
+                                         flex_bias_attention, fused_attention, module_attention, offset_diagonals,
+                                         project_heads, project_out, toeplitz_attention)
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_bool, check_positive_int, mha_options
@@ -134,7 +134,7 @@ def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra += ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-# %% ../nbs/07_relative.ipynb #106df9fd
+# %% ../nbs/07_relative.ipynb #f2567183
 @patch
 @positional_forward
 def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -157,6 +157,8 @@ def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, val
     if path.name == 'relative-dense': return self.dense_forward(query, is_causal=is_causal), None
     if path.name == 'relative-weights': return self.weights_forward(query, is_causal=is_causal), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
+    if path.name == 'toeplitz':
+        return toeplitz_attention(attn, query, offset_diagonals(self.pair_bias, query.shape[1], query.device)), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
     masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)

@@ -31,10 +31,11 @@ not pay, `BIAS_PATH_MIN`, the dense or the weights path, as the dispatch picks b
 replaces (`fused_attention` with the bias as a mask, as before), beside the causal floor (`causal_floor`: packed
 projection, SDPA's causal kernel, out-projection), at the four CPU shapes and at T = 2048 and 4096 (`BIAS_SHAPES`;
 the mask path is left out where its (B, H, T, T) tensors would not fit beside the others, `MASK_MAX_T`); and up to
-`BIDIRECTIONAL_MAX_T` the clipped layer without a causal mask ('relative-bi': the path the dispatch takes, the band
-path from `BIAS_PATH_MIN` times the reach on, below it in training the dense or weights path, and the mask path
-beside it; in eval below the band the mask path alone) beside a floor of its own, SDPA without a mask ('floor-bi'). In
-training it counts the bytes saved for backward in units of one (B, T, D):
+`BIDIRECTIONAL_MAX_T` the clipped layer and ALiBi without a causal mask ('relative-bi', 'alibi-bi': the path the
+dispatch takes, and the mask path beside it: in eval and for ALiBi the toeplitz path from `TOEPLITZ_MIN` on; for
+the learned table in training the band path from `BIAS_PATH_MIN` times the reach on, below it the dense or weights
+path; where the dispatch keeps the mask path, that alone) beside a floor of its own, SDPA without a mask
+('floor-bi'). In training it counts the bytes saved for backward in units of one (B, T, D):
 
     python benchmarks/paths.py --bias --threads 1 --timer process --rounds 7 --json benchmarks/bias_paths.json
 """
@@ -191,15 +192,20 @@ def report(results):
 
 
 BIAS_SHAPES = CPU_SHAPES + [(1, 2048, 512, 8), (1, 4096, 512, 8)]
-BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi')  # relative-bi: the clipped table, no causal mask
+BIAS_LAYERS = ('relative', 'relative-t5', 'alibi', 'relative-bi', 'alibi-bi')  # -bi: without a causal mask
 MASK_MAX_T = {'forward': 2048, 'forward+backward': 2048}  # past these lengths the mask path is not timed
-BIDIRECTIONAL_MAX_T = 4096  # relative-bi up to here (its mask path is not timed past MASK_MAX_T)
+BIDIRECTIONAL_MAX_T = 4096  # the layers without a causal mask up to here (their mask path not past MASK_MAX_T)
 LEARNED_PATHS = {'relative-dense': 'dense_forward', 'relative-weights': 'weights_forward'}  # the layer's methods
 
 
 def floor_of_call(name):
     "The floor a call is timed against: attention without a mask for the layer without a causal mask, else causal."
-    return 'floor-bi' if name.startswith('relative-bi') else 'floor'
+    return 'floor-bi' if bidirectional(name.split(':')[0]) else 'floor'
+
+
+def bidirectional(layer_name):
+    "Whether a layer of `BIAS_LAYERS` is timed without a causal mask."
+    return layer_name.endswith('-bi')
 
 
 def causal_floor(attn, x, is_causal=True):
@@ -213,17 +219,17 @@ def causal_floor(attn, x, is_causal=True):
 
 def bias_calls(shape, x, mode):
     """The floor and, per layer, its new path ('new') and the mask path ('mask'), each returning the output; the
-    layers. Without a causal mask (relative-bi: the dispatch's path; in eval below the band the mask path only)
-    beside a floor of its own ('floor-bi')."""
+    layers. Without a causal mask (relative-bi, alibi-bi: the dispatch's path; where it keeps the mask, the mask
+    path only) beside a floor of its own ('floor-bi')."""
     from additive_pos_attn.alibi import alibi_ramp_attention
-    from additive_pos_attn.attention import fused_attention
+    from additive_pos_attn.attention import fused_attention, offset_diagonals, toeplitz_attention
     import harness
     calls, layers = {}, {}
     T = shape[1]
     for name in BIAS_LAYERS:
-        causal = name != 'relative-bi'
+        causal = not bidirectional(name)
         if not causal and T > BIDIRECTIONAL_MAX_T: continue
-        spec = harness.LAYERS['relative' if name == 'relative-bi' else name]
+        spec = harness.LAYERS[name.removesuffix('-bi')]
         module = __import__(f'additive_pos_attn.{spec.module}', fromlist=[spec.cls])
         layer = harness.make_layer(getattr(module, spec.cls), shape, spec=spec).train(mode != 'forward')
         layers[name] = layer
@@ -231,6 +237,9 @@ def bias_calls(shape, x, mode):
             chosen = layer_path(layer, x, causal)['name']
         if name == 'alibi':
             calls[f'{name}:new'] = lambda layer=layer: alibi_ramp_attention(layer.attn, x, layer.slopes)
+        elif chosen == 'toeplitz':
+            calls[f'{name}:new'] = lambda layer=layer: toeplitz_attention(layer.attn, x, offset_diagonals(
+                layer.pair_bias, T, x.device))
         elif chosen in LEARNED_PATHS:  # a learned table where the band does not serve
             forward = getattr(layer, LEARNED_PATHS[chosen])
             calls[f'{name}:new'] = lambda forward=forward, c=causal: forward(x, is_causal=c)
@@ -241,7 +250,7 @@ def bias_calls(shape, x, mode):
                 layer.attn, x, x, x, is_causal=c, logit_bias=layer.pair_bias(None, None, q_len=T, k_len=T))
     attn = layers['relative'].attn
     calls['floor'] = lambda: causal_floor(attn, x)
-    if 'relative-bi' in layers: calls['floor-bi'] = lambda: causal_floor(attn, x, is_causal=False)
+    if any(map(bidirectional, layers)): calls['floor-bi'] = lambda: causal_floor(attn, x, is_causal=False)
     return calls, layers
 
 
@@ -271,7 +280,7 @@ def run_bias(args):
         times = time_case(timed(calls, grad), rounds=opts['rounds'], min_run_time=opts['min_run_time'],
                           num_threads=opts['num_threads'], timer=clock('cpu', args.timer))
         with torch.set_grad_enabled(mode != 'forward'):
-            chosen = {name: layer_path(layer, x, name != 'relative-bi') for name, layer in layers.items()}
+            chosen = {name: layer_path(layer, x, not bidirectional(name)) for name, layer in layers.items()}
         rows.append(dict(B=shape[0], T=shape[1], D=shape[2], H=shape[3], mode=mode, rounds=opts['rounds'],
                          ms={n: t[0] * 1e3 for n, t in times.items()}, saved_units=units, chosen=chosen,
                          vs_floor={n: paired(times, n, floor_of_call(n)) for n in calls if not n.startswith('floor')}))

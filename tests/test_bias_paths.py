@@ -20,8 +20,8 @@ from torch import nn
 from additive_pos_attn import ALiBiMultiheadAttention, AdditiveRelMultiheadAttention
 from additive_pos_attn._compat import _readable, _written_backward, _written_forward, flash_backward, flash_forward
 from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_attention, alibi_reference
-from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, BiasCall, FlashPart, attention_in_parts,
-                                         choose_path, flex_bias_attention, project_heads)
+from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, TOEPLITZ_MIN, BiasCall, FlashPart,
+                                         attention_in_parts, choose_path, flex_bias_attention, project_heads)
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import (STAIRS_MAX, AheadPart, DensePart, band_attention, band_layout,
                                         relative_reference)
@@ -389,6 +389,80 @@ def _alibi_path(layer, x, reach):
     return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, True, None, reach)).name
 
 
+# --- the toeplitz path: a bias of the offset alone as a view ---------------------------------------------------------
+
+TOEPLITZ_LAYERS = {'clipped': lambda: _rel_layer(max_distance=5),
+                   'one column': lambda: _rel_layer(max_distance=3, per_head=False),
+                   't5 encoder': lambda: _rel_layer(max_distance=12, num_buckets=8),
+                   't5 decoder': lambda: _rel_layer(max_distance=12, num_buckets=8, bidirectional=False),
+                   'no bias': lambda: _rel_layer(max_distance=40, bias=False),
+                   'alibi': lambda: randomise(ALiBiMultiheadAttention(16, 4, dtype=DTYPE)),
+                   'any slopes': lambda: randomise(ALiBiMultiheadAttention(16, 4, slopes=[1.0, -0.5, 0.0, 2.0],
+                                                                           dtype=DTYPE))}
+
+
+@pytest.mark.parametrize('name', TOEPLITZ_LAYERS)
+@pytest.mark.parametrize('T', [TOEPLITZ_MIN, TOEPLITZ_MIN + 37])
+def test_toeplitz_path_is_the_mask_path(name, T):
+    """Without a causal mask, a bias that takes no gradient (ALiBi's; the relative table in eval, or frozen) takes the
+    toeplitz path from `TOEPLITZ_MIN` on: output and every gradient of the input and of `attn` as the mask path's;
+    a learned table in training does not, nor a causal call."""
+    layer = TOEPLITZ_LAYERS[name]()
+    x = torch.randn(2, T, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(T), requires_grad=True)
+    ref = layer(x, x, x, attn_mask=torch.zeros(T, T, dtype=torch.bool))[0]  # a mask: the mask path
+    with torch.no_grad():
+        assert _any_path(layer, x, False) == 'toeplitz'
+        close(layer(x, x, x)[0], ref, 1e-12)
+    if isinstance(layer, AdditiveRelMultiheadAttention):
+        assert _any_path(layer, x, False) in ('relative-dense', 'relative-band')  # a learned table in training
+        layer.rel_bias.requires_grad_(False)
+    assert _any_path(layer, x, False) == 'toeplitz' and _any_path(layer, x, True) != 'toeplitz'
+    _same(layer(x, x, x)[0], ref, (x, *[p for p in layer.parameters() if p.requires_grad]))
+    short = x[:, :TOEPLITZ_MIN - 1]
+    assert _any_path(layer, short, False) != 'toeplitz'
+
+
+def _any_path(layer, x, is_causal):
+    "The path `choose_path` takes for either layer's self-attention call of `x`."
+    if isinstance(layer, ALiBiMultiheadAttention):
+        return choose_path(layer.attn, need_weights=False, bias=BiasCall(
+            'alibi', x, x, x, is_causal, None, float(layer.slopes.abs().max()))).name
+    return _rel_path(layer, x, is_causal)
+
+
+@pytest.mark.parametrize('kind', ['relative', 'alibi'])
+def test_toeplitz_path_in_float32(kind):
+    """In float32 the toeplitz path is as close to float64 as the mask path (the same sums, the keys in another order),
+    and ALiBi's far keys, whose weights are subnormal or zero, cost nothing in accuracy."""
+    torch.manual_seed(0)
+    layer = (AdditiveRelMultiheadAttention(16, 4, max_distance=20) if kind == 'relative'
+             else ALiBiMultiheadAttention(16, 4)).eval()
+    x = torch.randn(2, 600, 16)
+    with torch.no_grad():
+        exact = layer.double()(x.double(), x.double(), x.double())[0]
+        layer.float()
+        out = layer(x, x, x)[0]
+        masked = layer(x, x, x, attn_mask=torch.zeros(600, 600, dtype=torch.bool))[0]
+        assert _any_path(layer, x, False) == 'toeplitz'
+    assert (out.double() - exact).abs().max() <= 2 * (masked.double() - exact).abs().max() + 1e-7
+
+
+def test_toeplitz_path_saves_no_square_tensor():
+    """ALiBi without a causal mask, in training: what is saved for backward holds nothing of `T x T` elements (the mask
+    a view of `H (2T - 1)` numbers); the mask path saves the bias."""
+    layer = ALiBiMultiheadAttention(16, 4, dtype=DTYPE)
+    T = 300
+    x = torch.randn(1, T, 16, dtype=DTYPE, requires_grad=True)
+    def largest(**kw):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            layer(x, x, x, **kw)
+        return max(sizes) // x.element_size()
+    assert largest() < T * T / 4
+    assert largest(attn_mask=torch.zeros(T, T, dtype=torch.bool)) >= T * T
+
+
 # --- the dispatch: every reason, every mask ---------------------------------------------------------------------------
 
 def _reasons():
@@ -400,15 +474,21 @@ def _reasons():
     short, long = torch.zeros(2, 10, 16, dtype=DTYPE), torch.zeros(1, 1024, 16, dtype=DTYPE)
     shorter = torch.zeros(2, 8, 16, dtype=DTYPE)  # the weights (B, 4, 8, 8): two (B, 8, 16), no more
     alibi = call._replace(scheme='alibi', reach=0.2, query=long, key=long, value=long)
+    toeplitz = torch.zeros(1, TOEPLITZ_MIN, 16, dtype=DTYPE)
     return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
             (attn(), call._replace(given='q_position_mask'), 'fused', 'q_position_mask given'),
             (attn(), call._replace(key=other, value=other), 'fused', 'not self-attention'),
             (attn(kdim=8, vdim=8), call, 'fused', 'apart'), (attn(add_bias_kv=True), call, 'fused', 'adds keys'),
             (attn(add_zero_attn=True), call, 'fused', 'adds keys'),
             (attn(dropout=0.1), call, 'fused', 'attention dropout'),
-            (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused', 'no causal mask'),
+            (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused',
+             f'no causal mask (the penalty is not a bias per key then), T < {TOEPLITZ_MIN}'),
             (attn(), call._replace(is_causal=False, reach=9), 'fused', 'no causal mask, training with T < 6 times'),
-            (attn(), call._replace(is_causal=False, reach=2), 'relative-band', 'far keys on both sides'),
+            (attn(), call._replace(is_causal=False, reach=2, learned=True), 'relative-band', 'far keys on both sides'),
+            (attn(), call._replace(is_causal=False, reach=2, query=toeplitz, key=toeplitz, value=toeplitz), 'toeplitz',
+             'no causal mask, a bias of the offset alone without gradient'),
+            (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False, query=toeplitz, key=toeplitz,
+                                   value=toeplitz), 'toeplitz', 'the mask of the keys in reverse order'),
             (attn(), call._replace(query=half, key=half, value=half), 'fused', 'torch.bfloat16: the paths are for'),
             (attn(), call._replace(scheme='alibi', reach=1.0, query=long32, key=long32, value=long32), 'alibi-ramp',
              'ramp'),
