@@ -432,7 +432,7 @@ def full_bias(offset_rows: Tensor, length: int, *, max_distance: int, is_causal:
     hidden = causal_mask(length, length, bias.device)  # added as a float (autograd keeps no mask), not filled
     return bias.add_(torch.zeros(hidden.shape, dtype=bias.dtype, device=bias.device).masked_fill_(hidden, -math.inf))
 
-# %% ../nbs/07_relative.ipynb #b5c33f9b
+# %% ../nbs/07_relative.ipynb #0f6884a5
 DENSE_CHUNK = 2 ** 18  # weights per step of the dense backward, 1 MB in float32 (measured: the prose above)
 
 class DensePart(NamedTuple):
@@ -461,9 +461,9 @@ class DensePart(NamedTuple):
             scores = torch.baddbmm(bias[h], q[b, h], k[b, h].transpose(-1, -2), alpha=scale).sub_(lse[b, h, :, None])
             weights = scores.clamp_(min=-80.0).exp_().mul_(seen[h]) if self.is_causal else scores.exp_()
             grad_scores = torch.bmm(grad_out[b, h], v[b, h].transpose(-1, -2)).sub_(dots[b, h]).mul_(weights)
-            grads[0][b, h] += torch.bmm(grad_scores, k[b, h]).mul_(scale)
-            grads[1][b, h] += torch.bmm(grad_scores.transpose(-1, -2), q[b, h]).mul_(scale)
-            grads[2][b, h] += torch.bmm(weights.transpose(-1, -2), grad_out[b, h])
+            grads[0][b, h].baddbmm_(grad_scores, k[b, h], alpha=scale)  # added by the product itself, no copy
+            grads[1][b, h].baddbmm_(grad_scores.transpose(-1, -2), q[b, h], alpha=scale)
+            grads[2][b, h].baddbmm_(weights.transpose(-1, -2), grad_out[b, h])
             grad_bias[h] += grad_scores
         positions = torch.arange(length, device=q.device)
         index = offset_index(positions, positions, self.max_distance).view(1, -1).expand(heads, -1)

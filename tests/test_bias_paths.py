@@ -4,9 +4,11 @@ and attention in parts against one call (heads copied or read as views); the rel
 T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far keys,
 causal and not: the far keys ahead a shift of their part's log-sum-exp), its dense and weights paths (a learned table in
 training, too short for the band or without a causal mask); ALiBi's ramp path (the paper's slopes and any, zero and
-negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; every reason `bias_path`
-gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on the band path, no
-`(B, H, T, T)` on the dense path, the weights, two `(B, T, D)` at most, on the weights path); flex_attention's
+negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; the toeplitz path without a
+causal mask (ALiBi, and the relative table in eval or frozen: a view of the bias of each offset, the keys reversed); every
+reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on
+the band and toeplitz paths, no `(B, H, T, T)` on the dense path, the weights, two `(B, T, D)` at most, on the weights
+path); flex_attention's
 `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
 import math
 import warnings
