@@ -1,15 +1,14 @@
 """The paths of a positional bias (issue 22), each against the mask path it replaces, in float64 to 1e-12, outputs and
-every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written out,
-and attention in parts against one call (heads copied or read as views); the relative layer's band path (clipped and
-T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far keys,
-causal and not: the far keys ahead a shift of their part's log-sum-exp), its dense and weights paths (a learned table in
-training, too short for the band or without a causal mask); ALiBi's ramp path (the paper's slopes and any, zero and
+every gradient (the table's included): torch's flash kernel and its backward (`_compat`) against the scores written
+out, and attention in parts against one call (heads copied or read as views); the relative layer's band path (clipped
+and T5's buckets, one table or one per head, every length around the band and the block, both layouts of the far keys,
+causal and not: the far keys ahead a shift of their part's log-sum-exp), its dense and weights paths (a learned table
+in training, too short for the band or without a causal mask); ALiBi's ramp path (the paper's slopes and any, zero and
 negative ones, one block and several); the float32 rounding that bounds the ramp's blocks; the toeplitz path without a
-causal mask (ALiBi, and the relative table in eval or frozen: a view of the bias of each offset, the keys reversed); every
-reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor saved on
-the band and toeplitz paths, no `(B, H, T, T)` on the dense path, the weights, two `(B, T, D)` at most, on the weights
-path); flex_attention's
-`score_mod`s on the CPU (eval forward, eager) and on CUDA."""
+causal mask (ALiBi, and the relative table in eval or frozen: a view of the bias of each offset, the keys reversed);
+every reason `bias_path` gives, and the mask path kept for every mask and position argument; memory (no `T x T` tensor
+saved on the band and toeplitz paths, no `(B, H, T, T)` on the dense path, the weights, two `(B, T, D)` at most, on the
+weights path); flex_attention's `score_mod`s on the CPU (eval forward, eager) and on CUDA."""
 import math
 import warnings
 
@@ -22,8 +21,10 @@ from torch import nn
 from additive_pos_attn import ALiBiMultiheadAttention, AdditiveRelMultiheadAttention
 from additive_pos_attn._compat import _readable, _written_backward, _written_forward, flash_backward, flash_forward
 from additive_pos_attn.alibi import ALIBI_FLOAT32_SPAN, alibi_parts, alibi_ramp_attention, alibi_reference
-from additive_pos_attn.attention import (BIAS_PATH_MIN, HEADS_COPY_MIN, TOEPLITZ_MIN, BiasCall, FlashPart,
-                                         attention_in_parts, choose_path, flex_bias_attention, project_heads)
+from additive_pos_attn import attention as attention_module
+from additive_pos_attn.attention import (BAND_MIN_LENGTH, BIAS_PATH_MIN, HEADS_COPY_MIN, TOEPLITZ_MIN, BiasCall,
+                                         FlashPart, attention_in_parts, choose_path, flex_bias_attention,
+                                         offset_diagonals, project_heads, toeplitz_attention)
 from additive_pos_attn.positions import causal_mask
 from additive_pos_attn.relative import (STAIRS_MAX, AheadPart, DensePart, band_attention, band_layout,
                                         relative_reference)
@@ -176,14 +177,15 @@ def _rel_path(layer, x, is_causal=True):
 
 def _check_band(layer, T, B=2, seed=0):
     """The layer's band path (`band_forward`), causal or not, gives the mask path's output and every gradient, eval
-    alike; the layer takes it from `BIAS_PATH_MIN` times the reach on (without a causal mask: its 'relative-bi'
-    times the longer reach), and a learned table's dense or weights path below."""
+    alike; the layer takes it from `BIAS_PATH_MIN` times the reach (without a causal mask: its 'relative-bi' times the
+    longer reach) and `BAND_MIN_LENGTH` keys on, and a learned table's dense or weights path below."""
     x = torch.randn(B, T, layer.embed_dim, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)).requires_grad_()
     learned = 'relative-dense' if layer.num_heads * T > 2 * layer.embed_dim else 'relative-weights'
     for is_causal in (True, False):
         reaches = layer.band_reaches(is_causal)
-        least = BIAS_PATH_MIN['relative' if is_causal else 'relative-bi']['training']
-        taken = T >= least * (reaches[0] if is_causal else max(reaches))
+        key = 'relative' if is_causal else 'relative-bi'
+        least = BIAS_PATH_MIN[key]['training']
+        taken = T >= least * (reaches[0] if is_causal else max(reaches)) and T >= BAND_MIN_LENGTH[key]
         assert _rel_path(layer, x, is_causal) == ('relative-band' if taken else learned)
         mask = causal_mask(T, T) if is_causal else torch.zeros(T, T, dtype=torch.bool)
         ref = layer(x, x, x, attn_mask=mask)[0]  # a mask: the mask path (tests/test_relative.py)
@@ -201,7 +203,8 @@ def _check_band(layer, T, B=2, seed=0):
 def test_band_path_is_the_mask_path(options):
     layer = _rel_layer(**options)
     reach = max(layer.band_reaches(False))
-    for T in sorted({1, reach + 1, 65, 2 * max(reach, 64) + 7, 3 * 64 + reach, 6 * reach + 1}):
+    for T in sorted({1, reach + 1, 65, 2 * max(reach, 64) + 7, 3 * 64 + reach, 6 * reach + 1,
+                     BAND_MIN_LENGTH['relative-bi']}):  # the last: the layer's own path is the band, both ways
         _check_band(layer, T)
 
 
@@ -435,26 +438,30 @@ def _any_path(layer, x, is_causal):
 @pytest.mark.parametrize('kind', ['relative', 'alibi'])
 def test_toeplitz_path_in_float32(kind):
     """In float32 the toeplitz path is as close to float64 as the mask path (the same sums, the keys in another order),
-    and ALiBi's far keys, whose weights are subnormal or zero, cost nothing in accuracy."""
+    output and input gradient, and ALiBi's far keys, whose weights are subnormal or zero, cost nothing in accuracy."""
     torch.manual_seed(0)
     layer = (AdditiveRelMultiheadAttention(16, 4, max_distance=20) if kind == 'relative'
-             else ALiBiMultiheadAttention(16, 4)).eval()
+             else ALiBiMultiheadAttention(16, 4)).requires_grad_(False)  # a frozen table: the path in training too
     x = torch.randn(2, 600, 16)
-    with torch.no_grad():
-        exact = layer.double()(x.double(), x.double(), x.double())[0]
-        layer.float()
-        out = layer(x, x, x)[0]
-        masked = layer(x, x, x, attn_mask=torch.zeros(600, 600, dtype=torch.bool))[0]
-        assert _any_path(layer, x, False) == 'toeplitz'
-    assert (out.double() - exact).abs().max() <= 2 * (masked.double() - exact).abs().max() + 1e-7
+    def call(dtype, **kw):
+        y = x.to(dtype).requires_grad_()
+        out = layer.to(dtype)(y, y, y, **kw)[0]
+        return out.double(), torch.autograd.grad(out.sum(), y)[0].double()
+    exact, masked = call(torch.float64), call(torch.float32, attn_mask=torch.zeros(600, 600, dtype=torch.bool))
+    out = call(torch.float32)
+    assert _any_path(layer, x.requires_grad_(), False) == 'toeplitz'
+    for a, b, ref in zip(out, masked, exact): assert (a - ref).abs().max() <= 2 * (b - ref).abs().max() + 1e-7
 
 
-def test_toeplitz_path_saves_no_square_tensor():
-    """ALiBi without a causal mask, in training: what is saved for backward holds nothing of `T x T` elements (the mask
-    a view of `H (2T - 1)` numbers); the mask path saves the bias."""
+def test_toeplitz_path_keeps_nothing_of_t_by_t(monkeypatch):
+    """ALiBi without a causal mask, in training: the part's mask is a view of `H (2T - 1)` numbers, and nothing autograd
+    saves for backward holds `T x T` elements; the mask path saves the bias."""
     layer = ALiBiMultiheadAttention(16, 4, dtype=DTYPE)
     T = 300
     x = torch.randn(1, T, 16, dtype=DTYPE, requires_grad=True)
+    parts, in_parts = [], attention_module.attention_in_parts
+    monkeypatch.setattr(attention_module, 'attention_in_parts',
+                        lambda q, k, v, given, **kw: parts.extend(given) or in_parts(q, k, v, given, **kw))
     def largest(**kw):
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.untyped_storage().nbytes()) or t,
@@ -462,7 +469,19 @@ def test_toeplitz_path_saves_no_square_tensor():
             layer(x, x, x, **kw)
         return max(sizes) // x.element_size()
     assert largest() < T * T / 4
+    assert [part.mask.untyped_storage().nbytes() for part in parts] == [4 * (2 * T - 1) * x.element_size()]
     assert largest(attn_mask=torch.zeros(T, T, dtype=torch.bool)) >= T * T
+
+
+def test_toeplitz_attention_refuses_diagonals_that_learn():
+    "The kernel gives its mask no gradient: diagonals that require one are refused, not silently dropped."
+    layer = _rel_layer(max_distance=5)
+    x = torch.randn(1, TOEPLITZ_MIN, 16, dtype=DTYPE)
+    diagonals = offset_diagonals(layer.pair_bias, TOEPLITZ_MIN)
+    assert diagonals.requires_grad
+    with pytest.raises(ValueError, match='diagonals must take no gradient'):
+        toeplitz_attention(layer.attn, x, diagonals)
+    with torch.no_grad(): toeplitz_attention(layer.attn, x, diagonals)  # without gradients: nothing to drop
 
 
 # --- the dispatch: every reason, every mask ---------------------------------------------------------------------------
@@ -477,7 +496,9 @@ def _reasons():
     shorter = torch.zeros(2, 8, 16, dtype=DTYPE)  # the weights (B, 4, 8, 8): two (B, 8, 16), no more
     alibi = call._replace(scheme='alibi', reach=0.2, query=long, key=long, value=long)
     toeplitz = torch.zeros(1, TOEPLITZ_MIN, 16, dtype=DTYPE)
-    return [(attn(), call, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
+    band = call._replace(query=long, key=long, value=long)
+    return [(attn(), band, 'relative-band', 'far keys'), (attn(), alibi, 'alibi-ramp', 'a bias per key'),
+            (attn(), call, 'fused', 'training with T < 1.5 times the band or 256 keys'),
             (attn(), call._replace(given='q_position_mask'), 'fused', 'q_position_mask given'),
             (attn(), call._replace(key=other, value=other), 'fused', 'not self-attention'),
             (attn(kdim=8, vdim=8), call, 'fused', 'apart'), (attn(add_bias_kv=True), call, 'fused', 'adds keys'),
@@ -486,7 +507,7 @@ def _reasons():
             (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False), 'fused',
              f'no causal mask (the penalty is not a bias per key then), T < {TOEPLITZ_MIN}'),
             (attn(), call._replace(is_causal=False, reach=9), 'fused', 'no causal mask, training with T < 6 times'),
-            (attn(), call._replace(is_causal=False, reach=2, learned=True), 'relative-band', 'far keys on both sides'),
+            (attn(), band._replace(is_causal=False, reach=2, learned=True), 'relative-band', 'far keys on both sides'),
             (attn(), call._replace(is_causal=False, reach=2, query=toeplitz, key=toeplitz, value=toeplitz), 'toeplitz',
              'no causal mask, a bias of the offset alone without gradient'),
             (attn(), call._replace(scheme='alibi', reach=0.5, is_causal=False, query=toeplitz, key=toeplitz,
@@ -516,13 +537,14 @@ def test_bias_path_names_each_reason(attn, call, name, reason):
 
 def test_dropout_in_eval_and_a_lazy_reach():
     "Attention dropout counts in training only; the reach is asked for only where it decides; autocast keeps the mask."
-    x = torch.zeros(2, 50, 16, dtype=DTYPE)
+    x, short = torch.zeros(2, 300, 16, dtype=DTYPE), torch.zeros(2, 50, 16, dtype=DTYPE)
     attn = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True, dtype=DTYPE).eval()
     asked = []
     reach = lambda: asked.append(1) or 8  # noqa: E731
     assert choose_path(attn, need_weights=False, bias=BiasCall('relative', x, x, x, True, None, reach)).name \
         == 'relative-band'
-    assert choose_path(attn, need_weights=False, bias=BiasCall('alibi', x, x, x, False, None, reach)).name == 'fused'
+    assert choose_path(attn, need_weights=False, bias=BiasCall('alibi', short, short, short, False, None, reach)).name \
+        == 'fused'
     assert asked == [1]
     with torch.autocast('cpu', dtype=torch.bfloat16):
         path = choose_path(attn, need_weights=False, bias=BiasCall('relative', x, x, x, True, None, reach))
