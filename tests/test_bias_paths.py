@@ -390,8 +390,8 @@ def test_ramp_float32_within_its_span():
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
 
 
-def _alibi_path(layer, x, reach):
-    return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, True, None, reach)).name
+def _alibi_path(layer, x, reach, is_causal=True):
+    return choose_path(layer.attn, need_weights=False, bias=BiasCall('alibi', x, x, x, is_causal, None, reach)).name
 
 
 # --- the toeplitz path: a bias of the offset alone as a view ---------------------------------------------------------
@@ -430,8 +430,7 @@ def test_toeplitz_path_is_the_mask_path(name, T):
 def _any_path(layer, x, is_causal):
     "The path `choose_path` takes for either layer's self-attention call of `x`."
     if isinstance(layer, ALiBiMultiheadAttention):
-        return choose_path(layer.attn, need_weights=False, bias=BiasCall(
-            'alibi', x, x, x, is_causal, None, float(layer.slopes.abs().max()))).name
+        return _alibi_path(layer, x, float(layer.slopes.abs().max()), is_causal)
     return _rel_path(layer, x, is_causal)
 
 
