@@ -7,8 +7,8 @@ __all__ = ['BIAS_PATH_MIN', 'BAND_MIN_LENGTH', 'ALIBI_FLOAT32_SLOPE_MAX', 'TOEPL
            'BiasCall', 'first_given', 'bias_path', 'FlashPart', 'flushing_denormals', 'attention_in_parts',
            'offset_diagonals', 'toeplitz_attention', 'flex_available', 'flex_bias_attention']
 
-# %% ../nbs/03_attention.ipynb #a6720004
-import contextlib, functools
+# %% ../nbs/03_attention.ipynb #2b7ce38f
+import contextlib, functools, importlib.util
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -294,7 +294,7 @@ def _toeplitz_path(scheme: str, length: int) -> Optional[Path]:
                      'bias costs less than reversing the keys (measured)')
     return None
 
-# %% ../nbs/03_attention.ipynb #42b8529e
+# %% ../nbs/03_attention.ipynb #76a3cd2e
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
     x, length = call.query, call.query.shape[1]
@@ -306,8 +306,9 @@ def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
         return _kept('attn projects queries, keys and values apart or adds keys of its own')
     if attn.training and attn.dropout > 0: return _kept('attention dropout')
     if autocast_enabled(x.device.type): return _kept('autocast')
-    if x.device.type == 'cuda' and x.dtype in FLEX_DTYPES and flex_available():
-        return Path('flex', 'CUDA: flex_attention adds the bias in its kernel, with its gradient')
+    if x.device.type == 'cuda' and x.dtype in FLEX_DTYPES:
+        if flex_available(): return Path('flex', 'CUDA: flex_attention adds the bias in its kernel, with its gradient')
+        return _kept('CUDA without flex_attention, or without Triton to compile it')
     if is_compiling(): return _kept('compiling (not measured compiled)')
     if not flash_serves(x): return _kept(f'{x.device.type}, {x.dtype}: the paths are for the CPU flash kernel')
     unmasked = None if call.is_causal or (mode == 'training' and call.learned) else _toeplitz_path(call.scheme, length)
@@ -445,14 +446,16 @@ def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor
     part = FlashPart(slice(None), slice(None), mask=mask)
     return project_out(attn, attention_in_parts(q, k.flip(2), v.flip(2), [part], scale=q.shape[-1] ** -0.5))
 
-# %% ../nbs/03_attention.ipynb #140ebc89
+# %% ../nbs/03_attention.ipynb #fcff88b9
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+@functools.lru_cache(maxsize=1)
 def flex_available() -> bool:
-    "Whether this torch has `torch.nn.attention.flex_attention`."
+    """Whether this torch has `torch.nn.attention.flex_attention` and Triton is installed, which compiles its CUDA
+    kernel (torch's CUDA wheels bring it on Linux, not on Windows); asked once."""
     try: import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError: return False
-    return True
+    return importlib.util.find_spec('triton') is not None
 
 @functools.lru_cache(maxsize=8)
 def _causal_blocks(length: int, device: str):

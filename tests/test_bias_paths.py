@@ -589,6 +589,38 @@ def test_flex_score_mods_on_the_cpu(kind, is_causal):
     close(out, ref)
 
 
+def _triton(monkeypatch, installed: bool):
+    "As if Triton were (or were not) installed: `importlib.util.find_spec('triton')` answers so, the check asked anew."
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *rest: (real('math') if installed else None) if name == 'triton' else real(name, *rest))
+    attention_module.flex_available.cache_clear()
+
+
+def test_flex_needs_triton(monkeypatch):
+    "flex_attention's CUDA kernel is compiled by Triton (not in torch's Windows wheels): without it, no flex path."
+    try:
+        for installed in (False, True):
+            _triton(monkeypatch, installed)
+            assert attention_module.flex_available() is installed
+    finally:
+        attention_module.flex_available.cache_clear()  # asked again, unpatched, at the next call
+
+
+@pytest.mark.cuda
+def test_cuda_without_triton_keeps_the_mask_path(monkeypatch):
+    "On CUDA without Triton the layers keep the mask path, and the dispatch says why."
+    layer = AdditiveRelMultiheadAttention(64, 4, max_distance=16, device='cuda')
+    x = torch.randn(2, 100, 64, device='cuda')
+    try:
+        _triton(monkeypatch, False)
+        path = choose_path(layer.attn, need_weights=False, bias=BiasCall('relative', x, x, x, True, None, 16.0))
+        assert path.name == 'fused' and 'Triton' in path.reason
+        close(layer(x, x, x, is_causal=True)[0], layer(x, x, x, attn_mask=causal_mask(100, 100, 'cuda'))[0], eps=1e-5)
+    finally:
+        attention_module.flex_available.cache_clear()
+
 @pytest.mark.cuda
 @pytest.mark.parametrize('kind', ['relative', 'relative-t5', 'alibi'])
 @pytest.mark.parametrize('is_causal', [True, False])
