@@ -112,7 +112,7 @@ BUCKETS = {'clipped': (2, None), 'T5 encoder': (5, dict(num_buckets=8, bidirecti
 
 
 @pytest.mark.parametrize('per_head', [True, False])
-@pytest.mark.parametrize('kind', ['default', 'shared', 'per-sample', 'masks', 'per-sample masks'])
+@pytest.mark.parametrize('kind', ['default', 'default masks', 'shared', 'per-sample', 'masks', 'per-sample masks'])
 @pytest.mark.parametrize('buckets', BUCKETS.values(), ids=BUCKETS.keys())
 def test_relative_bias_matches_loops(per_head, kind, buckets):
     torch.manual_seed(0)
@@ -123,11 +123,12 @@ def test_relative_bias_matches_loops(per_head, kind, buckets):
     qm, km = None, None
     if kind == 'shared': qp, kp = torch.tensor([5, -3, 0, 9]), torch.tensor([-7, 0, 1, 2, 30, 4], dtype=torch.int16)
     if kind in ('per-sample', 'per-sample masks'): qp, kp = torch.randint(-20, 20, (B, Tq)), torch.randint(-20, 20, (B, Tk)).to(torch.int32)
-    if kind == 'masks': qm, km = torch.tensor([True, False, True, True]), torch.tensor([True] * 4 + [False] * 2)
+    if kind in ('masks', 'default masks'): qm, km = torch.tensor([True, False, True, True]), torch.tensor([True] * 4 + [False] * 2)
     if kind == 'per-sample masks': qm, km = torch.rand(B, Tq) < 0.7, torch.rand(B, Tk) < 0.7
     kw = dict(q_len=Tq, k_len=Tk, max_distance=m, num_heads=H)
     if t5 is not None: kw['buckets'] = t5_bucket(-torch.arange(-m, m + 1), max_distance=m, **t5)
-    bias = relative_bias(table, None if kind == 'default' else qp, None if kind == 'default' else kp, qm, km, **kw)
+    default = kind.startswith('default')
+    bias = relative_bias(table, None if default else qp, None if default else kp, qm, km, **kw)
     per_sample = kind.startswith('per-sample')
     assert bias.shape == ((B, H, Tq, Tk) if per_sample else (H, Tq, Tk))
     expand = lambda t, T: (t if t.dim() == 2 else t.expand(B, T))
@@ -136,6 +137,29 @@ def test_relative_bias_matches_loops(per_head, kind, buckets):
                                  ones(Tk) if km is None else expand(km, Tk), m, H, t5)
     torch.testing.assert_close(bias.expand(B, H, Tq, Tk), expected, rtol=0, atol=0)
 
+
+@pytest.mark.parametrize('per_head', [True, False])
+@pytest.mark.parametrize('buckets', BUCKETS.values(), ids=BUCKETS.keys())
+@pytest.mark.parametrize('q_len, k_len', [(1, 1), (1, 9), (9, 1), (3, 11), (11, 3), (16, 16)])
+@pytest.mark.parametrize('grad', [True, False])
+def test_offset_windows_are_the_gather_of_the_default_positions(per_head, buckets, q_len, k_len, grad):
+    """The default positions' bias (`offset_windows`: one row of offsets, unfolded, flipped) equals the gather at the
+    positions written out, with lengths on either side of max_distance; with gradients, the table's too (float64)."""
+    torch.manual_seed(0)
+    (m, t5), H = buckets, 3
+    rows = 2 * m + 1 if t5 is None else t5['num_buckets']
+    table = torch.randn(rows, H, dtype=torch.float64) if per_head else torch.randn(rows, dtype=torch.float64)
+    kw = dict(q_len=q_len, k_len=k_len, max_distance=m, num_heads=H)
+    if t5 is not None: kw['buckets'] = t5_bucket(-torch.arange(-m, m + 1), max_distance=m, **t5)
+    weights = torch.randn(H, q_len, k_len, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        table.requires_grad_(grad)
+        windows = relative_bias(table, None, None, **kw)
+        gathered = relative_bias(table, torch.arange(q_len), torch.arange(k_len), **kw)
+        assert windows.shape == (H, q_len, k_len) and torch.equal(windows, gathered)
+        if grad:
+            torch.testing.assert_close(*(torch.autograd.grad((b * weights).sum(), table)[0] for b in (windows, gathered)),
+                                       rtol=0, atol=1e-12)
 
 def test_relative_bias_gradient_reaches_the_used_rows():
     table = torch.zeros(7, 2, dtype=torch.float64, requires_grad=True)
