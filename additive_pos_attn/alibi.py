@@ -4,7 +4,7 @@
 __all__ = ['ALIBI_FLOAT32_SPAN', 'alibi_slopes', 'check_slopes', 'alibi_bias', 'alibi_reference', 'ALiBiMultiheadAttention',
            'alibi_block', 'alibi_parts', 'alibi_ramp_attention']
 
-# %% ../nbs/09_alibi.ipynb #0be5ea58
+# %% ../nbs/09_alibi.ipynb #d11fe2ce
 import math
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -20,6 +20,7 @@ from .attention import (BiasCall, FlashPart, attention_in_parts, choose_path, fi
 from .base import PositionalAttentionBase, concrete, positional_forward
 from .cache import KVCache
 from .checks import check_positive_int, mha_options
+from .positions import default_offsets, offset_windows
 
 # %% ../nbs/09_alibi.ipynb #4a390c13
 def alibi_slopes(num_heads: int, *, device=None, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -48,17 +49,20 @@ def check_slopes(slopes: Union[Tensor, Sequence], num_heads: int) -> Tensor:
     if not torch.isfinite(values).all(): raise ValueError(f"slopes must be finite, got {values.tolist()}")
     return values.clone()
 
-# %% ../nbs/09_alibi.ipynb #7a03559c
+# %% ../nbs/09_alibi.ipynb #c1e384a2
 def alibi_bias(slopes: Tensor, q_positions: Optional[Tensor], k_positions: Optional[Tensor],
                q_mask: Optional[Tensor] = None, k_mask: Optional[Tensor] = None, *, q_len: int, k_len: int) -> Tensor:
     """Logit bias `-slopes[h] * |p_q - p_k|`, `(H, T_q, T_k)` (or `(B, H, T_q, T_k)` per sample), zero where a mask is
     False; in float32, or the slopes' dtype if wider. Positions default to `arange(T)`."""
-    device = slopes.device
-    q = torch.arange(q_len, device=device) if q_positions is None else q_positions.long()
-    k = torch.arange(k_len, device=device) if k_positions is None else k_positions.long()
-    distance = (q[..., :, None] - k[..., None, :]).abs_().unsqueeze(-3)  # ([B,] 1, T_q, T_k), exact in integers
-    work = torch.promote_types(slopes.dtype, torch.float32)
-    bias = distance.to(work) * slopes.to(work).neg()[:, None, None]
+    device, work = slopes.device, torch.promote_types(slopes.dtype, torch.float32)
+    if q_positions is None and k_positions is None and q_len and k_len:  # each offset's penalty, its windows
+        penalties = default_offsets(q_len, k_len, device).abs_().to(work) * slopes.to(work).neg()[:, None]
+        bias = offset_windows(penalties, k_len)  # the same products: the default positions' (the positions chapter)
+    else:
+        q = torch.arange(q_len, device=device) if q_positions is None else q_positions.long()
+        k = torch.arange(k_len, device=device) if k_positions is None else k_positions.long()
+        distance = (q[..., :, None] - k[..., None, :]).abs_().unsqueeze(-3)  # ([B,] 1, T_q, T_k), exact in integers
+        bias = distance.to(work) * slopes.to(work).neg()[:, None, None]
     if q_mask is None and k_mask is None: return bias
     q_keep = torch.ones(q_len, dtype=torch.bool, device=device) if q_mask is None else q_mask
     k_keep = torch.ones(k_len, dtype=torch.bool, device=device) if k_mask is None else k_mask

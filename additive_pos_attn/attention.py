@@ -7,7 +7,7 @@ __all__ = ['BIAS_PATH_MIN', 'BAND_MIN_LENGTH', 'ALIBI_FLOAT32_SLOPE_MAX', 'TOEPL
            'BiasCall', 'first_given', 'bias_path', 'FlashPart', 'flushing_denormals', 'attention_in_parts',
            'offset_diagonals', 'toeplitz_attention', 'flex_available', 'flex_bias_attention']
 
-# %% ../nbs/03_attention.ipynb #2b7ce38f
+# %% ../nbs/03_attention.ipynb #322573eb
 import contextlib, functools, importlib.util
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._compat import (autocast_enabled, flash_backward, flash_forward, flash_serves, has_hooks,
                                       is_compiling, packed_in_projection)
-from .positions import causal_mask
+from .positions import causal_mask, default_offsets
 
 # %% ../nbs/03_attention.ipynb #981b4405
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -428,11 +428,11 @@ def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: f
 
 HEADS_COPY_MIN = 1024  # measured: the flash kernel reads heads of their own faster from here on (below)
 
-# %% ../nbs/03_attention.ipynb #9b297b45
+# %% ../nbs/03_attention.ipynb #6e530aaf
 def offset_diagonals(pair_bias: Callable, length: int, device=None) -> Tensor:
     """The bias of each offset `i - j` from `1 - T` to `T - 1`, `(H, 2T - 1)`, of a bias of the offset alone: a
     layer's `pair_bias` of those offsets as query positions against one key at 0."""
-    offsets = torch.arange(1 - length, length, device=device)
+    offsets = default_offsets(length, length, device)
     return pair_bias(offsets, torch.zeros_like(offsets[:1]), q_len=2 * length - 1, k_len=1)[..., 0]
 
 def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor) -> Tensor:

@@ -117,6 +117,19 @@ def test_the_bias_by_hand():
     assert alibi_bias(slopes.half(), None, None, q_len=1, k_len=1).dtype == torch.float32  # at least float32
 
 
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize('q_len, k_len', [(1, 1), (1, 7), (7, 1), (5, 12), (12, 5), (300, 300)])
+def test_default_positions_are_the_positions_written_out(dtype, q_len, k_len):
+    """The default positions' bias (each offset's penalty, in windows) is, bit for bit, the bias of `arange` positions,
+    whichever stream is longer and whatever the slopes' dtype, masks too."""
+    slopes = alibi_slopes(4, dtype=dtype) * 3
+    k_mask = torch.arange(k_len) % 3 > 0
+    for mask in (None, k_mask):
+        assert torch.equal(alibi_bias(slopes, None, None, k_mask=mask, q_len=q_len, k_len=k_len),
+                           alibi_bias(slopes, torch.arange(q_len), torch.arange(k_len), k_mask=mask, q_len=q_len,
+                                      k_len=k_len))
+
 def test_huge_positions_are_exact():
     "Distances are taken in integers: positions around 2^40 give the bias of their offsets, exactly, as the default positions do."
     slopes = alibi_slopes(4, dtype=DTYPE)
