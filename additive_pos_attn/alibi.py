@@ -156,7 +156,7 @@ def extra_repr(self: ALiBiMultiheadAttention) -> str:
     return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
             f"{'' if self.batch_first else ', batch_first=False'}{slopes}")
 
-# %% ../nbs/09_alibi.ipynb #dd639d6e
+# %% ../nbs/09_alibi.ipynb #a6e4409b
 @patch
 @positional_forward
 def forward(self: ALiBiMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -178,7 +178,8 @@ def forward(self: ALiBiMultiheadAttention, query: Tensor, key: Tensor, value: Te
     if path.name == 'alibi-ramp': return alibi_ramp_attention(attn, query, self.slopes), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
     if path.name == 'toeplitz':
-        return toeplitz_attention(attn, query, offset_diagonals(self.pair_bias, query.shape[1], query.device)), None
+        diagonals = offset_diagonals(self.pair_bias, query.shape[1], query.device, k_len=key.shape[1])
+        return toeplitz_attention(attn, query, diagonals, key=key, value=value), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
     masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)

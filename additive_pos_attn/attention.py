@@ -270,7 +270,7 @@ def _learned_bias_path(attn: nn.MultiheadAttention, call: 'BiasCall', length: in
     return Path('relative-dense', f'{why}, and the mask path would keep the (B, H, T, T) weights, over 2 '
                 '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
 
-# %% ../nbs/03_attention.ipynb #01a6ce17
+# %% ../nbs/03_attention.ipynb #71114709
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md
 BIAS_PATH_MIN = {'relative': {'training': 1.5, 'eval': 2},  # times the band's reach
                  'relative-bi': {'training': 6, 'eval': 6},  # without a causal mask: times its longer reach
@@ -287,32 +287,33 @@ def _toeplitz_path(scheme: str, length: int) -> Optional[Path]:
     """Without a causal mask, a bias without gradient: the toeplitz path from `TOEPLITZ_MIN` keys on; below, ALiBi's
     mask path, and for the relative bias `None` (the band may serve)."""
     if length >= TOEPLITZ_MIN:
-        return Path('toeplitz', 'no causal mask, a bias of the offset alone without gradient: its 2T - 1 numbers a '
-                    'head as a view, the mask of the keys in reverse order')
+        return Path('toeplitz', 'no causal mask, a bias of the offset alone without gradient: its T_q + T_k - 1 '
+                    'numbers a head as a view, the mask of the keys in reverse order')
     if scheme == 'alibi':
         return _kept(f'no causal mask (the penalty is not a bias per key then), T < {TOEPLITZ_MIN}: building the '
                      'bias costs less than reversing the keys (measured)')
     return None
 
-# %% ../nbs/03_attention.ipynb #76a3cd2e
+# %% ../nbs/03_attention.ipynb #0f42f7d4
 def bias_path(attn: nn.MultiheadAttention, call: BiasCall) -> Path:
     "The path of a positional bias (`choose_path` for a layer whose `attn` takes the direct path), and why."
-    x, length = call.query, call.query.shape[1]
+    x, length, cross = call.query, call.query.shape[1], not (call.key is call.query and call.value is call.query)
     reach = call.reach if callable(call.reach) else lambda: call.reach  # noqa: E731
     mode = 'training' if torch.is_grad_enabled() else 'eval'  # with gradients, or without
     if call.given is not None: return _kept(f'{call.given} given')
-    if not (call.key is x and call.value is x): return _kept('not self-attention of one input')
     if not packed_in_projection(attn) or attn.bias_k is not None or attn.add_zero_attn:
         return _kept('attn projects queries, keys and values apart or adds keys of its own')
     if attn.training and attn.dropout > 0: return _kept('attention dropout')
     if autocast_enabled(x.device.type): return _kept('autocast')
-    if x.device.type == 'cuda' and x.dtype in FLEX_DTYPES:
+    if x.device.type == 'cuda' and x.dtype in FLEX_DTYPES and not cross:
         if flex_available(): return Path('flex', 'CUDA: flex_attention adds the bias in its kernel, with its gradient')
         return _kept('CUDA without flex_attention, or without Triton to compile it')
     if is_compiling(): return _kept('compiling (not measured compiled)')
     if not flash_serves(x): return _kept(f'{x.device.type}, {x.dtype}: the paths are for the CPU flash kernel')
-    unmasked = None if call.is_causal or (mode == 'training' and call.learned) else _toeplitz_path(call.scheme, length)
-    if unmasked is not None: return unmasked
+    unmasked = None if call.is_causal or (mode == 'training' and call.learned) else _toeplitz_path(
+        call.scheme, min(length, call.key.shape[1]))
+    if unmasked is not None and (unmasked.name == 'toeplitz' or not cross): return unmasked
+    if cross: return _kept('not self-attention of one input (and not the toeplitz path)')
     key = call.scheme if call.is_causal else 'relative-bi'
     least = BIAS_PATH_MIN[key][mode]
     if call.scheme == 'alibi':
@@ -428,21 +429,29 @@ def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: f
 
 HEADS_COPY_MIN = 1024  # measured: the flash kernel reads heads of their own faster from here on (below)
 
-# %% ../nbs/03_attention.ipynb #6e530aaf
-def offset_diagonals(pair_bias: Callable, length: int, device=None) -> Tensor:
-    """The bias of each offset `i - j` from `1 - T` to `T - 1`, `(H, 2T - 1)`, of a bias of the offset alone: a
-    layer's `pair_bias` of those offsets as query positions against one key at 0."""
-    offsets = default_offsets(length, length, device)
-    return pair_bias(offsets, torch.zeros_like(offsets[:1]), q_len=2 * length - 1, k_len=1)[..., 0]
+# %% ../nbs/03_attention.ipynb #86ed2102
+def offset_diagonals(pair_bias: Callable, length: int, device=None, *, k_len: Optional[int] = None) -> Tensor:
+    """The bias of each offset `i - j` from `1 - T_k` to `T_q - 1`, `(H, T_q + T_k - 1)` (`length` queries and
+    `k_len` keys, as many by default), of a bias of the offset alone: a layer's `pair_bias` of those offsets as
+    query positions against one key at 0."""
+    offsets = default_offsets(length, length if k_len is None else k_len, device)
+    return pair_bias(offsets, torch.zeros_like(offsets[:1]), q_len=len(offsets), k_len=1)[..., 0]
 
-def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor) -> Tensor:
-    """Self-attention of `x` (`(B, T, D)`) through `attn` with the bias of each offset (`diagonals`, `(H, 2T - 1)`,
-    as `offset_diagonals` gives it, without gradient) as a view: the mask of the keys and values in reverse order."""
+def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor, *, key: Optional[Tensor] = None,
+                       value: Optional[Tensor] = None) -> Tensor:
+    """Attention of the queries `x` (`(B, T_q, D)`) to `key` and `value` (`(B, T_k, D)`; `x` itself by default)
+    through `attn`, with the bias of each offset (`diagonals`, `(H, T_q + T_k - 1)`, as `offset_diagonals` gives it,
+    without gradient) as a view: the mask of the keys and values in reverse order."""
+    key = x if key is None else key
+    value = key if value is None else value
     if torch.is_grad_enabled() and diagonals.requires_grad:
         raise ValueError('diagonals must take no gradient (the flash kernel gives its mask none): detach them, or '
                          'use a path that learns the bias; got a tensor that requires grad')
-    q, k, v = project_heads(attn, x, x, x)
-    mask = diagonals.to(x.dtype).unfold(-1, x.shape[1], 1)[None]  # (1, H, T, T): column j' is the key T - 1 - j'
+    if diagonals.shape[-1] != x.shape[1] + key.shape[1] - 1:
+        raise ValueError(f'diagonals must hold the T_q + T_k - 1 = {x.shape[1] + key.shape[1] - 1} offsets of '
+                         f'{x.shape[1]} queries and {key.shape[1]} keys, got {diagonals.shape[-1]}')
+    q, k, v = project_heads(attn, x, key, value)
+    mask = diagonals.to(x.dtype).unfold(-1, key.shape[1], 1)[None]  # (1, H, T_q, T_k): column j' is key T_k - 1 - j'
     part = FlashPart(slice(None), slice(None), mask=mask)
     return project_out(attn, attention_in_parts(q, k.flip(2), v.flip(2), [part], scale=q.shape[-1] ** -0.5))
 

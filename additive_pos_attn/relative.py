@@ -134,7 +134,7 @@ def extra_repr(self: AdditiveRelMultiheadAttention) -> str:
     extra += ('' if self.batch_first else ', batch_first=False') + ('' if self.per_head else ', per_head=False')
     return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_distance={self.max_distance}{extra}"
 
-# %% ../nbs/07_relative.ipynb #f2567183
+# %% ../nbs/07_relative.ipynb #aa61efc3
 @patch
 @positional_forward
 def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *,
@@ -158,7 +158,8 @@ def forward(self: AdditiveRelMultiheadAttention, query: Tensor, key: Tensor, val
     if path.name == 'relative-weights': return self.weights_forward(query, is_causal=is_causal), None
     if path.name == 'flex': return flex_bias_attention(attn, query, self.score_mod(), is_causal=is_causal), None
     if path.name == 'toeplitz':
-        return toeplitz_attention(attn, query, offset_diagonals(self.pair_bias, query.shape[1], query.device)), None
+        diagonals = offset_diagonals(self.pair_bias, query.shape[1], query.device, k_len=key.shape[1])
+        return toeplitz_attention(attn, query, diagonals, key=key, value=value), None
     bias = self.pair_bias(q_positions, k_positions, q_position_mask, k_position_mask, q_len=query.shape[1],
                           k_len=key.shape[1]).to(query.dtype)
     masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, logit_bias=bias)

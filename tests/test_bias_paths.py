@@ -427,6 +427,29 @@ def test_toeplitz_path_is_the_mask_path(name, T):
     assert _any_path(layer, short, False) != 'toeplitz'
 
 
+
+@pytest.mark.parametrize('name', TOEPLITZ_LAYERS)
+@pytest.mark.parametrize('q_len, k_len', [(TOEPLITZ_MIN, TOEPLITZ_MIN + 37), (TOEPLITZ_MIN + 37, TOEPLITZ_MIN)])
+@pytest.mark.parametrize('values', ['the keys', 'apart'])
+def test_toeplitz_path_in_cross_attention(name, q_len, k_len, values):
+    """Cross-attention at the default positions with a bias that takes no gradient, either stream the longer, values
+    the keys' memory or a memory of their own: the toeplitz path, output and every gradient (both memories' and
+    `attn`'s) as the mask path's; a causal call, or a stream under `TOEPLITZ_MIN`, keeps the mask path."""
+    layer = TOEPLITZ_LAYERS[name]()
+    if isinstance(layer, AdditiveRelMultiheadAttention): layer.rel_bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(q_len)
+    x, memory, other = (torch.randn(2, t, 16, dtype=DTYPE, generator=g, requires_grad=True) for t in (q_len, k_len, k_len))
+    value = memory if values == 'the keys' else other
+    scheme = 'alibi' if isinstance(layer, ALiBiMultiheadAttention) else 'relative'
+    def path(q, k, v, is_causal=False):
+        return choose_path(layer.attn, need_weights=False, bias=BiasCall(scheme, q, k, v, is_causal, None, 1.0)).name
+    assert path(x, memory, value) == 'toeplitz' and path(x, memory, value, is_causal=True) == 'fused'
+    short = slice(TOEPLITZ_MIN - 1)
+    assert path(x[:, short], memory, value) == path(x, memory[:, short], value[:, short]) == 'fused'
+    ref = layer(x, memory, value, attn_mask=torch.zeros(q_len, k_len, dtype=torch.bool))[0]  # the mask path
+    _same(layer(x, memory, value)[0], ref, (x, memory, *[other] * (values == 'apart'),
+                                           *[p for p in layer.parameters() if p.requires_grad]))
+
 def _any_path(layer, x, is_causal):
     "The path `choose_path` takes for either layer's self-attention call of `x`."
     if isinstance(layer, ALiBiMultiheadAttention):
@@ -481,6 +504,9 @@ def test_toeplitz_attention_refuses_diagonals_that_learn():
     with pytest.raises(ValueError, match='diagonals must take no gradient'):
         toeplitz_attention(layer.attn, x, diagonals)
     with torch.no_grad(): toeplitz_attention(layer.attn, x, diagonals)  # without gradients: nothing to drop
+    with pytest.raises(ValueError, match='diagonals must hold the T_q [+] T_k - 1 = 511 offsets of 256 queries and 256 '
+                                         'keys, got 509'):
+        toeplitz_attention(layer.attn, x, diagonals.detach()[:, 1:-1])
 
 
 # --- the dispatch: every reason, every mask ---------------------------------------------------------------------------
