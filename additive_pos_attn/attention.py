@@ -2,10 +2,10 @@
 
 # %% auto #0
 __all__ = ['BIAS_PATH_MIN', 'BAND_MIN_LENGTH', 'ALIBI_FLOAT32_SLOPE_MAX', 'TOEPLITZ_MIN', 'HEADS_COPY_MIN', 'FLEX_DTYPES',
-           'module_attention', 'split_heads', 'project_heads', 'append_extra_keys', 'sdpa_mask', 'project_out',
-           'attend', 'attend_with_weights', 'fused_attention', 'attend_heads', 'Path', 'call_needed', 'choose_path',
-           'BiasCall', 'first_given', 'bias_path', 'FlashPart', 'flushing_denormals', 'attention_in_parts',
-           'offset_diagonals', 'toeplitz_attention', 'flex_available', 'flex_bias_attention']
+           'FLEX_COMPILABLE', 'module_attention', 'split_heads', 'project_heads', 'append_extra_keys', 'sdpa_mask',
+           'project_out', 'attend', 'attend_with_weights', 'fused_attention', 'attend_heads', 'Path', 'call_needed',
+           'choose_path', 'BiasCall', 'first_given', 'bias_path', 'FlashPart', 'flushing_denormals',
+           'attention_in_parts', 'offset_diagonals', 'toeplitz_attention', 'flex_available', 'flex_bias_attention']
 
 # %% ../nbs/03_attention.ipynb #322573eb
 import contextlib, functools, importlib.util
@@ -270,22 +270,22 @@ def _learned_bias_path(attn: nn.MultiheadAttention, call: 'BiasCall', length: in
     return Path('relative-dense', f'{why}, and the mask path would keep the (B, H, T, T) weights, over 2 '
                 '(B, T, D): the learned bias as the mask of the flash kernel, its gradient by hand')
 
-# %% ../nbs/03_attention.ipynb #71114709
+# %% ../nbs/03_attention.ipynb #30bce093
 # the shortest lengths where the new paths beat the mask path, with and without gradients: benchmarks/NOTES.md
 BIAS_PATH_MIN = {'relative': {'training': 1.5, 'eval': 2},  # times the band's reach
                  'relative-bi': {'training': 6, 'eval': 6},  # without a causal mask: times its longer reach
                  'alibi': {'training': 256, 'eval': 128}}
 BAND_MIN_LENGTH = {'relative': 256, 'relative-bi': 384}  # and shorter whatever the reach: its small calls cost more
 ALIBI_FLOAT32_SLOPE_MAX = 1.0  # float32 ramps in blocks of 512 queries or more (`ALIBI_FLOAT32_SPAN`, ALiBi chapter)
-TOEPLITZ_MIN = 256  # keys from which the toeplitz path beats building the bias (measured: benchmarks/NOTES.md)
+TOEPLITZ_MIN = 256  # queries and keys from which the toeplitz path beats building the bias (benchmarks/NOTES.md)
 
 def _kept(why: str) -> Path:
     "The mask path, and `why`."
     return Path('fused', f'{why}: the bias is a mask of scaled_dot_product_attention')
 
 def _toeplitz_path(scheme: str, length: int) -> Optional[Path]:
-    """Without a causal mask, a bias without gradient: the toeplitz path from `TOEPLITZ_MIN` keys on; below, ALiBi's
-    mask path, and for the relative bias `None` (the band may serve)."""
+    """Without a causal mask, a bias without gradient: the toeplitz path from `TOEPLITZ_MIN` queries and keys (the
+    shorter stream's `length`) on; below, ALiBi's mask path, and for the relative bias `None` (the band may serve)."""
     if length >= TOEPLITZ_MIN:
         return Path('toeplitz', 'no causal mask, a bias of the offset alone without gradient: its T_q + T_k - 1 '
                     'numbers a head as a view, the mask of the keys in reverse order')
@@ -429,7 +429,7 @@ def attention_in_parts(q: Tensor, k: Tensor, v: Tensor, parts: list, *, scale: f
 
 HEADS_COPY_MIN = 1024  # measured: the flash kernel reads heads of their own faster from here on (below)
 
-# %% ../nbs/03_attention.ipynb #86ed2102
+# %% ../nbs/03_attention.ipynb #1f898f23
 def offset_diagonals(pair_bias: Callable, length: int, device=None, *, k_len: Optional[int] = None) -> Tensor:
     """The bias of each offset `i - j` from `1 - T_k` to `T_q - 1`, `(H, T_q + T_k - 1)` (`length` queries and
     `k_len` keys, as many by default), of a bias of the offset alone: a layer's `pair_bias` of those offsets as
@@ -439,9 +439,9 @@ def offset_diagonals(pair_bias: Callable, length: int, device=None, *, k_len: Op
 
 def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor, *, key: Optional[Tensor] = None,
                        value: Optional[Tensor] = None) -> Tensor:
-    """Attention of the queries `x` (`(B, T_q, D)`) to `key` and `value` (`(B, T_k, D)`; `x` itself by default)
-    through `attn`, with the bias of each offset (`diagonals`, `(H, T_q + T_k - 1)`, as `offset_diagonals` gives it,
-    without gradient) as a view: the mask of the keys and values in reverse order."""
+    """Attention of the queries `x` (`(B, T_q, D)`) to `key` and `value` (`(B, T_k, D)`; `key` is `x` by default,
+    `value` is `key`) through `attn`, with the bias of each offset (`diagonals`, `(H, T_q + T_k - 1)`, as
+    `offset_diagonals` gives it, without gradient) as a view: the mask of the keys and values in reverse order."""
     key = x if key is None else key
     value = key if value is None else value
     if torch.is_grad_enabled() and diagonals.requires_grad:
@@ -455,16 +455,21 @@ def toeplitz_attention(attn: nn.MultiheadAttention, x: Tensor, diagonals: Tensor
     part = FlashPart(slice(None), slice(None), mask=mask)
     return project_out(attn, attention_in_parts(q, k.flip(2), v.flip(2), [part], scale=q.shape[-1] ** -0.5))
 
-# %% ../nbs/03_attention.ipynb #fcff88b9
+# %% ../nbs/03_attention.ipynb #1e763a4a
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-@functools.lru_cache(maxsize=1)
+def _flex_compilable() -> bool:
+    "Whether `torch.nn.attention.flex_attention` is there, and Triton, which compiles its CUDA kernel (not imported)."
+    names = ('torch.nn.attention.flex_attention', 'triton')
+    try: return all(importlib.util.find_spec(name) is not None for name in names)
+    except (ImportError, ValueError): return False  # a parent that fails to import; a module without a spec
+
+FLEX_COMPILABLE = _flex_compilable()  # asked once, when the package is imported: a constant to a compiled graph
+
 def flex_available() -> bool:
-    """Whether this torch has `torch.nn.attention.flex_attention` and Triton is installed, which compiles its CUDA
-    kernel (torch's CUDA wheels bring it on Linux, not on Windows); asked once."""
-    try: import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError: return False
-    return importlib.util.find_spec('triton') is not None
+    """Whether this torch has `torch.nn.attention.flex_attention` and Triton is installed to compile its CUDA kernel
+    (torch's CUDA wheels bring it on Linux, not on Windows): `FLEX_COMPILABLE`."""
+    return FLEX_COMPILABLE
 
 @functools.lru_cache(maxsize=8)
 def _causal_blocks(length: int, device: str):

@@ -61,9 +61,9 @@ def relative_bias(table: Tensor, q_positions: Optional[Tensor], k_positions: Opt
     k_keep = torch.ones(k_len, dtype=torch.bool, device=device) if k_mask is None else k_mask
     return torch.where((q_keep[..., :, None] & k_keep[..., None, :]).unsqueeze(-3), bias, 0.0)
 
-# %% ../nbs/02_positions.ipynb #d1f6c272
+# %% ../nbs/02_positions.ipynb #cfe7da76
 def default_offsets(q_len: int, k_len: int, device=None) -> Tensor:
-    "The offsets `i - j` of the default positions, `1 - T_k … T_q - 1`: `T_q + T_k - 1` of them."
+    "The offsets `i - j` of the default positions, `1 - T_k … T_q - 1`: `T_q + T_k - 1` (both lengths 1 or more)."
     return torch.arange(1 - k_len, q_len, device=device)
 
 def offset_windows(rows: Tensor, k_len: int) -> Tensor:

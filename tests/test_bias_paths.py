@@ -438,17 +438,24 @@ def test_toeplitz_path_in_cross_attention(name, q_len, k_len, values):
     layer = TOEPLITZ_LAYERS[name]()
     if isinstance(layer, AdditiveRelMultiheadAttention): layer.rel_bias.requires_grad_(False)
     g = torch.Generator().manual_seed(q_len)
-    x, memory, other = (torch.randn(2, t, 16, dtype=DTYPE, generator=g, requires_grad=True) for t in (q_len, k_len, k_len))
+    x, memory, other = (torch.randn(2, t, 16, dtype=DTYPE, generator=g, requires_grad=True)
+                        for t in (q_len, k_len, k_len))
     value = memory if values == 'the keys' else other
     scheme = 'alibi' if isinstance(layer, ALiBiMultiheadAttention) else 'relative'
-    def path(q, k, v, is_causal=False):
-        return choose_path(layer.attn, need_weights=False, bias=BiasCall(scheme, q, k, v, is_causal, None, 1.0)).name
+    def path(q, k, v, is_causal=False, given=None):
+        return choose_path(layer.attn, need_weights=False, bias=BiasCall(scheme, q, k, v, is_causal, given, 1.0)).name
     assert path(x, memory, value) == 'toeplitz' and path(x, memory, value, is_causal=True) == 'fused'
+    assert path(x, memory, value, given='key_padding_mask') == 'fused'
     short = slice(TOEPLITZ_MIN - 1)
     assert path(x[:, short], memory, value) == path(x, memory[:, short], value[:, short]) == 'fused'
     ref = layer(x, memory, value, attn_mask=torch.zeros(q_len, k_len, dtype=torch.bool))[0]  # the mask path
     _same(layer(x, memory, value)[0], ref, (x, memory, *[other] * (values == 'apart'),
                                            *[p for p in layer.parameters() if p.requires_grad]))
+    if isinstance(layer, AdditiveRelMultiheadAttention):  # a table that learns, in eval: the path too
+        layer.rel_bias.requires_grad_(True)
+        with torch.no_grad():
+            assert path(x, memory, value) == 'toeplitz'
+            close(layer(x, memory, value)[0], ref, 1e-12)
 
 def _any_path(layer, x, is_causal):
     "The path `choose_path` takes for either layer's self-attention call of `x`."
@@ -615,23 +622,20 @@ def test_flex_score_mods_on_the_cpu(kind, is_causal):
     close(out, ref)
 
 
-def _triton(monkeypatch, installed: bool):
-    "As if Triton were (or were not) installed: `importlib.util.find_spec('triton')` answers so, the check asked anew."
+def test_flex_needs_triton(monkeypatch):
+    """flex_attention's CUDA kernel is compiled by Triton (not in torch's Windows wheels): without it, or with a
+    module that has no spec, no flex path."""
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *rest: (real('math') if installed else None) if name == 'triton' else real(name, *rest))
-    attention_module.flex_available.cache_clear()
-
-
-def test_flex_needs_triton(monkeypatch):
-    "flex_attention's CUDA kernel is compiled by Triton (not in torch's Windows wheels): without it, no flex path."
-    try:
-        for installed in (False, True):
-            _triton(monkeypatch, installed)
-            assert attention_module.flex_available() is installed
-    finally:
-        attention_module.flex_available.cache_clear()  # asked again, unpatched, at the next call
+    for triton, expected in ((lambda: None, False), (lambda: real('math'), True), (None, False)):
+        def find_spec(name, *rest, triton=triton):
+            if name != 'triton': return real(name, *rest)
+            if triton is None: raise ValueError('triton.__spec__ is None')
+            return triton()
+        monkeypatch.setattr(importlib.util, 'find_spec', find_spec)
+        assert attention_module._flex_compilable() is expected
+    monkeypatch.setattr(attention_module, 'FLEX_COMPILABLE', False)
+    assert not attention_module.flex_available()
 
 
 @pytest.mark.cuda
@@ -639,13 +643,11 @@ def test_cuda_without_triton_keeps_the_mask_path(monkeypatch):
     "On CUDA without Triton the layers keep the mask path, and the dispatch says why."
     layer = AdditiveRelMultiheadAttention(64, 4, max_distance=16, device='cuda')
     x = torch.randn(2, 100, 64, device='cuda')
-    try:
-        _triton(monkeypatch, False)
-        path = choose_path(layer.attn, need_weights=False, bias=BiasCall('relative', x, x, x, True, None, 16.0))
-        assert path.name == 'fused' and 'Triton' in path.reason
-        close(layer(x, x, x, is_causal=True)[0], layer(x, x, x, attn_mask=causal_mask(100, 100, 'cuda'))[0], eps=1e-5)
-    finally:
-        attention_module.flex_available.cache_clear()
+    monkeypatch.setattr(attention_module, 'FLEX_COMPILABLE', False)
+    path = choose_path(layer.attn, need_weights=False, bias=BiasCall('relative', x, x, x, True, None, 16.0))
+    assert path.name == 'fused' and 'Triton' in path.reason
+    close(layer(x, x, x, is_causal=True)[0], layer(x, x, x, attn_mask=causal_mask(100, 100, 'cuda'))[0], eps=1e-5)
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('kind', ['relative', 'relative-t5', 'alibi'])
